@@ -1,0 +1,186 @@
+"""The command-line shell: parse options, call one library function, render what comes back.
+
+No tensor code lives here, and torch is imported only inside commands that need it, so that
+``moeharden --help`` starts fast. Every library error is mapped to a message and exit code by
+:func:`_run` (see :mod:`moeharden.errors` for the table).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from moeharden import __version__
+from moeharden import console as ui
+from moeharden.errors import EXIT_INTERRUPTED, EXIT_USAGE, MoehardenError, VerificationFailed
+
+app = typer.Typer(
+    name="moeharden",
+    help="Audit and harden Mixture-of-Experts checkpoints against expert-pruning theft.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout; no progress bars.")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"moeharden {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout for every command."),
+) -> None:
+    """Audit and harden Mixture-of-Experts checkpoints against expert-pruning theft."""
+    if json_out:
+        ui.set_json_mode(True)
+
+
+def _debug() -> bool:
+    return os.environ.get("MOEHARDEN_DEBUG", "") not in ("", "0", "false", "False")
+
+
+def _fail(title: str, message: str, hint: str | None, code: int) -> None:
+    if ui.json_mode():
+        ui.emit_json({"error": {"type": title, "message": message, "hint": hint, "exit_code": code}})
+    text = f"[bold red]{title}:[/] {message}"
+    if hint:
+        text += f" [dim]Hint: {hint}[/]"
+    ui.console.print(text, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """Call a library function and map its errors to messages and exit codes (the one handler)."""
+    try:
+        return fn(**kwargs)
+    except VerificationFailed as err:
+        if _debug():
+            traceback.print_exc()
+        for row in err.rows:
+            ui.console.print(f"  [red]FAIL[/] {row}")
+        _fail(err.title, err.message, err.hint, err.exit_code)
+    except MoehardenError as err:
+        if _debug():
+            traceback.print_exc()
+        _fail(err.title, err.message, err.hint, err.exit_code)
+    except KeyboardInterrupt:
+        ui.console.print("[yellow]Interrupted.[/] Outputs are written atomically; nothing partial was left.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as err:  # a bug: still no traceback unless asked
+        if _debug():
+            traceback.print_exc()
+        _fail("Internal error", f"{type(err).__name__}: {err}",
+              "Re-run with MOEHARDEN_DEBUG=1 for the traceback and report it.", 70)
+    return None
+
+
+def _not_yet(command: str) -> None:
+    ui.console.print(f"moeharden {command}: not available yet in this version ({__version__}).")
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _json(flag: bool) -> None:
+    if flag:
+        ui.set_json_mode(True)
+
+
+# --------------------------------------------------------------------------- prune
+@app.command()
+def prune(
+    ckpt: str = typer.Argument(..., help="Checkpoint: a local directory or a Hub repo id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    experts_from: Path | None = typer.Option(None, "--experts-from",
+                                             help='KEEP.json: {"keep": {"<layer>": [expert ids]}}.'),
+    method: str | None = typer.Option(None, "--method", help="Attribution method (needs --task, --keep)."),
+    task: str | None = typer.Option(None, "--task", help="Task whose experts to keep (with --method)."),
+    keep: int | None = typer.Option(None, "--keep", help="Experts to keep per MoE layer (with --method)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Cap on each output shard."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the checkpoint's own Python code (off by default)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """The attacker's artifact: a physically smaller checkpoint keeping only some experts."""
+    _json(json_out)
+    from moeharden.prune import prune_command
+
+    result = _run(prune_command, ckpt=ckpt, out=out, experts_from=experts_from, method=method, task=task,
+                  keep=keep, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code)
+    if ui.json_mode():
+        ui.emit_json(result.to_dict())
+    else:
+        ui.console.print(f"[green]Pruned[/] {result.source} → {result.out} "
+                         f"({result.num_experts_before} → {result.num_experts_after} experts per MoE layer, "
+                         f"{len(result.shards)} shard(s)).")
+
+
+# --------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output directory."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the demo model again even if cached."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Build (or reuse) the embedded demo MoE and run the pipeline on it."""
+    _json(json_out)
+    from moeharden.demo import run_demo
+
+    result = _run(run_demo, out=out, retrain=retrain)
+    if ui.json_mode():
+        ui.emit_json(result.to_dict())
+    else:
+        ui.console.print(result.summary())
+
+
+# --------------------------------------------------------------------------- later issues
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def scan(ctx: typer.Context) -> None:
+    """Attribute experts per task, run the pruning and re-alignment attacks, report prunability."""
+    _not_yet("scan")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def entangle(ctx: typer.Context) -> None:
+    """Retrain with an anti-pruning objective so that pruned sub-models fail sharply."""
+    _not_yet("entangle")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lock(ctx: typer.Context) -> None:
+    """Write a selective fine-tuning policy and a signed manifest into a release."""
+    _not_yet("lock")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def verify(ctx: typer.Context) -> None:
+    """Check the manifest and re-attack a hardened model; non-zero exit when the gate fails."""
+    _not_yet("verify")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def report(ctx: typer.Context) -> None:
+    """Re-render reports (Markdown, HTML) from their JSON."""
+    _not_yet("report")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # raised outside a command body
+        sys.exit(EXIT_INTERRUPTED)

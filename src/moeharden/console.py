@@ -1,0 +1,75 @@
+"""The single place that prints.
+
+Everything user-facing goes through :data:`console` (stderr, Rich) or :func:`emit_json` (stdout,
+plain JSON for pipelines). Library modules do not import this; the CLI and the progress helper do.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False)
+
+_state = {"json": False, "quiet": False}
+
+T = TypeVar("T")
+
+
+def set_json_mode(enabled: bool) -> None:
+    """In JSON mode, human chatter and progress bars are suppressed; results go to stdout as JSON."""
+    _state["json"] = enabled
+
+
+def json_mode() -> bool:
+    return _state["json"]
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    if not _state["json"]:
+        console.print(message)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator[Any]:
+    """A Rich progress bar; yields ``advance(n=1, **fields)``. Silent in JSON mode or without a TTY."""
+    if _state["json"] or not console.is_terminal:
+        def advance(n: int = 1, **_: Any) -> None:
+            return None
+
+        yield advance
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console, transient=True,
+    ) as prog:
+        task = prog.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, **fields: Any) -> None:
+            status = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            prog.update(task, advance=n, status=status)
+
+        yield advance
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with progress_bar(description, total) as advance:
+        for item in items:
+            yield item
+            advance()

@@ -1,0 +1,114 @@
+"""Typed errors raised by the library, and their exit codes.
+
+The library never prints and never calls ``sys.exit``: it raises one of these. The CLI maps each
+type to a one-paragraph message and an exit code in one place (``moeharden.cli``):
+
+====  =======================================================================
+code  meaning
+====  =======================================================================
+0     success
+1     verification failed (a gate row did not hold)
+2     usage error (bad option combination, command not available yet)
+3     input error (bad checkpoint, task file, policy, keep-set, dataset)
+4     integrity error (signature, manifest, tensor hash)
+130   interrupted (Ctrl-C)
+====  =======================================================================
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_INTEGRITY = 4
+EXIT_INTERRUPTED = 130
+
+
+class MoehardenError(Exception):
+    """Base class of every error the library raises on purpose.
+
+    Args:
+        message: what went wrong, one sentence or a short paragraph.
+        hint: a concrete next step for the user (optional).
+    """
+
+    exit_code = EXIT_INPUT
+    title = "Error"
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.message if not self.hint else f"{self.message} Hint: {self.hint}"
+
+
+class UsageError(MoehardenError):
+    """Options that cannot be combined, a missing option, or a command not available yet."""
+
+    exit_code = EXIT_USAGE
+    title = "Usage error"
+
+
+class InputError(MoehardenError):
+    """Bad user input in general: files, options with bad values."""
+
+    exit_code = EXIT_INPUT
+    title = "Input error"
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read: missing config, truncated or pickle-only weights, offline Hub id."""
+
+    title = "Checkpoint error"
+
+
+class UnsupportedModelError(InputError):
+    """A model whose family is not a supported MoE (dense models included)."""
+
+    title = "Unsupported model"
+
+
+class KeepSetError(InputError):
+    """A keep-set that asks for more experts than exist, for none, or unequal counts per layer."""
+
+    title = "Invalid keep-set"
+
+
+class TaskError(InputError):
+    """A task file or preset that is invalid, unknown, empty or inconsistent."""
+
+    title = "Task error"
+
+
+class ConfigFileError(InputError):
+    """A recipe, policy or gate YAML that fails validation (all problems listed at once)."""
+
+    title = "Invalid configuration file"
+
+
+class IntegrityError(MoehardenError):
+    """A signature, manifest or tensor hash that does not match."""
+
+    exit_code = EXIT_INTEGRITY
+    title = "Integrity check failed"
+
+
+class VerificationFailed(MoehardenError):
+    """A release gate that did not hold. Carries the failing rows for display."""
+
+    exit_code = EXIT_VERIFY_FAILED
+    title = "Verification failed"
+
+    def __init__(self, message: str, *, hint: str | None = None, rows: list | None = None):
+        super().__init__(message, hint=hint)
+        self.rows = rows or []
+
+
+class NetworkError(MoehardenError):
+    """The Hub (or another remote) could not be reached."""
+
+    exit_code = EXIT_INPUT
+    title = "Network error"
