@@ -1,0 +1,177 @@
+"""Expert attribution: which experts does a task use?
+
+Every observation-based method is computed from one routing record over a task's calibration
+(attribution-split) texts, in a single pass (:func:`observe`). Each method yields a
+``[layers × experts]`` score matrix; higher means "the attacker keeps this expert".
+
+=============  ==========================================================================
+method         score of expert e in layer l
+=============  ==========================================================================
+frequency      number of calibration tokens routed to e (the paper's activation frequency)
+gate           sum over routed tokens of e's combine weight g_e(x)
+reap           mean over e's routed tokens of g_e(x) · ‖f_e(x)‖₂ (REAP, Cerebras 2025)
+ean            sum over routed tokens of ‖f_e(x)‖₂ (expert activation norm)
+soft           mean over all tokens of the routing probability p_e(x)
+contrastive    routing rate on this task minus the rate on the other tasks (SteerMoE-style)
+ablation       rise in task loss when e alone is masked in its layer (loss-based; extra passes)
+=============  ==========================================================================
+
+All matrices are plain nested lists in reports; in memory they are ``torch.Tensor [L, E]`` keyed
+by the decoder-layer indices in :attr:`Attribution.layers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+OBSERVED_METHODS = ("frequency", "gate", "reap", "ean", "soft")
+ALL_METHODS = (*OBSERVED_METHODS, "contrastive", "ablation")
+
+
+@dataclass
+class RoutingStats:
+    """Per-layer sums gathered from a routing record; cheap to merge across batches.
+
+    Shapes: every tensor is ``[L, E]`` (float64), rows ordered as :attr:`layers`.
+    """
+
+    layers: list[int]
+    num_experts: int
+    tokens: int = 0
+    count: torch.Tensor | None = None      # tokens routed to e
+    gate: torch.Tensor | None = None       # Σ g_e(x)
+    weighted_norm: torch.Tensor | None = None  # Σ g_e(x)·‖f_e(x)‖
+    norm: torch.Tensor | None = None       # Σ ‖f_e(x)‖
+    prob: torch.Tensor | None = None       # Σ p_e(x) over all tokens
+
+    def __post_init__(self) -> None:
+        shape = (len(self.layers), self.num_experts)
+        for name in ("count", "gate", "weighted_norm", "norm", "prob"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, dtype=torch.float64))
+
+
+def stats_from_record(record, layers: Sequence[int], num_experts: int) -> RoutingStats:
+    """Reduce a :class:`moeharden.routing.RoutingRecord` to per-expert sums.
+
+    Args:
+        record: the routing record (``record.layers[l]`` has ``indices [T,k]``, ``weights [T,k]``,
+            optional ``norms [T,k]`` and ``probs [T,E]``; padding already removed).
+        layers: decoder-layer indices of the MoE layers, in row order.
+        num_experts: experts per layer (E).
+    """
+    st = RoutingStats(list(layers), num_experts)
+    for row, layer in enumerate(layers):
+        rec = record.layers[layer]
+        idx = rec.indices.reshape(-1).long()                     # [T*k]
+        w = rec.weights.reshape(-1).double()                     # [T*k]
+        st.count[row] += torch.bincount(idx, minlength=num_experts).double()
+        st.gate[row] += torch.bincount(idx, weights=w, minlength=num_experts)
+        if rec.norms is not None:
+            n = rec.norms.reshape(-1).double()
+            st.norm[row] += torch.bincount(idx, weights=n, minlength=num_experts)
+            st.weighted_norm[row] += torch.bincount(idx, weights=w * n, minlength=num_experts)
+        if rec.probs is not None:
+            st.prob[row] += rec.probs.double().sum(0)
+        if row == 0:
+            st.tokens += int(rec.indices.shape[0])
+    return st
+
+
+def merge_stats(a: RoutingStats, b: RoutingStats) -> RoutingStats:
+    """Sum two stats objects over the same layers."""
+    return RoutingStats(a.layers, a.num_experts, a.tokens + b.tokens, a.count + b.count, a.gate + b.gate,
+                        a.weighted_norm + b.weighted_norm, a.norm + b.norm, a.prob + b.prob)
+
+
+def observed_scores(st: RoutingStats) -> dict[str, torch.Tensor]:
+    """The observation-based score matrices ``{method: [L, E]}`` from one set of stats."""
+    tokens = max(st.tokens, 1)
+    return {
+        "frequency": st.count.clone(),
+        "gate": st.gate.clone(),
+        # mean over routed tokens; an expert never routed to scores 0
+        "reap": torch.where(st.count > 0, st.weighted_norm / st.count.clamp(min=1), torch.zeros_like(st.count)),
+        "ean": st.norm.clone(),
+        "soft": st.prob / tokens,
+    }
+
+
+def contrastive_scores(task: RoutingStats, others: Sequence[RoutingStats]) -> torch.Tensor:
+    """Routing rate on ``task`` minus the rate on the pooled ``others`` (``[L, E]``).
+
+    The rate is the fraction of a layer's routing slots (tokens × top-k) that go to each expert.
+    With no other tasks, the reference is the uniform rate 1/E.
+    """
+    rate = task.count / task.count.sum(1, keepdim=True).clamp(min=1)
+    if not others:
+        return rate - 1.0 / task.num_experts
+    pooled = sum((o.count for o in others), torch.zeros_like(task.count))
+    ref = pooled / pooled.sum(1, keepdim=True).clamp(min=1)
+    return rate - ref
+
+
+def ablation_scores(layers: Sequence[int], num_experts: int, loss_with_mask: Callable[[dict | None], float],
+                    progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """Rise in task loss when each expert alone is masked in its layer (``[L, E]``).
+
+    Args:
+        loss_with_mask: returns the task loss on the calibration split with the given keep-set
+            applied (``None`` = the full model). It is called ``1 + L·E`` times.
+    """
+    base = loss_with_mask(None)
+    out = torch.zeros(len(layers), num_experts, dtype=torch.float64)
+    for row, layer in enumerate(layers):
+        for e in range(num_experts):
+            keep = {layer: [j for j in range(num_experts) if j != e]}
+            out[row, e] = loss_with_mask(keep) - base
+            if progress is not None:
+                progress()
+    return out
+
+
+def keep_sets(scores: torch.Tensor, layers: Sequence[int], keep: int, *,
+              ranking: str = "per_layer") -> dict[int, list[int]]:
+    """The ``keep`` highest-scoring experts in every layer (same count in every layer).
+
+    ``per_layer`` (default) ranks each layer's row on its own. ``global`` builds one ranking of
+    expert ids for the whole model: each layer's scores become that layer's shares (min-shifted,
+    so negative contrastive/ablation scores work), the shares are summed over layers per expert id,
+    and the same top-``keep`` ids are kept in every layer.
+    Ties break towards the lower expert id, so results are deterministic.
+
+    Raises:
+        ValueError: ``keep`` outside ``1..E`` or an unknown ranking.
+    """
+    L, E = scores.shape
+    if not 1 <= keep <= E:
+        raise ValueError(f"keep must be in 1..{E}, got {keep}")
+    s = scores.double()
+    if ranking == "per_layer":
+        out = {}
+        for row, layer in enumerate(layers):
+            order = sorted(range(E), key=lambda e, r=row: (-float(s[r, e]), e))
+            out[layer] = sorted(order[:keep])
+        return out
+    if ranking != "global":
+        raise ValueError(f"unknown ranking {ranking!r}; use per_layer or global")
+    shifted = s - s.min(1, keepdim=True).values
+    share = (shifted / shifted.sum(1, keepdim=True).clamp(min=1e-12)).sum(0)   # [E]
+    order = sorted(range(E), key=lambda e: (-float(share[e]), e))
+    ids = sorted(order[:keep])
+    return {layer: list(ids) for layer in layers}
+
+
+@dataclass
+class Attribution:
+    """Score matrices of every method for one task."""
+
+    task: str
+    layers: list[int]
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [L, E]
+
+    def to_dict(self) -> dict:
+        return {m: [[round(float(v), 6) for v in row] for row in t.tolist()] for m, t in self.scores.items()}
