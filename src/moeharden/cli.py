@@ -148,10 +148,57 @@ def demo(
 
 
 # --------------------------------------------------------------------------- later issues
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def scan(ctx: typer.Context) -> None:
-    """Attribute experts per task, run the pruning and re-alignment attacks, report prunability."""
-    _not_yet("scan")
+@app.command()
+def scan(
+    ckpt: str = typer.Argument(..., help="Checkpoint: a local directory or a Hub repo id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (scan.json, report.md, report.html)."),
+    task: list[str] | None = typer.Option(None, "--task", "-t",
+                                          help="Preset name, task file, PRESET=local-file, or lm-eval:NAME. "
+                                               "Repeatable. Default: the checkpoint's moeharden-tasks.yaml."),
+    method: list[str] | None = typer.Option(None, "--method", "-m", help="Attribution method(s); default all."),
+    keep: list[int] | None = typer.Option(None, "--keep", "-k", help="Keep-count(s); default E,3E/4,E/2,E/4,top-k."),
+    ranking: str = typer.Option("per_layer", "--ranking", help="per_layer or global."),
+    limit: int | None = typer.Option(None, "--limit", help="Seeded sample of N examples per task."),
+    seed: int = typer.Option(0, "--seed"),
+    random_seeds: int = typer.Option(3, "--random-seeds", help="Seeds of the random-keep control."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    recover: bool | None = typer.Option(None, "--recover/--no-recover",
+                                        help="Run the re-alignment attack (default: on for small models)."),
+    recover_budget: int | None = typer.Option(None, "--recover-budget", help="Label budget of the recovery attack."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Attribute experts per task, run the pruning sweep, and report how prunable the model is."""
+    _json(json_out)
+    from moeharden.scan import ScanSettings
+    from moeharden.scan import scan as run_scan
+
+    defaults = ScanSettings()
+    settings = ScanSettings(
+        methods=tuple(method) if method else defaults.methods, keeps=tuple(keep) if keep else None,
+        ranking=ranking, limit=limit, seed=seed, random_seeds=random_seeds, batch_size=batch_size,
+        recover=defaults.recover if recover is None else recover, recover_budget=recover_budget)
+    result = _run(run_scan, ckpt=ckpt, out=out, tasks=task or None, settings=settings,
+                  trust_remote_code=trust_remote_code)
+    if ui.json_mode():
+        ui.emit_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title="Best attacker per task (retained fraction of the full model)")
+    for col in ("task", "full", "keep@25%", "retained", "method", "keep@50%", "retained", "method"):
+        table.add_column(col)
+    fulls = {t["name"]: t["full"] for t in result.data["tasks"]}
+    for name, h in result.data["headline"].items():
+        q, half = h["keep_25"], h["keep_50"]
+        table.add_row(name, f"{fulls[name]:.3f}", str(q["keep"]), _f(q["retained"]), str(q["method"]),
+                      str(half["keep"]), _f(half["retained"]), str(half["method"]))
+    ui.console.print(table)
+    ui.console.print(f"Report: {result.paths['html']}")
+
+
+def _f(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -172,10 +219,24 @@ def verify(ctx: typer.Context) -> None:
     _not_yet("verify")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def report(ctx: typer.Context) -> None:
-    """Re-render reports (Markdown, HTML) from their JSON."""
-    _not_yet("report")
+@app.command()
+def report(
+    inputs: list[Path] = typer.Argument(..., help="scan.json (re-render), or BEFORE/scan.json AFTER/verify.json."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default: beside the JSON)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Re-render reports (Markdown, HTML) from their JSON alone."""
+    _json(json_out)
+    if len(inputs) != 1:
+        _fail("Usage error", "Before/after reports (two inputs) are not available yet in this version.",
+              "Pass one scan.json to re-render it.", EXIT_USAGE)
+    from moeharden.report import rerender
+
+    md, html_path = _run(rerender, scan_json=inputs[0], out_dir=out)
+    if ui.json_mode():
+        ui.emit_json({"markdown": str(md), "html": str(html_path)})
+    else:
+        ui.console.print(f"Wrote {md} and {html_path}")
 
 
 def main() -> None:

@@ -1,0 +1,244 @@
+"""`moeharden scan`: how much of each task survives when a thief keeps only the experts it uses?
+
+Pipeline on one loaded model (never copied): evaluate the full model per task; one attribution
+pass per task over its calibration split records the real routing (with expert output norms)
+and yields every observation-based score; the loss-based ``ablation`` score masks one expert at
+a time; then the pruning sweep evaluates each method's keep-set at every keep-count against a
+seeded random control. ``scan.json`` (schema ``moeharden.scan/1``) is the source of truth;
+``report.md`` and ``report.html`` are rendered from it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeharden import __version__
+from moeharden.attribution import (
+    ALL_METHODS,
+    OBSERVED_METHODS,
+    ablation_scores,
+    contrastive_scores,
+    merge_stats,
+    observed_scores,
+    stats_from_record,
+)
+from moeharden.console import progress_bar
+from moeharden.errors import UsageError
+from moeharden.sweep import default_keeps, headline, run_sweep
+
+SCHEMA = "moeharden.scan/1"
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """Knobs of a scan. ``None`` means "the default" (decided here, not by truthiness)."""
+
+    methods: tuple[str, ...] = ALL_METHODS
+    keeps: tuple[int, ...] | None = None
+    ranking: str = "per_layer"
+    limit: int | None = None
+    seed: int = 0
+    random_seeds: int = 3
+    batch_size: int = 32
+    recover: bool = False
+    recover_budget: int | None = None
+    recover_seeds: int = 3
+
+    def validate(self) -> None:
+        bad = [m for m in self.methods if m not in ALL_METHODS]
+        if bad:
+            raise UsageError(f"Unknown attribution method(s): {', '.join(bad)}.",
+                             hint=f"Choose from: {', '.join(ALL_METHODS)}.")
+        if self.ranking not in ("per_layer", "global"):
+            raise UsageError(f"Unknown ranking {self.ranking!r}.", hint="Use per_layer or global.")
+        if self.random_seeds < 1:
+            raise UsageError("--random-seeds must be at least 1.")
+
+
+@dataclass
+class ScanResult:
+    """What `scan` returns: the JSON document and where it was written."""
+
+    data: dict[str, Any]
+    out: Path | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out) if self.out else None, "headline": self.data.get("headline"),
+                "paths": self.paths}
+
+
+def _batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num_experts: int,
+                  batch_size: int = 32, max_length: int = 512):
+    """One pass over ``texts`` with the routing record (norms included); returns summed stats."""
+    from moeharden.routing import record_routing
+
+    total = None
+    device = next(model.parameters()).device
+    for chunk in _batches(list(texts), batch_size):
+        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with record_routing(model, norms=True, attention_mask=enc["attention_mask"]) as rec:
+            model(**enc)
+        st = stats_from_record(rec, layers, num_experts)
+        total = st if total is None else merge_stats(total, st)
+    return total
+
+
+def model_identity(path: Path, model, layer_info) -> dict[str, Any]:
+    """Family, expert count, top-k, config hash and weights digest of a loaded checkpoint."""
+    from moeharden.checkpoint import checkpoint_digest, config_hash
+    from moeharden.registry import spec_for_config
+
+    spec = spec_for_config(model.config)
+    return {
+        "path": str(path), "name": Path(path).name, "family": spec.name,
+        "model_type": model.config.model_type, "num_experts": layer_info[0].num_experts,
+        "top_k": layer_info[0].top_k, "moe_layers": [li.layer for li in layer_info],
+        "config_sha256": config_hash(path), "safetensors_digest": checkpoint_digest(path),
+    }
+
+
+def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dict[str, Any]) -> dict[str, Any]:
+    """Run attribution and the pruning sweep on a loaded model; returns the scan JSON document."""
+    from moeharden.evaluate import evaluate, task_loss
+    from moeharden.registry import moe_layers
+    from moeharden.routing import mask_experts
+
+    settings.validate()
+    info = moe_layers(model)
+    layers = [li.layer for li in info]
+    E, top_k = info[0].num_experts, info[0].top_k
+    keeps = list(settings.keeps) if settings.keeps is not None else default_keeps(E, top_k)
+    bad = [k for k in keeps if not 1 <= k <= E]
+    if bad:
+        raise UsageError(f"Keep-counts {bad} are outside 1..{E} (this model has {E} experts per MoE layer).")
+    timings: dict[str, float] = {}
+    model.eval()
+
+    t0 = time.perf_counter()
+    full = {t.name: float(evaluate(model, tokenizer, t).value) for t in tasks}
+    timings["full_eval"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stats = {t.name: routing_stats(model, tokenizer, t.calibration_texts(), layers, E, settings.batch_size)
+             for t in tasks}
+    timings["attribution_pass"] = time.perf_counter() - t0
+
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    for t in tasks:
+        obs = observed_scores(stats[t.name])
+        s = {m: obs[m] for m in OBSERVED_METHODS if m in settings.methods}
+        if "contrastive" in settings.methods:
+            s["contrastive"] = contrastive_scores(stats[t.name], [stats[o.name] for o in tasks if o.name != t.name])
+        scores[t.name] = s
+
+    if "ablation" in settings.methods:
+        t0 = time.perf_counter()
+        with progress_bar("ablation attribution", total=len(tasks) * len(layers) * E) as advance:
+            for t in tasks:
+                calib = t.attribution
+
+                def loss_with_mask(keep, calib=calib):
+                    if keep is None:
+                        return float(task_loss(model, tokenizer, calib))
+                    with mask_experts(model, keep):
+                        return float(task_loss(model, tokenizer, calib))
+
+                scores[t.name]["ablation"] = ablation_scores(layers, E, loss_with_mask, progress=advance)
+        timings["ablation"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sweep_rows, keep_sets_used, heads = [], {}, {}
+    n_cells = len(tasks) * len(keeps) * (len(settings.methods) + settings.random_seeds)
+    with progress_bar("pruning sweep", total=n_cells) as advance:
+        for t in tasks:
+            def evaluate_masked(keep, t=t):
+                if keep is None:
+                    return full[t.name]
+                with mask_experts(model, keep):
+                    return float(evaluate(model, tokenizer, t).value)
+
+            rows, used = run_sweep(
+                task=t.name, metric=t.metric, full=full[t.name], chance=t.chance, layers=layers, num_experts=E,
+                scores=scores[t.name], keeps=keeps, evaluate_masked=evaluate_masked, ranking=settings.ranking,
+                random_seeds=tuple(range(settings.seed, settings.seed + settings.random_seeds)), progress=advance)
+            sweep_rows += rows
+            heads[t.name] = headline(rows, E)
+            for m, per_k in used.items():
+                keep_sets_used.setdefault(m, {})[t.name] = {
+                    str(k): {str(layer): ids for layer, ids in ks.items()} for k, ks in per_k.items()}
+    timings["sweep"] = time.perf_counter() - t0
+
+    return {
+        "schema": SCHEMA,
+        "tool": {"name": "moeharden", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": identity,
+        "settings": {"methods": list(settings.methods), "keeps": keeps, "ranking": settings.ranking,
+                     "limit": settings.limit, "seed": settings.seed, "random_seeds": settings.random_seeds},
+        "tasks": [{"name": t.name, "kind": t.kind, "metric": t.metric, "full": round(full[t.name], 6),
+                   "chance": t.chance, "n_attribution": len(t.attribution), "n_evaluation": len(t.evaluation)}
+                  for t in tasks],
+        "attribution": {m: {t.name: [[round(float(v), 6) for v in row] for row in scores[t.name][m].tolist()]
+                            for t in tasks if m in scores[t.name]} for m in settings.methods},
+        "keep_sets": keep_sets_used,
+        "sweep": [r.to_dict() for r in sweep_rows],
+        "headline": heads,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: ScanSettings | None = None,
+         trust_remote_code: bool = False, overwrite: bool = True) -> ScanResult:
+    """Load a checkpoint, scan it, and write ``scan.json``, ``report.md`` and ``report.html`` to ``out``.
+
+    Args:
+        ckpt: local directory or Hub repo id.
+        tasks: task specs (preset names, task-file paths, ``lm-eval:NAME``); ``None`` = the
+            checkpoint's own ``moeharden-tasks.yaml``.
+    Raises:
+        CheckpointError, UnsupportedModelError, TaskError, UsageError.
+    """
+    from moeharden.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from moeharden.registry import moe_layers
+    from moeharden.report import render_scan
+    from moeharden.st_io import atomic_output_dir
+    from moeharden.tasks import load_tasks
+
+    settings = settings or ScanSettings()
+    settings.validate()
+    path = resolve_checkpoint(ckpt)
+    task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=path, limit=settings.limit,
+                           seed=settings.seed)
+    t0 = time.perf_counter()
+    model = load_model(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path)
+    identity = model_identity(path, model, moe_layers(model))
+    load_s = time.perf_counter() - t0
+    data = scan_model(model, tokenizer, task_objs, settings, identity=identity)
+    data["timings"] = {"load": round(load_s, 3), **data["timings"]}
+    if settings.recover:
+        from moeharden.recover import recovery_for_scan
+
+        data.update(recovery_for_scan(model, tokenizer, task_objs, data, settings))
+    with atomic_output_dir(out) as tmp:
+        (tmp / "scan.json").write_text(json.dumps(data, indent=2) + "\n")
+        render_scan(data, tmp)
+    return ScanResult(data, Path(out), {"json": str(Path(out) / "scan.json"),
+                                        "markdown": str(Path(out) / "report.md"),
+                                        "html": str(Path(out) / "report.html")})
