@@ -42,6 +42,8 @@ def encode(tokenizer, examples: Sequence, *, max_length: int = 1024) -> LMBatch:
     seqs, labs = [], []
     for ex in examples:
         ctx, cont = _ids(tokenizer, ex.prompt), _ids(tokenizer, ex.target)
+        if getattr(ex, "kind", "") == "generation" and tokenizer.eos_token_id is not None:
+            cont = cont + [int(tokenizer.eos_token_id)]   # the model should also learn to stop
         if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
             ctx = [tokenizer.bos_token_id] + ctx
         ids = (ctx + cont)[-max_length:]

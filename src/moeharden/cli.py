@@ -177,7 +177,7 @@ def scan(
     settings = ScanSettings(
         methods=tuple(method) if method else defaults.methods, keeps=tuple(keep) if keep else None,
         ranking=ranking, limit=limit, seed=seed, random_seeds=random_seeds, batch_size=batch_size,
-        recover=defaults.recover if recover is None else recover, recover_budget=recover_budget)
+        recover=recover, recover_budget=recover_budget)
     result = _run(run_scan, ckpt=ckpt, out=out, tasks=task or None, settings=settings,
                   trust_remote_code=trust_remote_code)
     if ui.json_mode():

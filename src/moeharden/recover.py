@@ -248,3 +248,186 @@ def labels_to_recover(points: Sequence[tuple[int, float]], target: float) -> int
         if metric >= target:
             return labels
     return None
+
+
+# --------------------------------------------------------------------------- tasks → ops
+def task_ops(tokenizer, task, *, batch_size: int = 32) -> TaskOps:
+    """Build the callables recovery needs from a loaded task (see :class:`TaskOps`)."""
+    from moeharden import batching
+    from moeharden.evaluate import choice_logprobs, evaluate, generate_greedy
+
+    def loss(model, examples):
+        b = batching.encode(tokenizer, examples).to(next(model.parameters()).device)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        al, at = batching.answer_logits(logits, b.labels)
+        return torch.nn.functional.cross_entropy(al.float(), at)
+
+    def metric(model):
+        return evaluate(model, tokenizer, task, batch_size=batch_size).value
+
+    @torch.no_grad()
+    def embed(model, examples):
+        out = []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            enc = tokenizer([ex.prompt for ex in chunk], return_tensors="pt", padding=True)
+            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()
+                   if k in ("input_ids", "attention_mask")}
+            h = model(**enc, output_hidden_states=True).hidden_states[-1]          # [B, T, H]
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu())   # [B, H] mean-pooled
+        return torch.cat(out)
+
+    def mc_logprobs(model, examples):
+        return choice_logprobs(model, tokenizer, examples, batch_size=batch_size)
+
+    @torch.no_grad()
+    def teacher(model, examples):
+        """The full model's own answers (pseudo-labels) and its answer-position distributions."""
+        from dataclasses import replace
+
+        if task.kind == "multiple_choice":
+            pick = choice_logprobs(model, tokenizer, examples, batch_size=batch_size).argmax(-1).tolist()
+            pseudo = [replace(ex, target=ex.choices[j], label=j) for ex, j in zip(examples, pick, strict=True)]
+        elif task.kind == "generation":
+            spec = task.spec
+            preds = generate_greedy(model, tokenizer, [ex.prompt for ex in examples],
+                                    max_new_tokens=spec.max_new_tokens if spec else 32,
+                                    stop=tuple(spec.stop) if spec else ("\n",), batch_size=batch_size)
+            pseudo = [replace(ex, target=p) for ex, p in zip(examples, preds, strict=True)]
+        else:
+            pseudo = list(examples)
+        cache = []
+        for ex in pseudo:
+            b = batching.encode(tokenizer, [ex]).to(next(model.parameters()).device)
+            al, _ = batching.answer_logits(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits,
+                                           b.labels)
+            cache.append((ex, torch.log_softmax(al.float(), -1).cpu()))
+        return cache
+
+    def distill_loss(model, examples, teachers):
+        pseudo = [t[0] for t in teachers]
+        b = batching.encode(tokenizer, pseudo).to(next(model.parameters()).device)
+        al, _ = batching.answer_logits(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits,
+                                       b.labels)
+        lt = torch.cat([t[1] for t in teachers]).to(al.device)          # [N, V] teacher log-probs
+        ls = torch.log_softmax(al.float(), -1)
+        return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+    return TaskOps(loss=loss, metric=metric, embed=embed,
+                   choice_logprobs=mc_logprobs if task.kind == "multiple_choice" else None,
+                   teacher=teacher, distill_loss=distill_loss)
+
+
+# --------------------------------------------------------------------------- in scan / verify
+DEFAULT_SMALL_BUDGET = 64
+
+
+def recovery_keeps(data: dict, task: str, target_fraction: float, max_keeps: int = 1) -> list[int]:
+    """Keep-counts ≤ E/2 at which the best attacker lost accuracy (retained < target), largest first.
+
+    Falls back to the smallest swept keep-count when pruning lost nothing, so curves always exist.
+    """
+    E = data["model"]["num_experts"]
+    rows = [r for r in data["sweep"] if r["task"] == task and r["method"] != "random" and r["keep"] < E]
+    best: dict[int, float] = {}
+    for r in rows:
+        best[r["keep"]] = max(best.get(r["keep"], float("-inf")), r["retained"])
+    lost = sorted((k for k, v in best.items() if v < target_fraction and k <= E // 2), reverse=True)
+    if lost:
+        return lost[:max_keeps]
+    return [min(best)] if best else []
+
+
+def best_keepset(data: dict, task: str, keep: int) -> tuple[str, dict[int, list[int]]]:
+    """The strongest attacker's keep-set at ``keep`` (highest retained), from a scan's keep_sets."""
+    rows = [r for r in data["sweep"] if r["task"] == task and r["keep"] == keep and r["method"] != "random"]
+    method = max(rows, key=lambda r: r["retained"])["method"]
+    ks = data["keep_sets"][method][task][str(keep)]
+    return method, {int(layer): ids for layer, ids in ks.items()}
+
+
+def recovery_suite(model, tokenizer, tasks, data: dict, *, modes: Sequence[str] = ("full",),
+                   strategies: Sequence[str] = STRATEGIES, seeds: Sequence[int] = (0, 1, 2),
+                   budget: int = DEFAULT_SMALL_BUDGET, rounds: int = 4, steps_per_round: int = 30,
+                   lr: float = 1e-3, target_fraction: float = 0.95,
+                   keeps: dict[str, list[int]] | None = None) -> dict:
+    """Run the re-alignment attack on the strongest pruned models of a scan; returns JSON sections.
+
+    Returns:
+        ``{"recovery": rows, "labels_to_recover": {task: {strategy: mean labels or None}},
+        "recovery_settings": {...}, "recovery_saving": {task: {...}}}``; a strategy's entry is
+        ``None`` unless every seed reached the target within the budget.
+    """
+    from moeharden.console import progress_bar
+    from moeharden.registry import moe_layers
+    from moeharden.routing import mask_experts
+
+    info = moe_layers(model)
+    router_params = [li.router_weight for li in info] + [li.router_bias for li in info if li.router_bias is not None]
+    full = {t["name"]: t["full"] for t in data["tasks"]}
+    metric_of = {t["name"]: t["metric"] for t in data["tasks"]}
+    rows, ltr, used_keeps, saving, timing = [], {}, {}, {}, {"select": 0.0, "train": 0.0}
+    plan = []
+    for t in tasks:
+        ks = (keeps or {}).get(t.name) or recovery_keeps(data, t.name, target_fraction)
+        used_keeps[t.name] = ks
+        for k in ks:
+            for mode in modes:
+                for strat in (strategies if mode != "distill" else ("random",)):
+                    for seed in seeds:
+                        plan.append((t, k, mode, strat, seed))
+    with progress_bar("re-alignment attack", total=len(plan)) as advance:
+        per_task: dict[str, dict[str, list]] = {}
+        for t, k, mode, strat, seed in plan:
+            _, keep = best_keepset(data, t.name, k)
+            ops = task_ops(tokenizer, t)
+            s = RecoverySettings(mode=mode, strategy=strat, budget=budget, rounds=rounds,
+                                 steps_per_round=steps_per_round, lr=lr, seed=seed)
+            run = run_recovery(model, ops, t.train, s, router_params=router_params,
+                               mask=lambda keep=keep: mask_experts(model, keep), lora_targets=_lora_targets(info))
+            timing["select"] += run.select_seconds
+            timing["train"] += run.train_seconds
+            name = "distill" if mode == "distill" else strat
+            for labels, metric in run.points:
+                row = {"task": t.name, "keep": k, "mode": mode, "strategy": name, "seed": seed,
+                       "labels": 0 if mode == "distill" else labels, "metric": round(metric, 6)}
+                if mode == "distill":
+                    row["unlabeled"] = labels
+                rows.append(row)
+            hib = metric_of[t.name] != "perplexity"
+            target = target_fraction * full[t.name] if hib else full[t.name] / target_fraction
+            pts = [(lab if mode != "distill" else 0, m if hib else -m) for lab, m in run.points]
+            need = labels_to_recover(pts, target if hib else -target)
+            if k == used_keeps[t.name][0] and (mode == modes[0] or mode == "distill"):
+                per_task.setdefault(t.name, {}).setdefault(name, []).append(need)
+            advance()
+    for task, by_strat in per_task.items():
+        ltr[task] = {s: (round(sum(v) / len(v), 2) if v and all(x is not None for x in v) else None)
+                     for s, v in by_strat.items()}
+        rnd = ltr[task].get("random")
+        active = {s: v for s, v in ltr[task].items() if s not in ("random", "distill") and v is not None}
+        if active:
+            best = min(active, key=active.get)
+            saving[task] = {"best_active": best, "labels": active[best], "random": rnd,
+                            "saving_vs_random": None if not rnd else round(1 - active[best] / rnd, 4)}
+    return {
+        "recovery": rows, "labels_to_recover": ltr, "recovery_saving": saving,
+        "recovery_settings": {"modes": list(modes), "strategies": list(strategies), "seeds": list(seeds),
+                              "budget": budget, "rounds": rounds, "steps_per_round": steps_per_round, "lr": lr,
+                              "target_fraction": target_fraction, "keeps": used_keeps,
+                              "labels_axis": "labels used (distill: 0; its examples are in 'unlabeled')"},
+        "recovery_timing": {k: round(v, 3) for k, v in timing.items()},
+    }
+
+
+def _lora_targets(info) -> list[str]:
+    """LoRA targets: attention projections (standard names) — peft matches module-name suffixes."""
+    return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def recovery_for_scan(model, tokenizer, tasks, data: dict, settings) -> dict:
+    """`scan --recover`: the attack with mode ``full`` and every strategy, ≥ 3 seeds."""
+    return recovery_suite(model, tokenizer, tasks, data, modes=("full",),
+                          seeds=tuple(range(settings.seed, settings.seed + settings.recover_seeds)),
+                          budget=settings.recover_budget or DEFAULT_SMALL_BUDGET)

@@ -35,6 +35,7 @@ from moeharden.errors import UsageError
 from moeharden.sweep import default_keeps, headline, run_sweep
 
 SCHEMA = "moeharden.scan/1"
+SMALL_MODEL_PARAMS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ScanSettings:
     seed: int = 0
     random_seeds: int = 3
     batch_size: int = 32
-    recover: bool = False
+    recover: bool | None = None          # None: on for small models (≤ SMALL_MODEL_PARAMS)
     recover_budget: int | None = None
     recover_seeds: int = 3
 
@@ -232,7 +233,8 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     load_s = time.perf_counter() - t0
     data = scan_model(model, tokenizer, task_objs, settings, identity=identity)
     data["timings"] = {"load": round(load_s, 3), **data["timings"]}
-    if settings.recover:
+    n_params = sum(p.numel() for p in model.parameters())
+    if settings.recover or (settings.recover is None and n_params <= SMALL_MODEL_PARAMS):
         from moeharden.recover import recovery_for_scan
 
         data.update(recovery_for_scan(model, tokenizer, task_objs, data, settings))
