@@ -170,3 +170,96 @@ def rerender(scan_json: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Re-render a scan's reports from its JSON alone (``moeharden report DIR/scan.json``)."""
     scan = load_report_json(scan_json, "moeharden.scan/")
     return render_scan(scan, out_dir or Path(scan_json).parent)
+
+
+# --------------------------------------------------------------------------- before / after
+GATE_HEADER = ["check", "task", "keep", "attack", "value", "threshold", "result"]
+
+
+def gate_table_rows(verify: Mapping[str, Any]) -> list[list[Any]]:
+    return [[r["check"], r.get("task") or "—", r.get("keep"), r.get("attack"), r["value"],
+             f"{r['op']} {r['threshold']}", "pass" if r["pass"] else "FAIL"] for r in verify.get("gate", [])]
+
+
+def model_card_snippet(before: Mapping[str, Any], verify: Mapping[str, Any]) -> str:
+    """A Markdown section a publisher can paste into the model card."""
+    after = verify.get("attack", {})
+    lines = ["## Expert-pruning robustness (moeharden)", "",
+             f"Checked with moeharden {verify.get('tool', {}).get('version')} on {verify.get('created', '')[:10]}: "
+             f"gate **{'PASSED' if verify.get('passed') else 'FAILED'}**.", "",
+             "| task | full (baseline → hardened) | best attack retained @50% (baseline → hardened) |",
+             "|---|---|---|"]
+    bfull = {t["name"]: t["full"] for t in before.get("tasks", [])}
+    for t in after.get("tasks", []):
+        bh = before.get("headline", {}).get(t["name"], {}).get("keep_50", {})
+        ah = after.get("headline", {}).get(t["name"], {}).get("keep_50", {})
+        lines.append(f"| {t['name']} | {_fmt(bfull.get(t['name']))} → {_fmt(t['full'])} | "
+                     f"{_fmt(bh.get('retained'))} → {_fmt(ah.get('retained'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_verify(before: Mapping[str, Any], verify: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Before/after report: gate table, retained-vs-keep side by side, recovery curves, heatmaps."""
+    from moeharden import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    after = verify.get("attack", {})
+    E = int(after.get("model", {}).get("num_experts", 0)) or 1
+    verdict = "PASSED" if verify.get("passed") else "FAILED"
+    title = f"moeharden verify — {after.get('model', {}).get('name', '')}: gate {verdict}"
+    md = [f"# {title}", "", f"_moeharden {verify.get('tool', {}).get('version')} · {verify.get('created', '')}_", "",
+          "## Gate", "", _md_table(GATE_HEADER, gate_table_rows(verify)), ""]
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p class='meta'>moeharden {html.escape(str(verify.get('tool', {}).get('version')))} · "
+             f"{html.escape(str(verify.get('created', '')))}</p>",
+             "<h2>Gate</h2>", _html_table(GATE_HEADER, gate_table_rows(verify))]
+    integ = verify.get("integrity")
+    if integ is not None:
+        md += ["## Manifest", "", f"integrity ok: {integ.get('ok')}", ""]
+        parts.append(f"<h2>Manifest</h2><p>integrity ok: <b>{html.escape(str(integ.get('ok')))}</b></p>")
+    md += ["## Headline (before → after)", "", "Before:", "", _md_table(HEADLINE_HEADER, headline_rows(before)), "",
+           "After:", "", _md_table(HEADLINE_HEADER, headline_rows(after)), ""]
+    parts += ["<h2>Headline</h2><h3>Before</h3>", _html_table(HEADLINE_HEADER, headline_rows(before)),
+              "<h3>After</h3>", _html_table(HEADLINE_HEADER, headline_rows(after))]
+    layers = after.get("model", {}).get("moe_layers", [])
+    for t in after.get("tasks", []):
+        name = t["name"]
+        parts.append(f"<h2>Task <code>{html.escape(name)}</code></h2><div class='grid'>")
+        for label, doc in (("before", before), ("after", after)):
+            rows = [r for r in doc.get("sweep", []) if r["task"] == name]
+            if rows:
+                parts.append(_img(plots.retained_curves(name, E, rows, title=f"{name}: {label}"),
+                                  f"{name} retained {label}"))
+        parts.append("</div><div class='grid'>")
+        for label, doc in (("before", before), ("after", after)):
+            rec = [r for r in doc.get("recovery", []) if r["task"] == name]
+            for keep in sorted({r["keep"] for r in rec}):
+                sub = [r for r in rec if r["keep"] == keep and r["mode"] in ("full", "distill")]
+                full = next((x["full"] for x in doc.get("tasks", []) if x["name"] == name), None)
+                parts.append(_img(plots.recovery_curves(f"{name} ({label})", keep, sub, full=full,
+                                                        target=None if full is None else 0.95 * full),
+                                  f"{name} recovery {label}"))
+        parts.append("</div>")
+        mats = {m: per[name] for m, per in after.get("attribution", {}).items() if name in per}
+        if mats and layers:
+            parts.append(_img(plots.attribution_heatmaps(f"{name} (after)", layers, mats), f"{name} heatmaps after"))
+        for label, doc in (("before", before), ("after", after)):
+            header, table = sweep_table(doc, name)
+            md += [f"### {name} — retained by method and keep ({label})", "", _md_table(header, table), ""]
+    snippet = model_card_snippet(before, verify)
+    md += ["## Model-card snippet", "", "```markdown", snippet, "```", ""]
+    parts += ["<h2>Model-card snippet</h2><pre>", html.escape(snippet), "</pre>"]
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    md_path.write_text("\n".join(md) + "\n")
+    html_path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return md_path, html_path
+
+
+def render_before_after(before_json: Path, verify_json: Path, out_dir: Path) -> tuple[Path, Path]:
+    """`moeharden report BEFORE/scan.json AFTER/verify.json --out DIR`."""
+    before = load_report_json(before_json, "moeharden.scan/")
+    verify = load_report_json(verify_json, "moeharden.verify/")
+    return render_verify(before, verify, out_dir)
