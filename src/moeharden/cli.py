@@ -201,10 +201,47 @@ def _f(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def entangle(ctx: typer.Context) -> None:
+@app.command()
+def entangle(
+    ckpt: str = typer.Argument(..., help="Checkpoint: a local directory or a Hub repo id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
+    task: list[str] | None = typer.Option(None, "--task", "-t",
+                                          help="Task(s) to protect; default: the checkpoint's own task file."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML (flags below override it)."),
+    steps: int | None = typer.Option(None, "--steps"),
+    lr: float | None = typer.Option(None, "--lr"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    lambda_retain: float | None = typer.Option(None, "--lambda-retain"),
+    lambda_prune: float | None = typer.Option(None, "--lambda-prune"),
+    lambda_spread: float | None = typer.Option(None, "--lambda-spread"),
+    recovery_term: bool | None = typer.Option(None, "--recovery-term/--no-recovery-term",
+                                              help="TAR-style simulated-recovery term (slower)."),
+    mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16 (GPU)."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum"),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every"),
+    seed: int | None = typer.Option(None, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
+    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir"),
+    limit: int | None = typer.Option(None, "--limit", help="Seeded sample of N examples per task."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    json_out: bool = JsonOpt,
+) -> None:
     """Retrain with an anti-pruning objective so that pruned sub-models fail sharply."""
-    _not_yet("entangle")
+    _json(json_out)
+    from moeharden.entangle import entangle as run_entangle
+
+    overrides = {"steps": steps, "lr": lr, "batch_size": batch_size, "lambda_retain": lambda_retain,
+                 "lambda_prune": lambda_prune, "lambda_spread": lambda_spread, "recovery_term": recovery_term,
+                 "mixed_precision": mixed_precision, "grad_accum": grad_accum,
+                 "checkpoint_every": checkpoint_every, "seed": seed}
+    result = _run(run_entangle, ckpt=ckpt, out=out, tasks=task or None, recipe_path=recipe, overrides=overrides,
+                  resume=resume, checkpoint_dir=checkpoint_dir, limit=limit, trust_remote_code=trust_remote_code)
+    if ui.json_mode():
+        ui.emit_json(result.to_dict())
+    else:
+        last = ", ".join(f"{k}={v:.4f}" for k, v in result.last.items())
+        ui.console.print(f"[green]Entangled[/] {ckpt} → {result.out} ({result.steps_done} steps, "
+                         f"{result.seconds:.0f} s; last losses: {last}).")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -227,12 +264,16 @@ def report(
 ) -> None:
     """Re-render reports (Markdown, HTML) from their JSON alone."""
     _json(json_out)
-    if len(inputs) != 1:
-        _fail("Usage error", "Before/after reports (two inputs) are not available yet in this version.",
-              "Pass one scan.json to re-render it.", EXIT_USAGE)
-    from moeharden.report import rerender
+    if len(inputs) not in (1, 2):
+        _fail("Usage error", "report takes one scan.json, or BEFORE/scan.json and AFTER/verify.json.", None,
+              EXIT_USAGE)
+    from moeharden.report import render_before_after, rerender
 
-    md, html_path = _run(rerender, scan_json=inputs[0], out_dir=out)
+    if len(inputs) == 1:
+        md, html_path = _run(rerender, scan_json=inputs[0], out_dir=out)
+    else:
+        md, html_path = _run(render_before_after, before_json=inputs[0], verify_json=inputs[1],
+                             out_dir=out or inputs[1].parent)
     if ui.json_mode():
         ui.emit_json({"markdown": str(md), "html": str(html_path)})
     else:
