@@ -1,0 +1,477 @@
+"""Metrics of a loaded Hugging Face causal LM on a task: accuracy, perplexity, exact match, ROUGE.
+
+Scan evaluates one loaded model under many expert masks, so every metric batches its work:
+
+* multiple choice: the log-likelihood of each choice after the prompt, summed over the choice's
+  tokens (lm-evaluation-harness's ``acc``: unnormalised sum). When every choice of an example is a
+  single token, one forward over the prompt scores all of them;
+* perplexity: sliding windows over each document; every token after the first is scored once,
+  with up to ``window - 1`` tokens of context (Hugging Face's perplexity guide); windows of all
+  documents are batched together;
+* generation: greedy decoding with a KV cache, stopping at eos or a stop string.
+
+All scoring uses left padding with explicit ``position_ids`` (so a padded row sees the same
+positions as unpadded) and asks the model for the last few positions' logits only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeharden.errors import TaskError
+from moeharden.tasks import Example, Task
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One task's metric on one split.
+
+    Attributes:
+        task: task name. metric: metric name (``accuracy``, ``perplexity``, ``rougeL``, ...).
+        value: the metric (fractions in [0, 1]; perplexity as is). n: examples scored.
+        extra: other figures (all ROUGE scores, token counts, lm-eval's raw results).
+    """
+
+    task: str
+    metric: str
+    value: float
+    n: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def normalized(self, full: float) -> float:
+        """The metric relative to the full model's: 100·value/full (perplexity: full model = 100)."""
+        return 100.0 * self.value / full if full else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "metric": self.metric, "value": self.value, "n": self.n, "extra": self.extra}
+
+
+def normalized_perplexity(ppl: float, full_ppl: float) -> float:
+    """Perplexity relative to the full model's, full model = 100 (the paper's tables)."""
+    return 100.0 * ppl / full_ppl
+
+
+# --------------------------------------------------------------------------- plumbing
+def _device(model) -> torch.device:
+    return getattr(model, "device", None) or next(model.parameters()).device
+
+
+def model_max_length(model, cap: int | None = None) -> int:
+    """Longest sequence the model takes: its position limit, then ``cap``, else 2048."""
+    cfg = getattr(model, "config", None)
+    n = None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = n or getattr(cfg, key, None)
+    n = int(n or DEFAULT_MAX_LENGTH)
+    return min(n, cap) if cap else n
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0  # pragma: no cover
+
+
+def _prefix_id(tokenizer) -> int:
+    # the context of a continuation with no prompt (lm-eval's prefix token): bos, else eos
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            return int(tid)
+    raise TaskError("The tokenizer has no bos, eos or pad token to start an empty prompt with.")
+
+
+def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of (context, continuation) pairs, split as lm-evaluation-harness does.
+
+    The pair is encoded whole and the continuation is what follows the context's own encoding, so
+    word pieces merged across the boundary stay as the model sees them; trailing spaces of the
+    context move to the continuation. An empty context becomes the bos (or eos) token.
+    """
+    ctxs, wholes = [], []
+    for ctx, cont in pairs:
+        n_sp = len(ctx) - len(ctx.rstrip(" "))
+        ctx, cont = ctx[:len(ctx) - n_sp], ctx[len(ctx) - n_sp:] + cont
+        ctxs.append(ctx)
+        wholes.append(ctx + cont)
+    ctx_ids, whole_ids = _encode(tokenizer, ctxs), _encode(tokenizer, wholes)
+    out = []
+    for c, w in zip(ctx_ids, whole_ids, strict=True):
+        cont = w[len(c):]
+        out.append((c if c else [_prefix_id(tokenizer)], cont))
+    return out
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """``ids, attention_mask, position_ids``, each ``[B, L]``; real tokens at positions 0..n-1."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _keeps_logits(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _tail_logits(model, ids, mask, pos, k: int) -> torch.Tensor:
+    """Logits at the last ``k`` positions, ``[B, k, V]`` (only those are computed when the model allows)."""
+    kw = {"logits_to_keep": k} if _keeps_logits(model) else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits
+    return logits[:, -k:]
+
+
+@contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+# A scoring request: the model reads ``seq``; ``targets`` [m, n] are m alternative continuations of
+# n tokens each, scored at the last n positions (m > 1 only for single-token choices, n == 1).
+Request = tuple[list[int], list[list[int]]]
+
+
+def _request(ctx: list[int], cont: list[int], max_length: int) -> Request:
+    seq = (ctx + cont)[:-1][-max_length:]
+    # the last len(seq) positions predict the last len(seq) tokens: a too-long answer keeps its end
+    return seq, [cont[-len(seq):] if len(cont) > len(seq) else cont]
+
+
+def score_requests(model, requests: Sequence[Request], *, pad_id: int, batch_size: int = 32,
+                   progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """Summed log-probabilities of each request's continuations, ``[m]`` per request.
+
+    Longest requests are batched first (lm-eval's order) and the results are put back in input
+    order. Differentiable when called with gradients enabled.
+    """
+    device = _device(model)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+    out: list[torch.Tensor | None] = [None] * len(requests)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask, pos = _left_pad([requests[i][0] for i in idx], pad_id, device)
+        k = max(len(requests[i][1][0]) for i in idx)
+        logits = _tail_logits(model, ids, mask, pos, k)  # [B, k, V]
+        for row, i in enumerate(idx):
+            tg = torch.tensor(requests[i][1], dtype=torch.long, device=device)  # [m, n]
+            n = tg.shape[1]
+            # one row at a time in float32, so a large vocabulary never needs a [B, k, V] float copy
+            lg = logits[row, k - n:].float()  # [n, V]
+            # [n, m] token log-probs = gathered logits - log-partition, summed over the n tokens
+            out[i] = (lg.gather(-1, tg.T) - torch.logsumexp(lg, -1, keepdim=True)).sum(0)
+        if progress is not None:
+            progress(len(idx))
+    return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- multiple choice
+def choice_logprobs(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 32,
+                    max_length: int | None = None) -> torch.Tensor:
+    """Log-likelihood of every choice after its prompt, ``[N, C]`` (``-inf`` pads ragged choices).
+
+    Examples whose choices are all one token long take one request (one forward row) for all
+    choices; the others take one request per choice.
+    """
+    max_length = model_max_length(model, max_length)
+    requests: list[Request] = []
+    owner: list[tuple[int, list[int]]] = []  # (example, choice ids) of each request
+    for i, ex in enumerate(examples):
+        enc = encode_pairs(tokenizer, [(ex.prompt, c) for c in ex.choices])
+        if all(len(cont) == 1 for _, cont in enc):
+            seq = enc[0][0][-max_length:]
+            requests.append((seq, [cont for _, cont in enc]))
+            owner.append((i, list(range(len(enc)))))
+        else:
+            for j, (ctx, cont) in enumerate(enc):
+                requests.append(_request(ctx, cont, max_length))
+                owner.append((i, [j]))
+    scores = score_requests(model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    C = max((len(ex.choices) for ex in examples), default=0)
+    out = torch.full((len(examples), C), float("-inf"))
+    for (i, js), s in zip(owner, scores, strict=True):
+        out[i, js] = s.detach().float().cpu()
+    return out
+
+
+def multiple_choice_accuracy(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 32,
+                             max_length: int | None = None) -> tuple[float, torch.Tensor]:
+    """Share of examples whose labelled choice has the highest log-likelihood; also the ``[N, C]`` scores."""
+    lp = choice_logprobs(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
+    labels = torch.tensor([ex.label for ex in examples])
+    return int((lp.argmax(-1) == labels).sum()) / max(1, len(examples)), lp
+
+
+# --------------------------------------------------------------------------- perplexity
+def perplexity_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over one document of ``n_tokens``: ``(begin, end, n_scored)`` each.
+
+    The model reads tokens ``[begin, end - 1)`` and the last ``n_scored`` tokens of ``[begin, end)``
+    are scored; together the windows score tokens ``1..n_tokens-1`` once each, every token with
+    at least ``window - stride`` tokens of context (all earlier ones in the first window).
+    """
+    if not 1 <= stride < window:
+        raise TaskError(f"Perplexity needs 1 <= stride < window (got stride {stride}, window {window}).")
+    if n_tokens < 2:
+        return []
+    end = min(window, n_tokens)
+    out = [(0, end, end - 1)]
+    while end < n_tokens:
+        new_end = min(end + stride, n_tokens)
+        out.append((new_end - window, new_end, new_end - end))
+        end = new_end
+    return out
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, window: int | None = None, stride: int | None = None,
+               batch_size: int = 8) -> dict[str, float]:
+    """Token-level perplexity of ``texts`` (each its own document) with a sliding window.
+
+    Args:
+        window: tokens per forward (default: the model's position limit, at most 2048).
+        stride: new tokens scored per window (default ``window // 2``).
+    Returns:
+        ``{"perplexity", "nll" (summed, nats), "tokens" (scored)}``.
+    """
+    window = window or model_max_length(model, DEFAULT_MAX_LENGTH)
+    window = min(window, model_max_length(model) + 1)  # reads window - 1 tokens
+    stride = stride or max(1, window // 2)
+    stride = min(stride, window - 1)
+    requests: list[Request] = []
+    for ids in _encode(tokenizer, texts):
+        for begin, end, n in perplexity_windows(len(ids), window, stride):
+            requests.append((ids[begin:end - 1], [ids[end - n:end]]))
+    if not requests:
+        raise TaskError("Perplexity needs documents of at least 2 tokens; every document is shorter.")
+    with torch.no_grad():
+        scores = score_requests(model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    nll = -float(sum(float(s.sum()) for s in scores))
+    tokens = sum(len(r[1][0]) for r in requests)
+    return {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens}
+
+
+# --------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                    stop: Sequence[str] = ("\n",), batch_size: int = 16, max_length: int | None = None) -> list[str]:
+    """Greedy continuations of ``prompts``, cut at eos or the first stop string.
+
+    Prompts longer than ``max_length - max_new_tokens`` tokens are cut from the left.
+    """
+    device = _device(model)
+    eos = tokenizer.eos_token_id
+    budget = max(1, model_max_length(model, max_length) - max_new_tokens)
+    enc = [ids[-budget:] or [_prefix_id(tokenizer)] for ids in _encode(tokenizer, prompts)]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    texts: list[str] = [""] * len(enc)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask, pos = _left_pad([enc[i] for i in idx], _pad_id(tokenizer), device)
+        kw = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        new = [[] for _ in idx]
+        done = torch.zeros(len(idx), dtype=torch.bool)
+        for step in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)  # [B]
+            for r, t in enumerate(nxt.tolist()):
+                if done[r]:
+                    continue
+                if eos is not None and t == eos:
+                    done[r] = True
+                    continue
+                new[r].append(t)
+                if stop and any(s in tokenizer.decode(new[r], skip_special_tokens=True) for s in stop):
+                    done[r] = True
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                        past_key_values=out.past_key_values, use_cache=True)
+        for r, i in enumerate(idx):
+            text = tokenizer.decode(new[r], skip_special_tokens=True)
+            cuts = [text.find(s) for s in stop if s and s in text]
+            texts[i] = text[:min(cuts)] if cuts else text
+    return texts
+
+
+def _tokens(text: str) -> list[str]:
+    # rouge-score's tokenizer without stemming: lowercase, non-alphanumerics split words
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
+    if overlap == 0 or n_pred == 0 or n_ref == 0:
+        return 0.0
+    p, r = overlap / n_pred, overlap / n_ref
+    return 2 * p * r / (p + r)
+
+
+def _ngram_f1(pred: list[str], ref: list[str], n: int) -> float:
+    from collections import Counter
+
+    pc = Counter(tuple(pred[i:i + n]) for i in range(len(pred) - n + 1))
+    rc = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+    return _f1(sum((pc & rc).values()), sum(pc.values()), sum(rc.values()))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_scores(prediction: str, reference: str, *, impl: str = "auto") -> dict[str, float]:
+    """ROUGE-1/2/L F1 of one prediction against one reference.
+
+    Args:
+        impl: ``rouge_score`` (Google's package, Porter stemming), ``builtin`` (same tokenizer,
+            no stemming) or ``auto`` (the package when installed).
+    Returns:
+        ``{"rouge1", "rouge2", "rougeL"}`` in [0, 1].
+    """
+    if impl in ("auto", "rouge_score"):
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError:
+            if impl == "rouge_score":
+                raise TaskError("rouge-score is not installed.", hint="pip install 'moeharden[rouge]'") from None
+        else:
+            sc = _scorer(rouge_scorer).score(reference, prediction)
+            return {k: float(v.fmeasure) for k, v in sc.items()}
+    p, r = _tokens(prediction), _tokens(reference)
+    return {"rouge1": _ngram_f1(p, r, 1), "rouge2": _ngram_f1(p, r, 2),
+            "rougeL": _f1(_lcs(p, r), len(p), len(r))}
+
+
+_SCORER: list[Any] = []
+
+
+def _scorer(rouge_scorer):
+    if not _SCORER:
+        _SCORER.append(rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True))
+    return _SCORER[0]
+
+
+def _rouge_impl() -> str:
+    try:
+        import rouge_score  # noqa: F401
+    except ImportError:
+        return "builtin"
+    return "rouge_score"
+
+
+# --------------------------------------------------------------------------- tasks
+def evaluate(model, tokenizer, task: Task, *, split: str = "evaluation", batch_size: int = 32,
+             examples: Sequence[Example] | None = None) -> EvalResult:
+    """The task's metric on one split of a loaded (possibly masked) model.
+
+    Args:
+        split: ``evaluation`` (default), ``attribution`` or ``train``.
+        examples: score these instead of a split.
+    Returns:
+        An :class:`EvalResult` (generation: all ROUGE scores and exact match in ``extra``).
+    Raises:
+        TaskError: the split is empty, or the task is of an unknown kind.
+    """
+    if task.kind == "lm_eval":
+        from moeharden.lmeval import evaluate_lm_eval
+
+        return evaluate_lm_eval(model, tokenizer, task, split=split, batch_size=batch_size)
+    exs = list(examples) if examples is not None else list(getattr(task, split))
+    if not exs:
+        raise TaskError(f"Task {task.name!r} has no {split} examples to evaluate.")
+    spec = task.spec
+    max_length = spec.max_length if spec is not None else None
+    with _eval_mode(model), torch.no_grad():
+        if task.kind == "multiple_choice":
+            acc, _ = multiple_choice_accuracy(model, tokenizer, exs, batch_size=batch_size, max_length=max_length)
+            return EvalResult(task.name, task.metric, acc, len(exs))
+        if task.kind == "perplexity":
+            r = perplexity(model, tokenizer, [ex.target for ex in exs], window=spec.window if spec else None,
+                           stride=spec.stride if spec else None, batch_size=max(1, batch_size // 8))
+            return EvalResult(task.name, task.metric, r["perplexity"], len(exs),
+                              {"nll": r["nll"], "tokens": r["tokens"]})
+        if task.kind == "generation":
+            preds = generate_greedy(model, tokenizer, [ex.prompt for ex in exs],
+                                    max_new_tokens=spec.max_new_tokens if spec else 32,
+                                    stop=tuple(spec.stop) if spec else ("\n",), batch_size=batch_size,
+                                    max_length=max_length)
+            em = sum(p.strip() == ex.target.strip() for p, ex in zip(preds, exs, strict=True)) / len(exs)
+            extra: dict[str, Any] = {"exact_match": em}
+            if task.metric.startswith("rouge"):
+                rs = [rouge_scores(p, ex.target) for p, ex in zip(preds, exs, strict=True)]
+                extra.update({k: sum(r[k] for r in rs) / len(rs) for k in ("rouge1", "rouge2", "rougeL")})
+                extra["rouge_impl"] = _rouge_impl()
+            return EvalResult(task.name, task.metric, float(extra[task.metric]), len(exs), extra)
+    raise TaskError(f"Task {task.name!r} has unknown kind {task.kind!r}.")
+
+
+def task_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 16,
+              max_length: int | None = None) -> torch.Tensor:
+    """Mean token negative log-likelihood of the examples' correct answers (differentiable).
+
+    Multiple choice: the labelled choice after the prompt; generation: the target followed by eos
+    (as the model should stop); perplexity: the document's tokens after its first (documents are
+    cut to ``max_length`` tokens). Runs with gradients when the caller has them enabled; wrap in
+    ``torch.no_grad()`` when only the value is needed (e.g. ablation attribution).
+
+    Returns:
+        A scalar tensor (token-weighted mean over all examples).
+    Raises:
+        TaskError: no examples, or none with a token to score.
+    """
+    if not examples:
+        raise TaskError("task_loss needs at least one example.")
+    max_length = model_max_length(model, max_length)
+    eos = tokenizer.eos_token_id
+    requests: list[Request] = []
+    docs = [ex for ex in examples if ex.kind == "perplexity"]
+    for ids in _encode(tokenizer, [ex.target for ex in docs]):
+        if len(ids) >= 2:
+            ids = ids[:max_length + 1]
+            requests.append((ids[:-1], [ids[1:]]))
+    others = [ex for ex in examples if ex.kind != "perplexity"]
+    for ex, (ctx, cont) in zip(others, encode_pairs(tokenizer, [(ex.prompt, ex.target) for ex in others]),
+                               strict=True):
+        if ex.kind == "generation" and eos is not None:
+            cont = cont + [int(eos)]
+        if cont:
+            requests.append(_request(ctx, cont, max_length))
+    if not requests:
+        raise TaskError("task_loss: no example has an answer token to score.")
+    scores = score_requests(model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    n_tokens = sum(len(r[1][0]) for r in requests)
+    return -torch.stack([s.sum() for s in scores]).sum() / n_tokens
