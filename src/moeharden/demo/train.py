@@ -1,0 +1,325 @@
+"""Training recipe of the demo MoE: tokenizer, tiny Mixtral, routing-shaped training, evaluation.
+
+The model is a real ``transformers.MixtralForCausalLM`` (8 experts, top-2) trained from scratch on
+CPU on the synthetic tasks of :mod:`moeharden.demo.synthetic`. Loss on answer tokens only.
+
+Routing shaping, done openly so that experts become task-specialised within minutes (a plain run
+of a few minutes leaves routing diffuse, and a 2-of-8 pruned model then loses most of a task):
+
+* every step runs one single-task batch per task, and adds
+  ``mi_weight * sum_layers [mean_t H(p_t) - H(mean_t p_t)]`` where ``p_t`` ([E]) is the batch-mean
+  routing distribution of task ``t`` (softmax of the router logits, averaged over its tokens).
+  The first term lowers each task's routing entropy (few experts per task); the second keeps the
+  tasks apart (it is minus the mutual information between task and expert);
+* for the first ``prior_steps`` steps, task ``i`` gets ``+prior_logit`` (decaying linearly to 0)
+  on the router logits of experts ``2i`` and ``2i+1``, to break symmetry early. After that the
+  router is on its own; the saved model carries no prior.
+
+Both are written into ``moeharden-demo-recipe.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moeharden.demo.synthetic import ALPHABET, TASKS, SyntheticTask, generate
+from moeharden.errors import ConfigFileError
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRecipe(_Frozen):
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    num_local_experts: int = Field(gt=1)
+    num_experts_per_tok: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+
+
+class DataRecipe(_Frozen):
+    rows_per_task: int = Field(gt=0)
+    split: dict[str, int]
+    train_pool: int = Field(gt=0)
+
+
+class TrainRecipe(_Frozen):
+    steps: int = Field(ge=0)
+    batch_per_task: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    grad_clip: float = Field(gt=0)
+
+
+class RoutingRecipe(_Frozen):
+    mi_weight: float = Field(ge=0)
+    prior_logit: float = Field(ge=0)
+    prior_steps: int = Field(ge=0)
+
+
+class DemoRecipe(_Frozen):
+    """The demo training recipe (``src/moeharden/data/demo_recipe.yaml``)."""
+
+    version: int = 1
+    seed: int = 0
+    threads: int = Field(default=2, gt=0)
+    model: ModelRecipe
+    data: DataRecipe
+    train: TrainRecipe
+    routing: RoutingRecipe
+
+    def hash(self) -> str:
+        """The cache key: first 12 hex digits of the SHA-256 of the canonical recipe JSON and of the
+        source of the task generators and of this training code (so a change to either retrains)."""
+        h = hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode())
+        for module in ("synthetic.py", "train.py"):
+            h.update(resources.files("moeharden.demo").joinpath(module).read_bytes())
+        return h.hexdigest()[:12]
+
+
+def load_recipe(path: Path | None = None) -> DemoRecipe:
+    """Load a demo recipe YAML (default: the packaged one).
+
+    Raises:
+        ConfigFileError: unreadable YAML or failed validation (every problem listed).
+    """
+    try:
+        if path is None:
+            text = resources.files("moeharden").joinpath("data/demo_recipe.yaml").read_text("utf-8")
+        else:
+            text = Path(path).read_text("utf-8")
+        return DemoRecipe.model_validate(yaml.safe_load(text))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigFileError(f"Cannot read demo recipe {path or 'demo_recipe.yaml'}: {err}") from err
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigFileError(f"Invalid demo recipe: {problems}") from err
+
+
+def build_tokenizer():
+    """Character-level tokenizer over :data:`ALPHABET` plus ``<pad>``, ``<eos>``, ``<unk>``.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` (saves to ``tokenizer.json``; ``AutoTokenizer`` loads it).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, " ", *ALPHABET])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # every character is its own pre-token; Fuse joins decoded characters without spaces
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def build_model(recipe: DemoRecipe, tokenizer):
+    """A freshly initialised ``MixtralForCausalLM`` with the recipe's sizes (seeded)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    m = recipe.model
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, num_local_experts=m.num_local_experts,
+        num_experts_per_tok=m.num_experts_per_tok, max_position_embeddings=m.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=False, router_jitter_noise=0.0, output_router_logits=False,
+    )
+    torch.manual_seed(recipe.seed)
+    model = MixtralForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def encode_rows(task: SyntheticTask, rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids of ``prompt + answer + <eos>`` and labels that score the answer and ``<eos>`` only.
+
+    Returns:
+        ``(ids [N, L], labels [N, L], prompt_len)``; every row of a task has the same length.
+    """
+    prompts = [tokenizer(task.prompt_of(r)).input_ids for r in rows]
+    answers = [tokenizer(task.answer_of(r)).input_ids + [tokenizer.eos_token_id] for r in rows]
+    ids = torch.tensor([p + a for p, a in zip(prompts, answers, strict=True)])
+    prompt_len = len(prompts[0])
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100
+    return ids, labels, prompt_len
+
+
+class _GateHooks:
+    """Forward hooks on every Mixtral router: add a logit bias [E] and keep the routing probs."""
+
+    def __init__(self, model):
+        self.bias: torch.Tensor | None = None  # [E], added to every token's router logits
+        self.probs: list[torch.Tensor] = []  # per MoE layer, [N, E] for the last forward
+        self._handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
+
+    def _hook(self, gate, args, output):
+        logits = output[0] if self.bias is None else output[0] + self.bias  # [N, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_v, top_i = torch.topk(probs, gate.top_k, dim=-1)  # [N, k] as MixtralTopKRouter does
+        self.probs.append(probs)
+        return logits, top_v / top_v.sum(dim=-1, keepdim=True), top_i
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-9))).sum(-1)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Measured figures of one training run (written into ``moeharden-demo-recipe.json``)."""
+
+    steps: int
+    train_seconds: float
+    cpu_seconds: float
+    threads: int
+    load_average_start: float
+    final_loss: float
+    final_mi_term: float
+    accuracy: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int | None = None,
+               progress=None):
+    """Train the demo model from scratch.
+
+    Args:
+        recipe: the demo recipe.
+        heldout: ``{task: rows}`` of the task file; their texts are excluded from training and
+            the reported accuracy is measured on all of them.
+        steps: override ``recipe.train.steps`` (``None`` keeps the recipe's; tests use a few).
+        progress: optional ``advance(n, **fields)`` callback (``console.progress_bar``).
+
+    Returns:
+        ``(model, tokenizer, TrainStats)``; the model is in eval mode.
+    """
+    n_steps = recipe.train.steps if steps is None else steps
+    tok = build_tokenizer()
+    model = build_model(recipe, tok)
+    names = list(TASKS)
+    pools = {}
+    for name in names:
+        rows = generate(name, recipe.data.train_pool, recipe.seed + 1,
+                        exclude={r["text"] for r in heldout[name]})
+        pools[name] = encode_rows(TASKS[name], rows, tok)[:2]
+    t = recipe.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10 %
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        frac = (step - t.warmup_steps) / max(1, n_steps - t.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    r, n_exp = recipe.routing, recipe.model.num_local_experts
+    hooks = _GateHooks(model)
+    loss_val = mi_val = float("nan")
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with _threads(recipe.threads):
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        model.train()
+        try:
+            for step in range(n_steps):
+                prior = r.prior_logit * max(0.0, 1.0 - step / r.prior_steps) if r.prior_steps else 0.0
+                ce = torch.zeros(())
+                task_means: list[torch.Tensor] = []  # per task, [layers, E] batch-mean routing
+                for i, name in enumerate(names):
+                    ids, labels = pools[name]
+                    pick = torch.randint(len(ids), (t.batch_per_task,), generator=gen)
+                    hooks.probs.clear()
+                    hooks.bias = None
+                    if prior > 0:
+                        hooks.bias = torch.zeros(n_exp)
+                        hooks.bias[(2 * i) % n_exp: (2 * i) % n_exp + 2] = prior
+                    ce = ce + model(input_ids=ids[pick], labels=labels[pick]).loss
+                    task_means.append(torch.stack([p.mean(0) for p in hooks.probs]))
+                p_task = torch.stack(task_means)  # [tasks, layers, E]
+                mi_term = (_entropy(p_task).mean(0) - _entropy(p_task.mean(0))).sum()
+                loss = ce / len(names) + r.mi_weight * mi_term
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step()
+                sched.step()
+                loss_val, mi_val = float(ce.detach()) / len(names), float(mi_term.detach())
+                if progress is not None:
+                    progress(1, loss=loss_val, mi=mi_val)
+        finally:
+            hooks.close()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        model.eval()
+        acc = {name: evaluate_task(model, tok, TASKS[name], heldout[name]) for name in names}
+    stats = TrainStats(steps=n_steps, train_seconds=round(wall, 1), cpu_seconds=round(cpu, 1),
+                       threads=recipe.threads, load_average_start=round(load0, 2),
+                       final_loss=round(loss_val, 5), final_mi_term=round(mi_val, 5), accuracy=acc)
+    return model, tok, stats
+
+
+@torch.no_grad()
+def evaluate_task(model, tokenizer, task: SyntheticTask, rows: list[dict], batch: int = 256) -> float:
+    """Accuracy of ``model`` on ``rows``, scored as the task file says.
+
+    ``multiple_choice``: the choice whose (single) token has the highest log-likelihood after the
+    prompt. ``generation``: greedy decoding of ``answer_len + 1`` tokens; exact match of the text
+    before ``<eos>`` with the answer (so a missing ``<eos>`` counts as wrong).
+    """
+    ids, _, plen = encode_rows(task, rows, tokenizer)
+    correct = 0
+    for start in range(0, len(rows), batch):
+        chunk = ids[start:start + batch]
+        if task.kind == "multiple_choice":
+            choice_ids = [tokenizer(c).input_ids[0] for c in task.choices]
+            logits = model(input_ids=chunk[:, :plen]).logits[:, -1, choice_ids]  # [B, choices]
+            target = torch.tensor([int(r["label"]) for r in rows[start:start + batch]])
+            correct += int((logits.argmax(-1) == target).sum())
+        else:
+            seq = chunk[:, :plen]
+            for _ in range(task.answer_len + 1):  # greedy, no cache: sequences are ~10 tokens
+                nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], dim=1)
+            # generated == answer tokens + <eos>  <=> exact match with the task file's metric
+            correct += int((seq[:, plen:] == chunk[:, plen:]).all(-1).sum())
+    return round(correct / max(1, len(rows)), 4)
