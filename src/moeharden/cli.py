@@ -165,6 +165,8 @@ def scan(
     recover: bool | None = typer.Option(None, "--recover/--no-recover",
                                         help="Run the re-alignment attack (default: on for small models)."),
     recover_budget: int | None = typer.Option(None, "--recover-budget", help="Label budget of the recovery attack."),
+    lm_eval_include: list[Path] | None = typer.Option(None, "--lm-eval-include",
+                                                      help="Directory of local lm-eval task YAMLs (repeatable)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -179,7 +181,7 @@ def scan(
         ranking=ranking, limit=limit, seed=seed, random_seeds=random_seeds, batch_size=batch_size,
         recover=recover, recover_budget=recover_budget)
     result = _run(run_scan, ckpt=ckpt, out=out, tasks=task or None, settings=settings,
-                  trust_remote_code=trust_remote_code)
+                  lm_eval_include=lm_eval_include or None, trust_remote_code=trust_remote_code)
     if ui.json_mode():
         ui.emit_json(result.to_dict())
         return

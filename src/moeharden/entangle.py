@@ -449,7 +449,7 @@ def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe
 
     recipe = load_recipe(recipe_path, **(overrides or {}))
     src = resolve_checkpoint(ckpt)
-    task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=src, limit=limit, seed=recipe.seed)
+    task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=src, limit=limit, seed=None)
     bad = [t.name for t in task_objs if t.kind not in ("multiple_choice", "generation", "perplexity")]
     if bad:
         raise UsageError(f"entangle trains on task files and presets; {', '.join(bad)} cannot be trained on.")

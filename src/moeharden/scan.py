@@ -154,6 +154,7 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dic
             for t in tasks:
                 calib = t.attribution
 
+                @torch.no_grad()
                 def loss_with_mask(keep, calib=calib):
                     if keep is None:
                         return float(task_loss(model, tokenizer, calib))
@@ -205,7 +206,7 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dic
 
 
 def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: ScanSettings | None = None,
-         trust_remote_code: bool = False, overwrite: bool = True) -> ScanResult:
+         lm_eval_include: Sequence[Path] | None = None, trust_remote_code: bool = False) -> ScanResult:
     """Load a checkpoint, scan it, and write ``scan.json``, ``report.md`` and ``report.html`` to ``out``.
 
     Args:
@@ -224,8 +225,9 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     settings = settings or ScanSettings()
     settings.validate()
     path = resolve_checkpoint(ckpt)
+    # seed=None: each task file's own split seed stands (settings.seed drives the random controls)
     task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=path, limit=settings.limit,
-                           seed=settings.seed)
+                           seed=None, lm_eval_include=list(lm_eval_include) if lm_eval_include else None)
     t0 = time.perf_counter()
     model = load_model(path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path)

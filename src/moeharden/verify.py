@@ -87,7 +87,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, gate_path: Path | No
                             limit=st.get("limit"), seed=st.get("seed", 0),
                             random_seeds=max(3, st.get("random_seeds", 3)))
     tasks = load_tasks([t["name"] for t in base["tasks"]] if not _own_tasks(path, base) else None,
-                       checkpoint_dir=path, limit=settings.limit, seed=settings.seed)
+                       checkpoint_dir=path, limit=settings.limit, seed=None)
     t0 = time.perf_counter()
     model = load_model(path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path)
