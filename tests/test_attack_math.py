@@ -16,8 +16,8 @@ from moeharden.sweep import above_chance_retained, default_keeps, headline, reta
 
 
 def test_default_keeps_for_8_experts_top2():
-    assert default_keeps(8, 2) == [8, 6, 4, 2]
-    assert default_keeps(64, 8) == [64, 48, 32, 16, 8]
+    assert default_keeps(8, 2) == [8, 6, 4, 2, 1]
+    assert default_keeps(64, 8) == [64, 48, 32, 16, 8, 1]
 
 
 def test_retained_and_above_chance():

@@ -42,7 +42,7 @@ class RecoverySettings:
     rounds: int = 4
     steps_per_round: int = 30
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-4
     seed: int = 0
     lora_rank: int = 8
 
@@ -60,7 +60,9 @@ class TaskOps:
     """What recovery needs from a task, as plain callables over example lists.
 
     ``loss(model, examples)`` differentiable mean loss of the correct answers;
-    ``choice_logprobs(model, examples)`` → ``[N, C]`` (None for tasks without choices);
+    ``uncertainty(model, examples)`` → ``(entropy [N], margin [N])``, higher = more uncertain
+    (multiple choice: over the choices; generation: over the model's own greedy answer tokens,
+    mean entropy and the negative smallest top-1/top-2 gap); None falls back to random;
     ``embed(model, examples)`` → ``[N, H]``; ``metric(model)`` → evaluation-split metric;
     ``distill_loss(model, examples, teacher)`` KL to the teacher's cached distributions and
     ``teacher(model, examples)`` computing that cache with the current (full) model.
@@ -69,7 +71,7 @@ class TaskOps:
     loss: Callable
     metric: Callable
     embed: Callable
-    choice_logprobs: Callable | None = None
+    uncertainty: Callable | None = None
     teacher: Callable | None = None
     distill_loss: Callable | None = None
 
@@ -145,21 +147,29 @@ def kcenter_greedy(emb: torch.Tensor, labeled: Sequence[int], n: int, rng: rando
 
 
 def select(strategy: str, model, ops: TaskOps, pool: Sequence, labeled: list[int], n: int,
-           rng: random.Random) -> list[int]:
-    """Pick ``n`` new pool indices to label (never one already labeled)."""
+           rng: random.Random, candidates: int | None = 128) -> list[int]:
+    """Pick ``n`` new pool indices to label (never one already labeled).
+
+    Uncertainty strategies score a seeded random subset of ``candidates`` unlabeled examples
+    (at least 4n); ``None`` scores the whole pool.
+    """
     free = [i for i in range(len(pool)) if i not in set(labeled)]
     n = min(n, len(free))
     if n <= 0:
         return []
-    if strategy == "random" or (strategy in ("entropy", "margin") and ops.choice_logprobs is None):
+    if strategy == "random" or (strategy in ("entropy", "margin") and ops.uncertainty is None):
         return rng.sample(free, n)
     model.eval()
     with torch.no_grad():
         if strategy == "kcenter":
             emb = ops.embed(model, list(pool))
             return kcenter_greedy(emb, labeled, n, rng)
-        lp = ops.choice_logprobs(model, [pool[i] for i in free])
-    s = entropy_scores(lp) if strategy == "entropy" else margin_scores(lp)
+        # score a seeded candidate subset (≥ 4× what is needed), as pool-based active learning
+        # usually does on large pools: keeps selection cheap next to training
+        if candidates is not None and len(free) > max(candidates, 4 * n):
+            free = sorted(rng.sample(free, max(candidates, 4 * n)))
+        ent, mar = ops.uncertainty(model, [pool[i] for i in free])
+    s = ent if strategy == "entropy" else mar
     order = sorted(range(len(free)), key=lambda j: (-float(s[j]), free[j]))
     return [free[j] for j in order[:n]]
 
@@ -278,8 +288,31 @@ def task_ops(tokenizer, task, *, batch_size: int = 32) -> TaskOps:
             out.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu())   # [B, H] mean-pooled
         return torch.cat(out)
 
-    def mc_logprobs(model, examples):
-        return choice_logprobs(model, tokenizer, examples, batch_size=batch_size)
+    def uncertainty(model, examples):
+        if task.kind == "multiple_choice":
+            lp = choice_logprobs(model, tokenizer, examples, batch_size=batch_size)
+            return entropy_scores(lp), margin_scores(lp)
+        # generation: score the model's own greedy answer (no label needed), token by token
+        from dataclasses import replace
+
+        spec = task.spec
+        preds = generate_greedy(model, tokenizer, [ex.prompt for ex in examples],
+                                max_new_tokens=spec.max_new_tokens if spec else 32,
+                                stop=tuple(spec.stop) if spec else ("\n",), batch_size=batch_size)
+        ent, mar = [], []
+        for i in range(0, len(examples), batch_size):
+            chunk = [replace(ex, target=p) for ex, p in zip(examples[i:i + batch_size], preds[i:i + batch_size],
+                                                            strict=True)]
+            b = batching.encode(tokenizer, chunk).to(next(model.parameters()).device)
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+            sel = (b.labels[:, 1:] != -100).float()                               # [B, T-1] answer positions
+            lp = torch.log_softmax(logits, -1)
+            h = -(lp.exp() * lp).sum(-1)                                          # [B, T-1] token entropy
+            top2 = lp.exp().topk(2, -1).values
+            gap = (top2[..., 0] - top2[..., 1]).masked_fill(sel == 0, float("inf"))
+            ent.append(((h * sel).sum(1) / sel.sum(1).clamp(min=1)).cpu())
+            mar.append((-gap.min(1).values).cpu())
+        return torch.cat(ent), torch.cat(mar)
 
     @torch.no_grad()
     def teacher(model, examples):
@@ -315,7 +348,7 @@ def task_ops(tokenizer, task, *, batch_size: int = 32) -> TaskOps:
         return (lt.exp() * (lt - ls)).sum(-1).mean()
 
     return TaskOps(loss=loss, metric=metric, embed=embed,
-                   choice_logprobs=mc_logprobs if task.kind == "multiple_choice" else None,
+                   uncertainty=uncertainty if task.kind in ("multiple_choice", "generation") else None,
                    teacher=teacher, distill_loss=distill_loss)
 
 
@@ -350,7 +383,7 @@ def best_keepset(data: dict, task: str, keep: int) -> tuple[str, dict[int, list[
 def recovery_suite(model, tokenizer, tasks, data: dict, *, modes: Sequence[str] = ("full",),
                    strategies: Sequence[str] = STRATEGIES, seeds: Sequence[int] = (0, 1, 2),
                    budget: int = DEFAULT_SMALL_BUDGET, rounds: int = 4, steps_per_round: int = 30,
-                   lr: float = 1e-3, target_fraction: float = 0.95,
+                   lr: float = 3e-4, target_fraction: float = 0.95,
                    keeps: dict[str, list[int]] | None = None) -> dict:
     """Run the re-alignment attack on the strongest pruned models of a scan; returns JSON sections.
 

@@ -18,8 +18,12 @@ from moeharden.attribution import keep_sets
 
 
 def default_keeps(num_experts: int, top_k: int) -> list[int]:
-    """E, 3E/4, E/2, E/4 and the model's top-k (deduplicated, descending, each ≥ 1)."""
-    ks = {num_experts, (3 * num_experts) // 4, num_experts // 2, num_experts // 4, top_k}
+    """E, 3E/4, E/2, E/4, the model's top-k, and 1 (deduplicated, descending).
+
+    K = 1 (below top-k, with top-k capped at K) is the most aggressive prune; it is where a
+    strongly specialised model first loses accuracy, so the re-alignment attack has work to do.
+    """
+    ks = {num_experts, (3 * num_experts) // 4, num_experts // 2, num_experts // 4, top_k, 1}
     return sorted((k for k in ks if 1 <= k <= num_experts), reverse=True)
 
 

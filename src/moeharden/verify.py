@@ -99,7 +99,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, gate_path: Path | No
             model, tokenizer, tasks, data, modes=modes, strategies=tuple(rs["strategies"]),
             seeds=tuple(rs["seeds"]) if len(rs["seeds"]) >= 3 else (0, 1, 2),
             budget=rs.get("budget", DEFAULT_SMALL_BUDGET), rounds=rs.get("rounds", 4),
-            steps_per_round=recover_steps or rs.get("steps_per_round", 30), lr=rs.get("lr", 1e-3),
+            steps_per_round=recover_steps or rs.get("steps_per_round", 30), lr=rs.get("lr", 3e-4),
             target_fraction=rs.get("target_fraction", 0.95), keeps=rs.get("keeps")))
     rows = gate_rows(gate, base, data, integrity=integrity)
     doc = {
