@@ -6,10 +6,10 @@ Objective per step, on one single-task batch of every task:
 
 * ``L_task``: cross-entropy of the answers under the full model.
 * ``KL``: keeps the released model's output distribution close to the original's (all positions).
-* ``ℓ(θ_S)`` is **bounded**: ``relu(τ − CE_S)`` on the pruned sub-model S (multiple choice: CE
-  over the choices, τ = tau_choice·ln C/ln 2; generation: per-token CE, τ = tau_token). It pushes
-  the pruned model down to chance and stops there — never raw negative cross-entropy, which is
-  cheap to undo. The pruned sub-model is never trained to do the task.
+* ``ℓ(θ_S)`` is **bounded**, never raw negative cross-entropy (cheap to undo): multiple choice:
+  ``ln C − H(p_S over the choices)`` (0 when the pruned model is at chance; no reward for
+  answering wrongly, which would leak the task by inversion); generation / LM: per-token
+  ``relu(τ − CE_S)`` with τ = tau_token. The pruned sub-model is never trained to do the task.
 * S is drawn from (a) the keep-sets every attribution method of ``scan`` picks for that task,
   recomputed every ``recompute_every`` steps as routing moves; (b) random subsets at keep-ratios
   1/8..3/4; (c) an adversarially searched keep-set: a hill-climb over single-expert swaps that
@@ -56,6 +56,7 @@ class EntangleRecipe(BaseModel):
     steps: int = Field(400, gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = 1.0
     grad_accum: int = Field(1, gt=0)
@@ -63,7 +64,6 @@ class EntangleRecipe(BaseModel):
     lambda_retain: float = Field(1.0, ge=0)
     lambda_prune: float = Field(1.0, ge=0)
     lambda_spread: float = Field(0.5, ge=0)
-    tau_choice: float = Field(0.6931, gt=0)
     tau_token: float = Field(3.0, gt=0)
     subsets_per_step: int = Field(2, ge=1)
     keep_ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
@@ -116,10 +116,12 @@ def pruned_hinge(logits: torch.Tensor, batch, recipe: EntangleRecipe) -> torch.T
     from moeharden.batching import answer_logits, choice_logprobs
 
     if batch.choice_ids is not None:
-        lp = choice_logprobs(logits, batch)                       # [B, C]
-        ce = -torch.log_softmax(lp, -1).gather(1, batch.label[:, None]).squeeze(1)   # [B]
-        tau = recipe.tau_choice * math.log(lp.shape[1]) / math.log(2)
-        return F.relu(tau - ce).mean()
+        # multiple choice: push the distribution over the choices to uniform (maximum entropy).
+        # Bounded (0 at uniform) and, unlike a hinge on the correct choice's CE, it gives no
+        # incentive to answer *wrongly* — a below-chance model leaks the task by inversion.
+        lp = torch.log_softmax(choice_logprobs(logits, batch), -1)      # [B, C]
+        ent = -(lp.exp() * lp).sum(-1)
+        return (math.log(lp.shape[1]) - ent).mean()
     al, at = answer_logits(logits, batch.labels)
     ce = F.cross_entropy(al.float(), at, reduction="none")       # [N] per answer token
     return F.relu(recipe.tau_token - ce).mean()
@@ -325,6 +327,8 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
         p.requires_grad_(p.is_floating_point())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                             weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: max(0.0, 1.0 - s / recipe.steps)) if recipe.lr_schedule == "linear" else (lambda s: 1.0))
     model, opt = accel.prepare(model, opt)
     base = accel.unwrap_model(model)
     info = moe_layers(base)
@@ -338,6 +342,8 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     if resume and latest is not None and (latest / "state.json").exists():
         state = _load_ckpt(latest, base, opt)
         start, history = state["step"], state["history"]
+        for _ in range(start):     # the schedule is a pure function of the step
+            sched.step()
         attr_pool, adv_pool = _keys_to_int(state["attr_pool"]), _keys_to_int(state["adv_pool"])
     device = accel.device
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
@@ -389,6 +395,7 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
         if recipe.grad_clip:
             accel.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, **{k: round(v, 5) for k, v in logs.items()}})
         if progress is not None:
