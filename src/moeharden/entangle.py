@@ -385,12 +385,12 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
                     lp = pruned_hinge(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                                       batch, recipe)
                 accel.backward(recipe.lambda_prune * lp / (recipe.subsets_per_step * len(tasks)))
-                l_prune += float(lp) / recipe.subsets_per_step
+                l_prune += float(lp.detach()) / recipe.subsets_per_step
                 if recipe.recovery_term:
                     l_prune += _recovery_term(model, base, batch, keep, recipe, accel, len(tasks))
-            logs["task"] += float(l_task) / len(tasks)
-            logs["retain"] += float(l_ret) / len(tasks)
-            logs["spread"] += float(l_spr) / len(tasks)
+            logs["task"] += float(l_task.detach()) / len(tasks)
+            logs["retain"] += float(l_ret.detach()) / len(tasks)
+            logs["spread"] += float(l_spr.detach()) / len(tasks)
             logs["prune"] += l_prune / len(tasks)
         if recipe.grad_clip:
             accel.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -437,7 +437,7 @@ def _recovery_term(model, base, batch, keep, recipe: EntangleRecipe, accel, n_ta
         for p, s in zip(params, saved, strict=True):
             if s is not None:
                 p.grad = s if p.grad is None else p.grad + s
-    return float(lp)
+    return float(lp.detach())
 
 
 def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe_path: Path | None = None,

@@ -1,0 +1,259 @@
+"""How tokens were really routed, and hiding experts on a loaded model.
+
+* :func:`record_routing` records, per MoE layer and (non-padding) token, the chosen experts and
+  their combine weights **as the model computed them** — captured where the MoE block hands them
+  to its experts module, never recomputed from logits (families differ: softmax or sigmoid,
+  bias-based and group-limited selection, renormalisation, scaling) — plus each chosen expert's
+  output norm, computed inside the normal expert pass (each hit expert runs once on its tokens,
+  as in the model's own loop), so there is no extra expert compute.
+* :func:`mask_experts` hides experts without copying weights: inside each router's forward, the
+  router-logit projection gets ``-inf`` on masked experts, masked entries of a selection bias
+  become ``-inf``, and top-k is capped at the kept count. A masked expert is never selected, and
+  the masked model computes exactly what the physically pruned checkpoint computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from moeharden.registry import MoELayer, _get, moe_layers
+
+
+@dataclass
+class LayerRecord:
+    """Routing of one MoE layer over the recorded (non-padding) tokens.
+
+    indices ``[T, k]`` long, weights ``[T, k]`` float (combine weights as used by the model),
+    norms ``[T, k]`` (‖expert output‖₂ before weighting) or None, probs ``[T, E]`` or None (the
+    family's score function — softmax or sigmoid — of the router logits; derived, for ``soft``).
+    """
+
+    indices: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+
+
+@dataclass
+class RoutingRecord:
+    """Per-layer routing records, keyed by decoder-layer index; calls append along tokens."""
+
+    layers: dict[int, LayerRecord] = field(default_factory=dict)
+
+    def _add(self, layer: int, **parts: torch.Tensor | None) -> None:
+        rec = self.layers.get(layer)
+        if rec is None:
+            self.layers[layer] = LayerRecord(**{k: v for k, v in parts.items()})
+            return
+        for k, v in parts.items():
+            if v is not None:
+                old = getattr(rec, k)
+                setattr(rec, k, v if old is None else torch.cat([old, v]))
+
+
+def _keep_rows(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    flat = mask.reshape(-1).bool()
+    if flat.numel() != n:      # e.g. generation steps with a KV cache: no per-token mask known
+        return None
+    return flat.to("cpu")
+
+
+def _sel(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    return t if rows is None else t[rows]
+
+
+def _probs(li: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(x.reshape(-1, x.shape[-1]).float(), li.router_weight.float(),
+                      None if li.router_bias is None else li.router_bias.float())
+    return torch.sigmoid(logits) if li.spec.score == "sigmoid" else torch.softmax(logits, -1)
+
+
+@contextmanager
+def record_routing(model, *, norms: bool = True, probs: bool = True,
+                   attention_mask: torch.Tensor | None = None) -> Iterator[RoutingRecord]:
+    """Record routing (and expert output norms) of every forward pass inside the block.
+
+    Args:
+        norms: also record each chosen expert's output norm (REAP/EAN need it).
+        probs: also record the full routing distribution ``[T, E]``.
+        attention_mask: ``[B, T]``; tokens where it is 0 are left out of the record.
+    """
+    rec = RoutingRecord()
+    with ExitStack() as stack:
+        for li in moe_layers(model):
+            if li.spec.weight_on_input:
+                stack.enter_context(_record_dense_input_scaled(li, rec, norms, probs, attention_mask))
+            else:
+                stack.enter_context(_record_sparse(li, rec, norms, probs, attention_mask))
+        yield rec
+
+
+@contextmanager
+def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, mask):
+    """Families whose block calls ``experts(hidden, top_k_index, top_k_weights)``."""
+    experts = li.experts
+    orig = experts.forward
+    handles = []
+    if probs:
+        def router_pre(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            rows = _keep_rows(mask, x.reshape(-1, x.shape[-1]).shape[0])
+            with torch.no_grad():
+                rec._add(li.layer, probs=_sel(_probs(li, x), rows))
+        handles.append(li.router.register_forward_pre_hook(router_pre, with_kwargs=True))
+
+    def forward(hidden, top_k_index, top_k_weights, *args, **kwargs):
+        flat = hidden.reshape(-1, hidden.shape[-1])                   # [T, H]
+        rows = _keep_rows(mask, flat.shape[0])
+        if not norms:
+            rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows))
+            return orig(hidden, top_k_index, top_k_weights, *args, **kwargs)
+        out = torch.zeros_like(flat)
+        nrm = torch.zeros(top_k_index.shape, dtype=torch.float32, device=flat.device)   # [T, k]
+        for e in torch.unique(top_k_index).tolist():
+            tok, slot = torch.where(top_k_index == e)
+            if tok.numel() == 0 or not 0 <= e < li.num_experts:
+                continue
+            # the expert's unweighted output on its tokens: the model's own expert code, one expert
+            y = orig(flat[tok], torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=flat.device),
+                     torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=flat.device))
+            y = y.reshape(-1, flat.shape[-1])                          # [n, H]
+            nrm[tok, slot] = y.float().norm(dim=-1)
+            out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
+        rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows),
+                 norms=_sel(nrm, rows))
+        return out.reshape(hidden.shape)
+
+    experts.forward = forward
+    try:
+        yield
+    finally:
+        del experts.forward                                          # back to the class method
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _record_dense_input_scaled(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, mask):
+    """Llama-4: the router returns per-expert scores ``[T, E]`` (0 off the top-k) that scale each
+    expert's input, and every expert runs on every token; the record reads the router's scores
+    and the experts' outputs at the chosen slots."""
+    state: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def router_post(module, args, output):
+        scores = output[0] if isinstance(output, tuple) else output     # [T, E]
+        x = args[0]
+        rows = _keep_rows(mask, scores.shape[0])
+        k = min(li.top_k, li.num_experts)
+        w, idx = scores.detach().float().topk(k, dim=-1)
+        state["idx"], state["rows"] = idx, rows
+        rec._add(li.layer, indices=_sel(idx, rows), weights=_sel(w, rows),
+                 probs=_sel(_probs(li, x), rows) if probs else None)
+
+    def experts_post(module, args, output):
+        if not norms or "idx" not in state:
+            return
+        idx, rows = state["idx"], state["rows"]
+        T = idx.shape[0]
+        y = output.reshape(li.num_experts, T, -1)                      # [E, T, H]
+        n = y.detach().float().norm(dim=-1).T                           # [T, E]
+        rec._add(li.layer, norms=_sel(n.gather(1, idx.to(n.device)), rows))
+
+    handles.append(li.router.register_forward_hook(router_post))
+    handles.append(li.experts.register_forward_hook(experts_post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- masking
+class _MaskLogits(TorchFunctionMode):
+    """Adds a ``[E]`` mask to the output of the router's logit projection (any F.linear to E outputs)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and isinstance(out, torch.Tensor) and out.shape[-1] == self.mask.numel():
+            out = out + self.mask.to(device=out.device, dtype=out.dtype)
+        return out
+
+
+def _check_keep(layers: Sequence[MoELayer], keep: Mapping[int, Sequence[int]]) -> None:
+    from moeharden.errors import KeepSetError
+
+    by = {li.layer: li for li in layers}
+    for layer, ids in keep.items():
+        if layer not in by:
+            raise KeepSetError(f"Layer {layer} is not an MoE layer (MoE layers: {sorted(by)}).")
+        E = by[layer].num_experts
+        if not ids or any(not 0 <= e < E for e in ids) or len(set(ids)) != len(ids):
+            raise KeepSetError(f"Layer {layer}: keep-set {list(ids)} must be distinct ids in 0..{E - 1}, at least one.")
+
+
+@contextmanager
+def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
+    """Hide every expert not in ``keep[layer]`` (layers absent from ``keep`` are untouched).
+
+    Raises:
+        KeepSetError: a layer that is not an MoE layer, or an invalid keep-set.
+    """
+    layers = moe_layers(model)
+    _check_keep(layers, keep)
+    restore: list = []
+    try:
+        for li in layers:
+            if li.layer not in keep:
+                continue
+            kept = sorted(int(e) for e in keep[li.layer])
+            m = torch.full((li.num_experts,), float("-inf"))
+            m[kept] = 0.0
+            router = li.router
+            orig_fwd = router.__dict__.get("forward")
+
+            def fwd(*args, _orig=router.forward, _m=m, **kwargs):
+                with _MaskLogits(_m):
+                    return _orig(*args, **kwargs)
+
+            router.forward = fwd
+            restore.append(("forward", router, orig_fwd))
+            if li.selection_bias is not None:
+                sb = li.selection_bias
+                saved = sb.detach().clone()
+                with torch.no_grad():
+                    sb.view(-1)[[e for e in range(li.num_experts) if e not in kept]] = float("-inf")
+                restore.append(("bias", sb, saved))
+            for path in li.spec.top_k_attrs:
+                owner_path, _, attr = path.rpartition(".")
+                owner = _get(li.block, owner_path) if owner_path else li.block
+                cur = getattr(owner, attr, None) if owner is not None else None
+                if isinstance(cur, int) and cur > len(kept):
+                    setattr(owner, attr, len(kept))
+                    restore.append(("attr", (owner, attr), cur))
+        yield
+    finally:
+        for kind, obj, val in reversed(restore):
+            if kind == "forward":
+                if val is None:
+                    obj.__dict__.pop("forward", None)
+                else:
+                    obj.forward = val
+            elif kind == "bias":
+                with torch.no_grad():
+                    obj.copy_(val)
+            else:
+                setattr(obj[0], obj[1], val)
