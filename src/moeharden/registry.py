@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from moeharden.errors import KeepSetError, UnsupportedModelError
@@ -59,8 +59,8 @@ class FamilySpec:
     score: Literal["softmax", "sigmoid"] = "softmax"
     weight_on_input: bool = False
     flat_rows_key: str | None = None
+    router_linear: str | None = None
     notes: str = ""
-    extra_router_disk: tuple[str, ...] = field(default_factory=tuple)
 
 
 _DEEPSEEK_KEYS = dict(expert_keys=("n_routed_experts",), shared_attrs=("shared_experts",))
@@ -86,7 +86,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                top_k_attrs=("router.top_k",)),
     FamilySpec("DBRX", ("dbrx",), layers_path="transformer.blocks", block_attrs=("ffn",), router_attr="router",
                expert_keys=("ffn_config.moe_num_experts",), top_k_keys=("ffn_config.moe_top_k",),
-               top_k_attrs=("top_k",), flat_rows_key="ffn_config.ffn_hidden_size",
+               top_k_attrs=("top_k",), flat_rows_key="ffn_config.ffn_hidden_size", router_linear="layer",
                notes="experts stored flattened [E*I, H]"),
     FamilySpec("Llama-4 (text)", ("llama4_text",), block_attrs=("feed_forward",), router_attr="router",
                shared_attrs=("shared_expert",), top_k_attrs=("router.top_k", "top_k"), score="sigmoid",
@@ -96,7 +96,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                notes="selection bias of shape [1, E]; moe_layer_start_index/interval dense layers"),
     FamilySpec("MiniMax", ("minimax",)),
     FamilySpec("HunYuan-MoE", ("hunyuan_v1_moe",), expert_keys=("num_experts",), top_k_keys=("moe_topk",),
-               shared_attrs=("shared_mlp",)),
+               shared_attrs=("shared_mlp",), router_linear="wg"),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -159,9 +159,8 @@ class MoELayer:
     spec: FamilySpec
 
 
-def _router_params(router: Any) -> tuple[Any, Any]:
-    lin = getattr(router, "layer", None)        # DBRX wraps an nn.Linear
-    src = lin if lin is not None and hasattr(lin, "weight") else router
+def _router_params(spec: FamilySpec, router: Any) -> tuple[Any, Any]:
+    src = getattr(router, spec.router_linear) if spec.router_linear else router   # DBRX/HunYuan wrap a Linear
     return src.weight, getattr(src, "bias", None)
 
 
@@ -191,7 +190,7 @@ def moe_layers(model: Any) -> list[MoELayer]:
             if experts is None:
                 continue
             router = _get(block, spec.router_attr)
-            w, b = _router_params(router)
+            w, b = _router_params(spec, router)
             sel = _get(block, spec.selection_bias) if spec.selection_bias else None
             shared = [m for m in (getattr(block, a, None) for a in spec.shared_attrs) if m is not None]
             top_k = next((v for v in (_get(block, p) for p in spec.top_k_attrs) if isinstance(v, int)), top_k_cfg)
@@ -238,7 +237,7 @@ _SHARED = re.compile(r"shared_expert|shared_mlp")
 # MoE-block names on disk (they may differ from the module names: Mixtral's `mlp` is saved as
 # `block_sparse_moe`); router tensors are the block's gate/router weight/bias (DBRX/Granite: .layer.)
 _BLOCK_DISK = r"(?:mlp|block_sparse_moe|feed_forward|ffn|moe)"
-_ROUTER = re.compile(_BLOCK_DISK + r"\.(?:gate|router)(?:\.layer)?\.(?:weight|bias)$")
+_ROUTER = re.compile(_BLOCK_DISK + r"\.(?:gate|router)(?:\.layer|\.wg)?\.(?:weight|bias)$")
 _FUSED_EXTRA = re.compile(_BLOCK_DISK + r"\.(?:input_linear|output_linear)\.weight$")
 
 
