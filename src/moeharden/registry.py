@@ -69,7 +69,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("Mixtral", ("mixtral",)),
     FamilySpec("Qwen2-MoE", ("qwen2_moe",), expert_keys=("num_experts",), shared_attrs=("shared_expert",),
                notes="shared expert with a sigmoid gate"),
-    FamilySpec("Qwen3-MoE", ("qwen3_moe",), expert_keys=("num_experts",)),
+    FamilySpec("Qwen3-MoE", ("qwen3_moe",), expert_keys=("num_local_experts", "num_experts")),
     FamilySpec("OLMoE", ("olmoe",), expert_keys=("num_experts",)),
     FamilySpec("DeepSeek-V2", ("deepseek_v2",), group_keys=("n_group", "topk_group"), **_DEEPSEEK_KEYS,
                notes="group-limited greedy routing; first_k_dense_replace dense layers"),

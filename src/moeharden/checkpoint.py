@@ -1,0 +1,167 @@
+"""Finding, checking and loading checkpoints — safetensors only, remote code only when asked.
+
+A checkpoint is a local directory or a Hugging Face Hub repo id. Hub downloads are limited to
+config, safetensors and tokenizer files. Untrusted checkpoints are data: pickle weights are
+refused, headers are checked before anything is loaded, and ``trust_remote_code`` is off unless
+the user passes the flag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from moeharden.errors import CheckpointError, NetworkError
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.yaml", "*.jsonl", "tasks/*",
+                "README.md"]
+_PICKLE = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None) -> Path:
+    """A local directory for ``ckpt`` (downloading a Hub repo id if needed), validated.
+
+    Raises:
+        CheckpointError: missing directory/config, pickle-only or corrupt weights, unknown repo.
+        NetworkError: a Hub id while offline or with the Hub unreachable.
+    """
+    path = Path(ckpt).expanduser()
+    if path.exists():
+        validate_checkpoint(path)
+        return path
+    text = str(ckpt)
+    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"Checkpoint {text!r} is neither an existing directory nor a Hub repo id (owner/name).")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - dependency
+        raise CheckpointError("huggingface_hub is not installed.") from None
+    try:
+        local = Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
+        raise NetworkError(
+            f"Cannot download {text!r} from the Hugging Face Hub: no network, or offline mode is on ({type(err).__name__}).",
+            hint="Download it where there is network (hf download REPO --local-dir DIR) and pass the directory.") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"Repository {text!r} was not found on the Hub (or you lack access).") from None
+    except Exception as err:  # network errors of requests/httpx
+        raise NetworkError(f"Cannot reach the Hugging Face Hub to download {text!r}: {type(err).__name__}.",
+                           hint="Check the network or pass a local directory.") from None
+    validate_checkpoint(local)
+    return local
+
+
+def validate_checkpoint(path: Path) -> None:
+    """Cheap checks before loading: config present, safetensors present and headers sound.
+
+    Raises:
+        CheckpointError: with a message naming what is wrong.
+    """
+    from moeharden.st_io import CheckpointFiles
+
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory.", hint="Pass the checkpoint directory, not a file.")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json, so it is not a transformers checkpoint.",
+                              hint="Point at the directory that holds config.json and the *.safetensors files.")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON.") from None
+    if not list(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
+        pickles = [p.name for pat in _PICKLE for p in path.glob(pat)]
+        if pickles:
+            raise CheckpointError(
+                f"{path} holds only pickle weights ({', '.join(sorted(set(pickles)))}); moeharden reads safetensors only, "
+                "because loading a pickle can run arbitrary code.",
+                hint="Convert it where you trust it: model.save_pretrained(dir, safe_serialization=True).")
+        raise CheckpointError(f"{path} has no *.safetensors weights.")
+    CheckpointFiles(path)   # parses every header: truncated / corrupt files fail here
+
+
+def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a checkpoint directory."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise CheckpointError(f"Cannot read the config in {path}: {err}",
+                              hint="A custom architecture needs --trust-remote-code (only for code you trust).") from None
+
+
+def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False):
+    """Load a causal LM from safetensors: on GPU(s) via accelerate's device_map when CUDA is there, else CPU.
+
+    The model family is checked against the registry first, so a dense or unsupported model fails
+    before any weights are read.
+
+    Raises:
+        CheckpointError, UnsupportedModelError.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from moeharden.registry import spec_for_config
+
+    spec_for_config(load_config(path, trust_remote_code=trust_remote_code))
+    if device_map is None and torch.cuda.is_available():
+        device_map = "auto"
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"Could not load the model in {path}: {str(err).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, with a pad token (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"Could not load a tokenizer from {path}: {str(err).splitlines()[0]}",
+                              hint="The checkpoint needs its tokenizer files (tokenizer.json etc.).") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def checkpoint_digest(path: Path) -> str:
+    """sha256 over every safetensors file's name, size and header (not the tensor data: cheap).
+
+    Headers hold every tensor's dtype, shape and byte offsets, and with the sizes this identifies
+    a checkpoint's layout; the signed manifest of ``lock`` hashes the data itself.
+    """
+    from moeharden.st_io import CheckpointFiles
+
+    h = hashlib.sha256()
+    for shard in CheckpointFiles(Path(path)).shards:
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = f.read(n)
+        h.update(shard.name.encode())
+        h.update(str(shard.stat().st_size).encode())
+        h.update(header)
+    return h.hexdigest()
+
+
+def config_hash(path: Path) -> str:
+    """sha256 of config.json's canonical JSON form."""
+    data = json.loads((Path(path) / "config.json").read_text())
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

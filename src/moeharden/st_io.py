@@ -1,0 +1,240 @@
+"""Streaming safetensors IO: an index of a checkpoint, one-shard-at-a-time reading, a size-capped
+writer, and atomic output directories.
+
+Nothing here loads a whole model: headers are parsed from the first bytes of each file, tensors
+are read one at a time through ``safe_open`` (memory-mapped), and the writer flushes a shard as
+soon as it reaches its size cap, so peak memory stays near one output shard plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeharden.errors import CheckpointError, InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry: dtype, shape and absolute byte range in its file."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int   # absolute offset of the first data byte in the file
+    end: int     # absolute offset past the last data byte
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header without reading tensor data.
+
+    Returns:
+        (header dict, absolute offset where tensor data begins).
+    Raises:
+        CheckpointError: truncated file, oversized or malformed header, data beyond the file end.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name} is truncated (only {size} bytes): not a safetensors file.")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or 8 + n > size or n > 100_000_000:
+            raise CheckpointError(f"{path.name} has a corrupt or truncated header (declares {n} bytes, file has {size}).",
+                                  hint="Re-download or re-save the checkpoint.")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path.name} has an unreadable safetensors header.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} has a malformed safetensors header.")
+    base = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = meta["data_offsets"]
+            count = 1
+            for d in meta["shape"]:
+                count *= int(d)
+            width = _DTYPE_BYTES.get(meta["dtype"], 1)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry.") from None
+        if base + end > size or end - start != count * width:
+            raise CheckpointError(f"{path.name} is truncated or corrupt: tensor {name!r} lies beyond the end of the file "
+                                  f"or its size disagrees with its shape.", hint="Re-download or re-save the checkpoint.")
+    return header, base
+
+
+class CheckpointFiles:
+    """Index of a local safetensors checkpoint: one ``model.safetensors`` or shards with an index.
+
+    Raises:
+        CheckpointError: no safetensors files, an index naming missing shards, a corrupt header.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        index = self.root / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index} is not a valid safetensors index.") from None
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.root / n).exists()]
+            if missing:
+                raise CheckpointError(f"The index names shard(s) that are missing: {', '.join(missing)}.",
+                                      hint="The download is incomplete; fetch the missing files.")
+            self.shards = [self.root / n for n in names]
+        else:
+            self.shards = sorted(self.root.glob("*.safetensors"))
+        if not self.shards:
+            raise CheckpointError(f"No safetensors weights in {self.root}.")
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, dict] = {}
+        for shard in self.shards:
+            header, base = read_header(shard)
+            self.metadata[shard.name] = header.get("__metadata__", {}) or {}
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                s, e = meta["data_offsets"]
+                self.tensors[name] = TensorInfo(name, shard, meta["dtype"], tuple(meta["shape"]), base + s, base + e)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shard_of(self, name: str) -> Path:
+        return self.tensors[name].file
+
+    def largest_shard_bytes(self) -> int:
+        return max(p.stat().st_size for p in self.shards)
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shards)
+
+
+def iter_shard_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` of one shard, one tensor at a time (memory-mapped reads)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GB"``, ``"500MB"``, ``"20KB"``, ``"1GiB"`` or an int → bytes.
+
+    Raises:
+        InputError: an unreadable size.
+    """
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise InputError(f"Cannot read the size {text!r}.", hint="Write it like 2GB, 500MB or 20KB.")
+    unit = m.group(2).upper().rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+            "TI": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+class ShardWriter:
+    """Write tensors into size-capped safetensors shards plus an index.
+
+    Tensors are buffered until adding the next would pass ``max_shard_bytes``; then the shard is
+    written. Shards are named ``model-0000i-of-0000n.safetensors`` at :meth:`close` (a single
+    shard is named ``model.safetensors`` and gets no index), like ``save_pretrained``.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.max = max(1, int(max_shard_bytes))
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._written: list[tuple[Path, list[str], int]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self._buf and self._buf_bytes + n > self.max:
+            self._flush()
+        self._buf[name] = tensor.contiguous()
+        self._buf_bytes += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._buf:
+            return
+        path = self.out_dir / f".shard-{len(self._written):05d}.safetensors"
+        save_file(self._buf, str(path), metadata=self.metadata)
+        self._written.append((path, list(self._buf), self._buf_bytes))
+        self._buf, self._buf_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write what is left, name the shards, write the index; returns the shard paths."""
+        self._flush()
+        n = len(self._written)
+        final: list[Path] = []
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, (path, names, nbytes) in enumerate(self._written):
+            dest = self.out_dir / (SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+            path.rename(dest)
+            final.append(dest)
+            total += nbytes
+            weight_map.update({k: dest.name for k in names})
+        if n > 1:
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        return final
+
+
+@contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Build an output directory in a temporary sibling, renamed into place at the end.
+
+    On any exception (including Ctrl-C) the temporary directory is removed and ``out`` is left as
+    it was. An existing ``out`` is replaced only after the new one is complete.
+
+    Raises:
+        InputError: ``out`` exists and is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"Output path {out} exists and is not a directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
