@@ -115,54 +115,68 @@ def contrastive_scores(task: RoutingStats, others: Sequence[RoutingStats]) -> to
 
 
 def ablation_scores(layers: Sequence[int], num_experts: int, loss_with_mask: Callable[[dict | None], float],
-                    progress: Callable[[], None] | None = None) -> torch.Tensor:
+                    progress: Callable[[], None] | None = None, skip_invalid: bool = False) -> torch.Tensor:
     """Rise in task loss when each expert alone is masked in its layer (``[L, E]``).
 
     Args:
         loss_with_mask: returns the task loss on the calibration split with the given keep-set
             applied (``None`` = the full model). It is called ``1 + L·E`` times.
+        skip_invalid: when removing one expert is not a valid keep-set for the family (e.g.
+            unbalanced routing groups), score 0 instead of failing.
     """
+    from moeharden.errors import KeepSetError
+
     base = loss_with_mask(None)
     out = torch.zeros(len(layers), num_experts, dtype=torch.float64)
     for row, layer in enumerate(layers):
         for e in range(num_experts):
             keep = {layer: [j for j in range(num_experts) if j != e]}
-            out[row, e] = loss_with_mask(keep) - base
+            try:
+                out[row, e] = loss_with_mask(keep) - base
+            except KeepSetError:
+                if not skip_invalid:
+                    raise
             if progress is not None:
                 progress()
     return out
 
 
 def keep_sets(scores: torch.Tensor, layers: Sequence[int], keep: int, *,
-              ranking: str = "per_layer") -> dict[int, list[int]]:
+              ranking: str = "per_layer", groups: int = 1) -> dict[int, list[int]]:
     """The ``keep`` highest-scoring experts in every layer (same count in every layer).
 
     ``per_layer`` (default) ranks each layer's row on its own. ``global`` builds one ranking of
     expert ids for the whole model: each layer's scores become that layer's shares (min-shifted,
     so negative contrastive/ablation scores work), the shares are summed over layers per expert id,
-    and the same top-``keep`` ids are kept in every layer.
+    and the same top-``keep`` ids are kept in every layer. With group-limited routing
+    (``groups`` > 1) the ranking runs inside each group and keeps ``keep / groups`` per group.
     Ties break towards the lower expert id, so results are deterministic.
 
     Raises:
         ValueError: ``keep`` outside ``1..E`` or an unknown ranking.
     """
     L, E = scores.shape
-    if not 1 <= keep <= E:
-        raise ValueError(f"keep must be in 1..{E}, got {keep}")
+    if not 1 <= keep <= E or keep % groups:
+        raise ValueError(f"keep must be in 1..{E} and divisible by {groups} groups, got {keep}")
     s = scores.double()
+    size, per = E // groups, keep // groups
     if ranking == "per_layer":
         out = {}
         for row, layer in enumerate(layers):
-            order = sorted(range(E), key=lambda e, r=row: (-float(s[r, e]), e))
-            out[layer] = sorted(order[:keep])
+            ids: list[int] = []
+            for g in range(groups):
+                members = range(g * size, (g + 1) * size)
+                ids += sorted(members, key=lambda e, r=row: (-float(s[r, e]), e))[:per]
+            out[layer] = sorted(ids)
         return out
     if ranking != "global":
         raise ValueError(f"unknown ranking {ranking!r}; use per_layer or global")
     shifted = s - s.min(1, keepdim=True).values
     share = (shifted / shifted.sum(1, keepdim=True).clamp(min=1e-12)).sum(0)   # [E]
-    order = sorted(range(E), key=lambda e: (-float(share[e]), e))
-    ids = sorted(order[:keep])
-    return {layer: list(ids) for layer in layers}
+    ids = []
+    for g in range(groups):
+        ids += sorted(range(g * size, (g + 1) * size), key=lambda e: (-float(share[e]), e))[:per]
+    return {layer: sorted(ids) for layer in layers}
 
 
 @dataclass

@@ -75,14 +75,14 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
 
     from moeharden.checkpoint import checkpoint_digest
     from moeharden.keepset import parse_keep, to_json
-    from moeharden.registry import check_group_balance, config_value, pruned_config
+    from moeharden.registry import check_keep_counts, config_value, pruned_config
     from moeharden.st_io import ShardWriter, atomic_output_dir, parse_size
 
     t0 = time.perf_counter()
     src = Path(src)
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
     keep = parse_keep({str(k): v for k, v in keep.items()}, moe_layers=layers, num_experts=E)
-    check_group_balance(spec, cfg, keep)
+    check_keep_counts(spec, cfg, keep)
     K = len(next(iter(keep.values())))
     cfg_dict = json.loads((src / "config.json").read_text())
     new_cfg = pruned_config(spec, cfg_dict, K)

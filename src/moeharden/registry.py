@@ -60,6 +60,8 @@ class FamilySpec:
     weight_on_input: bool = False
     flat_rows_key: str | None = None
     router_linear: str | None = None
+    min_keep: int = 1            # fewest experts per layer the routing can run with (Phi-MoE: 2)
+    group_min: int = 1           # fewest kept experts per routing group (top-2-sum group scores: 2)
     notes: str = ""
 
 
@@ -74,14 +76,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("DeepSeek-V2", ("deepseek_v2",), group_keys=("n_group", "topk_group"), **_DEEPSEEK_KEYS,
                notes="group-limited greedy routing; first_k_dense_replace dense layers"),
     FamilySpec("DeepSeek-V3", ("deepseek_v3",), selection_bias="gate.e_score_correction_bias", score="sigmoid",
-               group_keys=("n_group", "topk_group"), **_DEEPSEEK_KEYS,
+               group_keys=("n_group", "topk_group"), group_min=2, **_DEEPSEEK_KEYS,
                notes="sigmoid scores, bias-based selection, group-limited routing"),
     FamilySpec("GLM4-MoE", ("glm4_moe",), selection_bias="gate.e_score_correction_bias", score="sigmoid",
-               group_keys=("n_group", "topk_group"), **_DEEPSEEK_KEYS),
+               group_keys=("n_group", "topk_group"), group_min=2, **_DEEPSEEK_KEYS),
     FamilySpec("gpt-oss", ("gpt_oss",), router_attr="router", top_k_attrs=("router.top_k",),
                notes="router bias; softmax over the top-k logits; fused experts with biases"),
-    FamilySpec("Phi-MoE", ("phimoe",), router_attr="router", top_k_attrs=("router.top_k",),
-               notes="sparsemixer routing"),
+    FamilySpec("Phi-MoE", ("phimoe",), router_attr="router", top_k_attrs=("router.top_k",), min_keep=2,
+               notes="sparsemixer routing (always picks 2: keep at least 2)"),
     FamilySpec("GraniteMoE", ("granitemoe",), block_attrs=("block_sparse_moe",), router_attr="router",
                top_k_attrs=("router.top_k",)),
     FamilySpec("DBRX", ("dbrx",), layers_path="transformer.blocks", block_attrs=("ffn",), router_attr="router",
@@ -316,6 +318,47 @@ def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
             if _get(cfg, tg_key) is not None:
                 put(tg_key, min(int(_get(cfg, tg_key)), int(groups)))
     return cfg
+
+
+def routing_groups(spec: FamilySpec, config: Any) -> int:
+    """Number of expert groups of group-limited routing (1 when the family routes without groups)."""
+    if not spec.group_keys:
+        return 1
+    g = config_value(config, (spec.group_keys[0],))
+    return int(g) if g else 1
+
+
+def valid_keep(spec: FamilySpec, config: Any, keep: int) -> bool:
+    """Whether ``keep`` experts per layer is a prunable count for this model (groups, minimums)."""
+    E = int(config_value(config, spec.expert_keys))
+    G = routing_groups(spec, config)
+    if not spec.min_keep <= keep <= E or keep % G:
+        return False
+    return G == 1 or keep // G >= spec.group_min
+
+
+def check_keep_counts(spec: FamilySpec, config: Any, keep: dict[int, list[int]], *, balanced: bool = True) -> None:
+    """Counts the family's routing can run with; with ``balanced``, equal counts per routing group
+    (physical pruning needs it; a mask on a loaded model does not).
+
+    Raises:
+        KeepSetError: too few experts kept, or unequal/too few per routing group.
+    """
+    for layer, ids in keep.items():
+        if len(ids) < spec.min_keep:
+            raise KeepSetError(f"Layer {layer} keeps {len(ids)} expert(s); {spec.name} routing needs at least "
+                               f"{spec.min_keep}.")
+    if balanced:
+        check_group_balance(spec, config, keep)
+    G = routing_groups(spec, config)
+    if G > 1:
+        E = int(config_value(config, spec.expert_keys))
+        size = E // G
+        for layer, ids in keep.items():
+            per = [sum(1 for e in ids if e // size == g) for g in range(G)]
+            if min(per) < spec.group_min:
+                raise KeepSetError(f"Layer {layer} keeps {per} experts in its {G} routing groups; {spec.name} "
+                                   f"scores groups by their top {spec.group_min} and needs at least that many in each.")
 
 
 def check_group_balance(spec: FamilySpec, config: Any, keep: dict[int, list[int]]) -> None:

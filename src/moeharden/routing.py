@@ -212,8 +212,12 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
     Raises:
         KeepSetError: a layer that is not an MoE layer, or an invalid keep-set.
     """
+    from moeharden.registry import check_keep_counts
+
     layers = moe_layers(model)
     _check_keep(layers, keep)
+    if layers:
+        check_keep_counts(layers[0].spec, model.config, {int(k): list(v) for k, v in keep.items()}, balanced=False)
     restore: list = []
     try:
         for li in layers:

@@ -117,17 +117,23 @@ def model_identity(path: Path, model, layer_info) -> dict[str, Any]:
 def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dict[str, Any]) -> dict[str, Any]:
     """Run attribution and the pruning sweep on a loaded model; returns the scan JSON document."""
     from moeharden.evaluate import evaluate, task_loss
-    from moeharden.registry import moe_layers
+    from moeharden.registry import moe_layers, routing_groups, valid_keep
     from moeharden.routing import mask_experts
 
     settings.validate()
     info = moe_layers(model)
     layers = [li.layer for li in info]
-    E, top_k = info[0].num_experts, info[0].top_k
-    keeps = list(settings.keeps) if settings.keeps is not None else default_keeps(E, top_k)
-    bad = [k for k in keeps if not 1 <= k <= E]
-    if bad:
-        raise UsageError(f"Keep-counts {bad} are outside 1..{E} (this model has {E} experts per MoE layer).")
+    E, top_k, spec = info[0].num_experts, info[0].top_k, info[0].spec
+    groups = routing_groups(spec, model.config)
+    if settings.keeps is not None:
+        keeps = list(settings.keeps)
+        bad = [k for k in keeps if k != E and not valid_keep(spec, model.config, k)]
+        if bad:
+            raise UsageError(f"Keep-counts {bad} cannot be pruned to on this {spec.name} model ({E} experts per layer"
+                             + (f", {groups} routing groups" if groups > 1 else "") + ").",
+                             hint=f"Use counts from {spec.min_keep} to {E}" + (f", multiples of {groups}." if groups > 1 else "."))
+    else:
+        keeps = [k for k in default_keeps(E, top_k) if k == E or valid_keep(spec, model.config, k)]
     timings: dict[str, float] = {}
     model.eval()
 
@@ -161,7 +167,8 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dic
                     with mask_experts(model, keep):
                         return float(task_loss(model, tokenizer, calib))
 
-                scores[t.name]["ablation"] = ablation_scores(layers, E, loss_with_mask, progress=advance)
+                scores[t.name]["ablation"] = ablation_scores(layers, E, loss_with_mask, progress=advance,
+                                                             skip_invalid=True)
         timings["ablation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -178,7 +185,8 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dic
             rows, used = run_sweep(
                 task=t.name, metric=t.metric, full=full[t.name], chance=t.chance, layers=layers, num_experts=E,
                 scores=scores[t.name], keeps=keeps, evaluate_masked=evaluate_masked, ranking=settings.ranking,
-                random_seeds=tuple(range(settings.seed, settings.seed + settings.random_seeds)), progress=advance)
+                random_seeds=tuple(range(settings.seed, settings.seed + settings.random_seeds)), groups=groups,
+                progress=advance)
             sweep_rows += rows
             heads[t.name] = headline(rows, E)
             for m, per_k in used.items():

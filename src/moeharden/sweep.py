@@ -46,10 +46,14 @@ def above_chance_retained(pruned: float, full: float, chance: float | None) -> f
     return float((pruned - chance) / (full - chance))
 
 
-def random_keep_sets(layers: Sequence[int], num_experts: int, keep: int, seed: int) -> dict[int, list[int]]:
-    """A seeded random keep-set: ``keep`` experts per layer, chosen independently per layer."""
+def random_keep_sets(layers: Sequence[int], num_experts: int, keep: int, seed: int,
+                     groups: int = 1) -> dict[int, list[int]]:
+    """A seeded random keep-set: ``keep`` experts per layer, independently per layer (and per
+    routing group, ``keep / groups`` from each, when routing is group-limited)."""
     rng = random.Random(seed * 1_000_003 + keep)
-    return {layer: sorted(rng.sample(range(num_experts), keep)) for layer in layers}
+    size, per = num_experts // groups, keep // groups
+    return {layer: sorted(e for g in range(groups) for e in rng.sample(range(g * size, (g + 1) * size), per))
+            for layer in layers}
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class SweepRow:
 def run_sweep(
     *, task: str, metric: str, full: float, chance: float | None, layers: Sequence[int], num_experts: int,
     scores: Mapping[str, torch.Tensor], keeps: Sequence[int], evaluate_masked: Callable[[dict | None], float],
-    ranking: str = "per_layer", random_seeds: Sequence[int] = (0, 1, 2),
+    ranking: str = "per_layer", random_seeds: Sequence[int] = (0, 1, 2), groups: int = 1,
     progress: Callable[[], None] | None = None,
 ) -> tuple[list[SweepRow], dict[str, dict[int, dict[int, list[int]]]]]:
     """Evaluate every method's keep-set at every K, plus the random control.
@@ -108,12 +112,12 @@ def run_sweep(
                                      above_chance_retained(full, full, chance)))
             continue
         for m, s in scores.items():
-            ks = keep_sets(s, layers, k, ranking=ranking)
+            ks = keep_sets(s, layers, k, ranking=ranking, groups=groups)
             used.setdefault(m, {})[k] = ks
             v = cached(ks)
             rows.append(SweepRow(task, m, k, v, retained_fraction(metric, v, full),
                                  above_chance_retained(v, full, chance)))
-        vals = [cached(random_keep_sets(layers, num_experts, k, seed)) for seed in random_seeds]
+        vals = [cached(random_keep_sets(layers, num_experts, k, seed, groups)) for seed in random_seeds]
         mean = sum(vals) / len(vals)
         std = (sum((x - mean) ** 2 for x in vals) / max(len(vals) - 1, 1)) ** 0.5
         rows.append(SweepRow(task, "random", k, mean, retained_fraction(metric, mean, full),
