@@ -1,0 +1,103 @@
+"""The re-alignment attack: label budget, seeded selection, router-only mode, label-free distill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeharden import demo
+from moeharden.recover import RecoverySettings, run_recovery, select, task_ops
+from moeharden.registry import moe_layers
+from moeharden.routing import mask_experts
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """A demo-format checkpoint trained for a few steps (fast), loaded with its tasks."""
+    from moeharden.checkpoint import load_model, load_tokenizer
+    from moeharden.tasks import load_tasks
+
+    d = tmp_path_factory.mktemp("demo")
+    path = demo.build_demo_model(d / "model", steps=30)
+    model, tok = load_model(path), load_tokenizer(path)
+    tasks = {t.name: t for t in load_tasks(None, checkpoint_dir=path, limit=64)}
+    return model, tok, tasks
+
+
+class CountingOps:
+    """Wraps task ops and counts every distinct example whose label the loss reads."""
+
+    def __init__(self, ops):
+        self.ops, self.seen = ops, set()
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def loss(self, model, examples):
+        self.seen.update(id(ex) for ex in examples)
+        return self.ops.loss(model, examples)
+
+
+@pytest.mark.parametrize("strategy", ["random", "entropy", "margin", "kcenter"])
+def test_label_budget_is_never_exceeded(tiny_demo, strategy):
+    model, tok, tasks = tiny_demo
+    task = tasks["sentiment"]
+    ops = CountingOps(task_ops(tok, task))
+    keep = {li.layer: [0, 1] for li in moe_layers(model)}
+    s = RecoverySettings(mode="router", strategy=strategy, budget=10, rounds=3, steps_per_round=2, batch_size=4)
+    run = run_recovery(model, ops, task.train, s, router_params=[li.router_weight for li in moe_layers(model)],
+                       mask=lambda: mask_experts(model, keep))
+    assert len(ops.seen) <= 10                      # labels actually read by the loss
+    assert run.labels_used == len(set(run.selected)) == 10
+    assert [p[0] for p in run.points] == [0, 4, 7, 10]
+
+
+def test_fixed_seed_reproduces_the_selection(tiny_demo):
+    model, tok, tasks = tiny_demo
+    task = tasks["addition"]
+    ops = task_ops(tok, task)
+    import random
+
+    picks = [select("entropy", model, ops, task.train, [], 6, random.Random(3)) for _ in range(2)]
+    assert picks[0] == picks[1]
+    picks = [select("kcenter", model, ops, task.train, [], 6, random.Random(5)) for _ in range(2)]
+    assert picks[0] == picks[1]
+    assert select("random", model, ops, task.train, [], 6, random.Random(1)) != \
+        select("random", model, ops, task.train, [], 6, random.Random(2))
+
+
+def test_router_mode_changes_router_parameters_only(tiny_demo):
+    model, tok, tasks = tiny_demo
+    task = tasks["reverse"]
+    layers = moe_layers(model)
+    router = {id(li.router_weight) for li in layers}
+    keep = {li.layer: [2, 3] for li in layers}
+    seen_during = {}
+
+    class Spy(CountingOps):
+        def metric(self, m):                         # called inside the run, after training rounds
+            seen_during.update({n: p.detach().clone() for n, p in m.named_parameters()})
+            return self.ops.metric(m)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = RecoverySettings(mode="router", strategy="random", budget=8, rounds=2, steps_per_round=5, lr=1e-2)
+    run_recovery(model, Spy(task_ops(tok, task)), task.train, s,
+                 router_params=[li.router_weight for li in layers], mask=lambda: mask_experts(model, keep))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(seen_during[n], before[n])}
+    assert changed, "router training changed nothing"
+    names = {n for n, p in model.named_parameters() if id(p) in router}
+    assert changed <= names                          # router weights only
+    for n, p in model.named_parameters():            # and the model is restored afterwards
+        assert torch.equal(p, before[n])
+
+
+def test_distill_uses_no_labels(tiny_demo):
+    model, tok, tasks = tiny_demo
+    task = tasks["sentiment"]
+    ops = CountingOps(task_ops(tok, task))
+    keep = {li.layer: [0, 5] for li in moe_layers(model)}
+    s = RecoverySettings(mode="distill", budget=8, rounds=2, steps_per_round=2, batch_size=4)
+    run = run_recovery(model, ops, task.train, s, mask=lambda: mask_experts(model, keep))
+    assert ops.seen == set()                          # the label-reading loss was never called
+    assert run.labels_used == 0
+    assert len(run.points) == 3
