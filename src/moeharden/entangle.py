@@ -342,8 +342,12 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     if resume and latest is not None and (latest / "state.json").exists():
         state = _load_ckpt(latest, base, opt)
         start, history = state["step"], state["history"]
-        for _ in range(start):     # the schedule is a pure function of the step
-            sched.step()
+        import warnings
+
+        with warnings.catch_warnings():   # replaying the schedule before any optimizer step is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):        # the schedule is a pure function of the step
+                sched.step()
         attr_pool, adv_pool = _keys_to_int(state["attr_pool"]), _keys_to_int(state["adv_pool"])
     device = accel.device
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
