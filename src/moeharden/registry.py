@@ -60,6 +60,7 @@ class FamilySpec:
     weight_on_input: bool = False
     flat_rows_key: str | None = None
     router_linear: str | None = None
+    expert_mlp: Literal["swiglu", "custom"] = "swiglu"   # swiglu: act(x·Wg)·(x·Wu)·Wd from fused gate_up/down
     min_keep: int = 1            # fewest experts per layer the routing can run with (Phi-MoE: 2)
     group_min: int = 1           # fewest kept experts per routing group (top-2-sum group scores: 2)
     notes: str = ""
@@ -80,7 +81,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                notes="sigmoid scores, bias-based selection, group-limited routing"),
     FamilySpec("GLM4-MoE", ("glm4_moe",), selection_bias="gate.e_score_correction_bias", score="sigmoid",
                group_keys=("n_group", "topk_group"), group_min=2, **_DEEPSEEK_KEYS),
-    FamilySpec("gpt-oss", ("gpt_oss",), router_attr="router", top_k_attrs=("router.top_k",),
+    FamilySpec("gpt-oss", ("gpt_oss",), router_attr="router", top_k_attrs=("router.top_k",), expert_mlp="custom",
                notes="router bias; softmax over the top-k logits; fused experts with biases"),
     FamilySpec("Phi-MoE", ("phimoe",), router_attr="router", top_k_attrs=("router.top_k",), min_keep=2,
                notes="sparsemixer routing (always picks 2: keep at least 2)"),
@@ -89,10 +90,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("DBRX", ("dbrx",), layers_path="transformer.blocks", block_attrs=("ffn",), router_attr="router",
                expert_keys=("ffn_config.moe_num_experts",), top_k_keys=("ffn_config.moe_top_k",),
                top_k_attrs=("top_k",), flat_rows_key="ffn_config.ffn_hidden_size", router_linear="layer",
+               expert_mlp="custom",
                notes="experts stored flattened [E*I, H]"),
     FamilySpec("Llama-4 (text)", ("llama4_text",), block_attrs=("feed_forward",), router_attr="router",
                shared_attrs=("shared_expert",), top_k_attrs=("router.top_k", "top_k"), score="sigmoid",
-               weight_on_input=True, notes="sigmoid of the top-k logits scales the expert input"),
+               weight_on_input=True, expert_mlp="custom", notes="sigmoid of the top-k logits scales the expert input"),
     FamilySpec("ERNIE-4.5-MoE", ("ernie4_5_moe",), selection_bias="gate.moe_statics.e_score_correction_bias",
                expert_keys=("moe_num_experts",), top_k_keys=("moe_k",), shared_attrs=("shared_experts",),
                notes="selection bias of shape [1, E]; moe_layer_start_index/interval dense layers"),

@@ -103,6 +103,10 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
     experts = li.experts
     orig = experts.forward
     handles = []
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    swiglu = (li.spec.expert_mlp == "swiglu" and hasattr(experts, "act_fn") and gu is not None and down is not None
+              and gu.dim() == 3 and down.dim() == 3 and gu.shape[1] == 2 * down.shape[2]
+              and gu.shape[2] == down.shape[1])
     if probs:
         def router_pre(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
@@ -123,10 +127,13 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             tok, slot = torch.where(top_k_index == e)
             if tok.numel() == 0 or not 0 <= e < li.num_experts:
                 continue
-            # the expert's unweighted output on its tokens: the model's own expert code, one expert
-            y = orig(flat[tok], torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=flat.device),
-                     torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=flat.device))
-            y = y.reshape(-1, flat.shape[-1])                          # [n, H]
+            if swiglu:   # fused [E, 2I, H] / [E, H, I] SwiGLU experts: the same arithmetic as the model's loop
+                gate, up = F.linear(flat[tok], experts.gate_up_proj[e]).chunk(2, dim=-1)
+                y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+            else:        # the model's own expert code, called for one expert on its tokens
+                y = orig(flat[tok], torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=flat.device),
+                         torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=flat.device))
+            y = y.reshape(-1, flat.shape[-1])                          # [n, H] unweighted expert output
             nrm[tok, slot] = y.float().norm(dim=-1)
             out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
         rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows),
