@@ -71,12 +71,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         KeepSetError: invalid keep-set (wrong layers, counts, ids, group imbalance).
         CheckpointError, UnsupportedModelError.
     """
-    from safetensors import safe_open
-
     from moeharden.checkpoint import checkpoint_digest
     from moeharden.keepset import parse_keep, to_json
     from moeharden.registry import check_keep_counts, config_value, pruned_config
-    from moeharden.st_io import ShardWriter, atomic_output_dir, parse_size
+    from moeharden.st_io import atomic_output_dir, parse_size, write_streaming_shards
 
     t0 = time.perf_counter()
     src = Path(src)
@@ -90,27 +88,24 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
                             "pruned": {"version": __version__, "kept_experts": K, "from_experts": E}}
     digest = checkpoint_digest(src)
     index = {layer: torch.tensor(ids, dtype=torch.long) for layer, ids in keep.items()}
-    with atomic_output_dir(out) as tmp:
-        writer = ShardWriter(tmp, parse_size(max_shard_size),
-                             {"moeharden_version": __version__, "moeharden_pruned_from": digest})
-        for shard in files.shards:                       # one input shard open at a time
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    role = roles[name]
-                    if role is None or role.layer not in keep:
-                        writer.add(name, f.get_tensor(name))
-                        continue
-                    ids = keep[role.layer]
-                    if role.expert is not None:          # per-expert tensor: keep and renumber, or drop
-                        if role.expert in ids:
-                            writer.add(role.rename(name, ids.index(role.expert)), f.get_tensor(name))
-                        continue
-                    rows = index[role.layer]
-                    if role.rows_per_expert > 1:         # flattened [E*I, H]: expand expert ids to rows
-                        r = role.rows_per_expert
-                        rows = (rows[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
-                    writer.add(name, f.get_tensor(name).index_select(role.axis, rows).contiguous())
-        shards = writer.close()
+    plan, sources = _plan(files, roles, keep)
+    with atomic_output_dir(out) as tmp, _ShardReader() as reader:
+        def produce(p):
+            info, role = sources[p.name]
+            if role is None or role.expert is not None:       # copied as is, file to file
+                return [(reader.handle_for(info), info.start, info.end - info.start)]
+            ids = keep[role.layer]
+            if all(d == 1 for d in info.shape[:role.axis]):   # each kept expert is one contiguous byte range
+                per = (info.end - info.start) // (info.shape[role.axis] // role.rows_per_expert)
+                return [(reader.handle_for(info), info.start + e * per, per) for e in ids]
+            rows = index[role.layer]                          # general case: read, select, write
+            if role.rows_per_expert > 1:
+                r = role.rows_per_expert
+                rows = (rows[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+            return reader.read(info).index_select(role.axis, rows)
+
+        shards = write_streaming_shards(tmp, plan, produce, parse_size(max_shard_size),
+                                        {"moeharden_version": __version__, "moeharden_pruned_from": digest})
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
         for item in src.iterdir():
             if item.name in _SKIP_FILES or item.name.startswith(".") or item.suffix in _WEIGHT_SUFFIXES:
@@ -127,6 +122,60 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
     return PruneResult(str(source_label or src), str(out), E, K, None if top_k is None else int(top_k), sorted(keep),
                        [s.name for s in shards], {str(k): v for k, v in sorted(keep.items())},
                        round(time.perf_counter() - t0, 3))
+
+
+class _ShardReader:
+    """Reads tensors with one input shard file open at a time (reopened when the shard changes)."""
+
+    def __enter__(self):
+        self.path, self.handle = None, None
+        return self
+
+    def handle_for(self, info):
+        if info.file != self.path:
+            if self.handle is not None:
+                self.handle.close()
+            self.path, self.handle = info.file, open(info.file, "rb")
+        return self.handle
+
+    def read(self, info):
+        from moeharden.st_io import read_tensor
+
+        return read_tensor(info, self.handle_for(info))
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()
+        return False
+
+
+def _plan(files, roles, keep):
+    """Output tensors in input order (shard by shard, by file offset), with where each comes from."""
+    from moeharden.st_io import PlannedTensor
+
+    plan, sources = [], {}
+    width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+    ordered = sorted(files.tensors.values(), key=lambda i: (files.shards.index(i.file), i.start))
+    for info in ordered:
+        role = roles[info.name]
+        name, shape = info.name, list(info.shape)
+        if role is not None and role.layer in keep:
+            ids = keep[role.layer]
+            if role.expert is not None:
+                if role.expert not in ids:
+                    continue                      # a removed expert's tensor: dropped
+                name = role.rename(info.name, ids.index(role.expert))
+            else:
+                shape[role.axis] = len(ids) * role.rows_per_expert
+        else:
+            role = None
+        n = 1
+        for d in shape:
+            n *= d
+        plan.append(PlannedTensor(name, info.dtype, tuple(shape), n * width[info.dtype]))
+        sources[name] = (info, role)
+    return plan, sources
 
 
 def attributed_keep(src: Path, *, method: str, task: str, keep: int, limit: int | None = None,

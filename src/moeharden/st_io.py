@@ -142,6 +142,129 @@ def iter_shard_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, f.get_tensor(name)
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
+    """Read one tensor with a plain positioned read (no memory map: only this tensor is resident).
+
+    Args:
+        handle: an open binary file of ``info.file`` to reuse (one input shard open at a time).
+    """
+    own = handle is None
+    f = open(info.file, "rb") if own else handle
+    try:
+        f.seek(info.start)
+        buf = bytearray(f.read(info.end - info.start))
+    finally:
+        if own:
+            f.close()
+    dtype = _TORCH_DTYPES[info.dtype]
+    if not buf:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
+    t = t.detach().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor known before its data is read: name, safetensors dtype, shape, byte size."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def write_streaming_shards(out_dir: Path, plan: list[PlannedTensor], produce, max_shard_bytes: int,
+                           metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write tensors straight to disk, one at a time, in ``plan`` order, into size-capped shards.
+
+    Shapes and dtypes are known up front, so every shard's header is written first and each
+    tensor's bytes follow as ``produce(planned)`` returns them: a tensor, or a list of
+    ``(file, offset, length)`` byte ranges copied file-to-file by the kernel (``copy_file_range``,
+    no user-space buffer). Nothing but the current tensor is ever held in memory. Writes
+    ``model.safetensors`` (one shard) or numbered shards plus an index.
+    """
+    meta = {"format": "pt", **(metadata or {})}
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for p in plan:
+        if groups[-1] and size + p.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.nbytes
+    n = len(groups)
+    paths, weight_map, total = [], {}, 0
+    for i, group in enumerate(groups):
+        name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header: dict = {"__metadata__": meta}
+        off = 0
+        for p in group:
+            header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [off, off + p.nbytes]}
+            off += p.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)                     # data starts 8-byte aligned
+        path = Path(out_dir) / name
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for p in group:
+                item = produce(p)
+                if isinstance(item, torch.Tensor):
+                    data = tensor_bytes(item)
+                    if data.nbytes != p.nbytes:
+                        raise RuntimeError(f"{p.name}: produced {data.nbytes} bytes, planned {p.nbytes}")
+                    f.write(data)
+                else:
+                    if sum(n for _, _, n in item) != p.nbytes:
+                        raise RuntimeError(f"{p.name}: byte ranges do not add up to {p.nbytes}")
+                    f.flush()
+                    for src, start, length in item:
+                        copy_range(src, start, length, f)
+                weight_map[p.name] = name
+        total += off
+        paths.append(path)
+    if n > 1:
+        (Path(out_dir) / INDEX_NAME).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    return paths
+
+
+def copy_range(src, start: int, length: int, out) -> None:
+    """Append ``length`` bytes of the open binary file ``src`` from ``start`` to the open file ``out``.
+
+    Uses the kernel's file-to-file copy where there is one, else a small bounded buffer.
+    """
+    out_fd, in_fd = out.fileno(), src.fileno()
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < length:
+                n = os.copy_file_range(in_fd, out_fd, length - done, start + done)
+                if n == 0:
+                    break
+                done += n
+            out.seek(0, os.SEEK_END)
+        except OSError:
+            pass
+    src.seek(start + done)
+    while done < length:                      # portable fallback, 8 MiB at a time
+        chunk = src.read(min(8 << 20, length - done))
+        if not chunk:
+            raise CheckpointError(f"{getattr(src, 'name', 'input')} ended early while copying.")
+        out.write(chunk)
+        done += len(chunk)
+
+
 def parse_size(text: str | int) -> int:
     """``"2GB"``, ``"500MB"``, ``"20KB"``, ``"1GiB"`` or an int → bytes.
 
