@@ -147,7 +147,7 @@ def kcenter_greedy(emb: torch.Tensor, labeled: Sequence[int], n: int, rng: rando
 
 
 def select(strategy: str, model, ops: TaskOps, pool: Sequence, labeled: list[int], n: int,
-           rng: random.Random, candidates: int | None = 128) -> list[int]:
+           rng: random.Random, candidates: int | None = 96) -> list[int]:
     """Pick ``n`` new pool indices to label (never one already labeled).
 
     Uncertainty strategies score a seeded random subset of ``candidates`` unlabeled examples
@@ -162,8 +162,12 @@ def select(strategy: str, model, ops: TaskOps, pool: Sequence, labeled: list[int
     model.eval()
     with torch.no_grad():
         if strategy == "kcenter":
-            emb = ops.embed(model, list(pool))
-            return kcenter_greedy(emb, labeled, n, rng)
+            # core-set over the labeled points and a seeded candidate subset of the pool
+            cand = free if candidates is None or len(free) <= 2 * candidates else sorted(rng.sample(free, 2 * candidates))
+            idx = list(labeled) + cand
+            emb = ops.embed(model, [pool[i] for i in idx])
+            picked = kcenter_greedy(emb, list(range(len(labeled))), n, rng)
+            return [idx[j] for j in picked]
         # score a seeded candidate subset (≥ 4× what is needed), as pool-based active learning
         # usually does on large pools: keeps selection cheap next to training
         if candidates is not None and len(free) > max(candidates, 4 * n):
