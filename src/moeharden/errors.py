@@ -112,3 +112,9 @@ class NetworkError(MoehardenError):
 
     exit_code = EXIT_INPUT
     title = "Network error"
+
+
+class HubError(InputError):
+    """The Hub refused a request: missing or rejected token, no write access, unknown namespace."""
+
+    title = "Hub error"
