@@ -1,0 +1,76 @@
+"""Every shipped recipe validates, and its first line is a command the CLI would accept."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeharden.entangle import EntangleRecipe, load_recipe, train_keeps
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+# The issue's targets, and what each recipe's keep_ratios are checked against:
+# (Hub id, routed experts per MoE layer, top-k), from the models' published configs.
+TARGETS = {
+    "mixtral-8x7b.yaml": ("mistralai/Mixtral-8x7B-v0.1", 8, 2),
+    "mixtral-8x22b.yaml": ("mistralai/Mixtral-8x22B-v0.1", 8, 2),
+    "olmoe-1b-7b.yaml": ("allenai/OLMoE-1B-7B-0924", 64, 8),
+    "qwen1.5-moe-a2.7b.yaml": ("Qwen/Qwen1.5-MoE-A2.7B", 60, 4),
+    "qwen3-30b-a3b.yaml": ("Qwen/Qwen3-30B-A3B", 128, 8),
+    "deepseek-v2-lite.yaml": ("deepseek-ai/DeepSeek-V2-Lite", 64, 6),
+    "gpt-oss-20b.yaml": ("openai/gpt-oss-20b", 32, 4),
+}
+
+
+def _command(path: Path) -> list[str]:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Command: "), f"{path.name} must begin with '# Command: ...'"
+    return shlex.split(first[len("# Command: "):])
+
+
+def test_every_target_has_a_recipe():
+    assert sorted(p.name for p in RECIPES) == sorted(TARGETS)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, EntangleRecipe)
+    # every value written in the file is the value the recipe holds (nothing silently defaulted)
+    raw = yaml.safe_load(path.read_text())
+    held = recipe.model_dump(mode="json")
+    for key, value in raw.items():
+        assert held[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert recipe.mixed_precision == "bf16" and recipe.lr <= 1e-4
+    _, experts, top_k = TARGETS[path.name]
+    keeps = train_keeps(experts, recipe.keep_ratios)
+    # trained against pruned sub-models across the gate's range (keep <= half the experts) and above
+    assert len(keeps) >= 3 and min(keeps) <= top_k and max(keeps) > experts // 2, keeps
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_begins_with_a_valid_command(path):
+    import typer
+
+    from moeharden.cli import app
+    from moeharden.tasks import preset_names, preset_spec
+
+    text = path.read_text().splitlines()
+    assert text[1].startswith("# Hardware: "), f"{path.name}: line 2 must say the hardware it expects"
+    argv = _command(path)
+    assert argv[:2] == ["moeharden", "entangle"]
+    assert argv[2] == TARGETS[path.name][0]
+    # parse with the real CLI's entangle command (typer.main.get_command: Typer's documented Click bridge);
+    # an unknown flag or a missing required option raises here
+    entangle = typer.main.get_command(app).commands["entangle"]
+    ctx = entangle.make_context("entangle", argv[2:])
+    params = ctx.params
+    assert Path(params["recipe"]) == Path("recipes") / path.name
+    assert params["out"] is not None
+    assert params["task"] and set(params["task"]) <= set(preset_names())
+    # the tasks named must be trainable presets (entangle needs a train split)
+    for name in params["task"]:
+        assert preset_spec(name).split.train > 0, f"{name} has no train split"
