@@ -59,8 +59,8 @@ def attribution_heatmaps(task: str, layers: Sequence[int], matrices: Mapping[str
     n = len(methods)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 0.35 * len(layers) * rows + 1.6 * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 0.35 * len(layers) * rows + 1.9 * rows),
+                             squeeze=False, layout="constrained")
     for i, m in enumerate(methods):
         ax = axes[i // cols][i % cols]
         data = [list(r) for r in matrices[m]]
