@@ -29,11 +29,18 @@ def test_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_mixtral_ckpt(tmp_path_factory) -> Path:
-    """A tiny real Mixtral saved as a safetensors checkpoint (sharded), with a tokenizer."""
+def session_tmp(tmp_path_factory) -> Path:
+    """A temporary directory shared by the whole session (for fixtures built once)."""
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_ckpt(session_tmp) -> Path:
+    """A tiny real Mixtral (``families.build_tiny("mixtral")``: 2 MoE layers, 8 experts, top-2, vocab 64)
+    saved as a sharded safetensors checkpoint. Treat it as read-only; copy it to modify it."""
     from families import build_tiny
 
     model, _ = build_tiny("mixtral")
-    d = tmp_path_factory.mktemp("ckpt") / "mixtral"
+    d = session_tmp / "mixtral"
     model.save_pretrained(d, max_shard_size="40KB")
     return d

@@ -122,3 +122,88 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
                               "--out", str(out)])
     assert res.exit_code == 3 and "Traceback" not in res.output
     assert "hub" in res.output.lower()
+
+
+def test_foreign_output_directory_is_left_alone(tiny_mixtral_ckpt, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from",
+                              str(_keep_file(tmp_path, {"0": [0, 1], "1": [0, 1]})), "--out", str(out)])
+    assert res.exit_code == 3 and "Traceback" not in res.output and "not written by moeharden" in res.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_bad_max_shard_size_is_an_input_error(tiny_mixtral_ckpt, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from",
+                              str(_keep_file(tmp_path, {"0": [0, 1], "1": [0, 1]})), "--out", str(out),
+                              "--max-shard-size", "lots"])
+    _assert_clean_failure(res, 3, out, "lots")
+
+
+@pytest.fixture(scope="module")
+def ckpt_with_task(tmp_path_factory):
+    """tests/tiny_lm.py's Mixtral (4 experts, top-2) with its tokenizer and a perplexity task file."""
+    from tiny_lm import _CORPUS, build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=3)
+    ck = tmp_path_factory.mktemp("withtask") / "ck"
+    model.save_pretrained(ck)
+    tok.save_pretrained(ck)
+    (ck / "data").mkdir()
+    rows = [{"text": line.strip()} for line in _CORPUS * 3]
+    (ck / "data" / "lm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (ck / "moeharden-tasks.yaml").write_text(
+        "version: 1\ntasks:\n  - name: lm\n    kind: perplexity\n    data: {path: data/lm.jsonl}\n"
+        "    split: {attribution: 10, evaluation: 4, seed: 0}\n")
+    return ck, model
+
+
+def test_prune_by_method_keeps_the_most_routed_experts(ckpt_with_task, tmp_path):
+    """--method frequency keeps, per layer, the experts chosen most often on the task's attribution
+    split; recomputed here from the router weights with plain hooks, one text at a time."""
+    from moeharden.tasks import load_tasks
+
+    ck, model = ckpt_with_task
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prune", str(ck), "--method", "frequency", "--task", "lm", "--keep", "2",
+                              "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads((out / "moeharden-prune.json").read_text())["keep"]
+
+    texts = load_tasks(None, checkpoint_dir=ck)[0].calibration_texts()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ck)
+    counts = {i: torch.zeros(4, dtype=torch.long) for i in range(2)}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def hook(mod, args, i=i):
+            h = args[0].reshape(-1, args[0].shape[-1])               # [T, H]
+            top = (h @ mod.weight.T).topk(2, dim=-1).indices         # [T, 2] (softmax keeps the order)
+            counts[i] += top.reshape(-1).bincount(minlength=4)
+        hooks.append(layer.mlp.gate.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for text in texts:
+            model(input_ids=tok(text, return_tensors="pt")["input_ids"])
+    for h in hooks:
+        h.remove()
+    expected = {str(i): sorted(sorted(range(4), key=lambda e, c=c: (-int(c[e]), e))[:2]) for i, c in counts.items()}
+    assert got == expected, (got, counts)
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
+    assert (out / "moeharden-tasks.yaml").is_file() and (out / "data" / "lm.jsonl").is_file()
+
+
+def test_prune_by_method_usage_errors(ckpt_with_task, tmp_path):
+    ck, _ = ckpt_with_task
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prune", str(ck), "--method", "frequency", "--out", str(out)])
+    _assert_clean_failure(res, 2, out, "go together")
+    res = runner.invoke(app, ["prune", str(ck), "--method", "astrology", "--task", "lm", "--keep", "2",
+                              "--out", str(out)])
+    _assert_clean_failure(res, 2, out, "unknown method")
+    res = runner.invoke(app, ["prune", str(ck), "--method", "frequency", "--task", "lm", "--keep", "5",
+                              "--out", str(out)])
+    _assert_clean_failure(res, 3, out, "--keep 5")

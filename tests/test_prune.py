@@ -98,3 +98,43 @@ def test_group_imbalance_is_rejected(tmp_path):
     with pytest.raises(KeepSetError, match="group"):
         prune_checkpoint(tmp_path / "src", tmp_path / "out", {layer: [0, 1, 2, 4] for layer in layers})
     assert not (tmp_path / "out").exists()
+
+
+def test_side_files_record_and_rerun(tiny_mixtral_ckpt, tmp_path):
+    """Tokenizer, generation config, README, task file and task data travel; weights-like and
+    integrity files of the source do not; the record names the source digest; re-running replaces
+    the earlier output."""
+    import shutil
+
+    from tiny_lm import build_tokenizer
+
+    from moeharden.checkpoint import checkpoint_digest, load_tokenizer
+    from moeharden.st_io import OUTPUT_MARKER
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_mixtral_ckpt, src)
+    build_tokenizer().save_pretrained(src)
+    (src / "README.md").write_text("# tiny\n")
+    (src / "moeharden-tasks.yaml").write_text("version: 1\ntasks: []\n")
+    (src / "tasks").mkdir()
+    (src / "tasks" / "a.jsonl").write_text('{"text": "x"}\n')
+    (src / "moeharden-manifest.json").write_text("{}")        # signs the source weights: invalid after pruning
+    (src / "stale.bin").write_bytes(b"\0" * 8)
+    (src / OUTPUT_MARKER).write_text("{}")
+    out = tmp_path / "out"
+    keep = {0: [1, 6], 1: [0, 5]}
+    prune_checkpoint(src, out, keep)
+    names = {p.name for p in out.iterdir()}
+    for kept in ("README.md", "moeharden-tasks.yaml", "tasks", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "moeharden-prune.json", OUTPUT_MARKER, "model.safetensors"):
+        assert kept in names, kept
+    assert not names & {"moeharden-manifest.json", "stale.bin", "model.safetensors.index.json"}
+    assert (out / "tasks" / "a.jsonl").read_text() == '{"text": "x"}\n'
+    assert load_tokenizer(out)("a charming journey")["input_ids"] == build_tokenizer()("a charming journey")["input_ids"]
+    record = json.loads((out / "moeharden-prune.json").read_text())
+    assert record["source"]["safetensors_digest"] == checkpoint_digest(src)
+    assert record["tool"]["version"] and record["num_experts_after"] == 2
+    r2 = prune_checkpoint(src, out, {0: [2, 3], 1: [2, 3]})
+    assert json.loads((out / "moeharden-prune.json").read_text())["keep"] == {"0": [2, 3], "1": [2, 3]}
+    assert r2.timings["total"] >= r2.timings["write"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -22,9 +22,15 @@ _PICKLE = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None) -> Path:
+def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_remote_code: bool = False) -> Path:
     """A local directory for ``ckpt`` (downloading a Hub repo id if needed), validated.
 
+    Args:
+        ckpt: an existing local directory, or a Hub repo id ``owner/name``.
+        revision: Hub branch, tag or commit (Hub ids only).
+        trust_remote_code: also download the repo's ``*.py`` files (only when the user asked for it).
+    Returns:
+        The checkpoint directory (for a Hub id, its snapshot in the local Hub cache).
     Raises:
         CheckpointError: missing directory/config, pickle-only or corrupt weights, unknown repo.
         NetworkError: a Hub id while offline or with the Hub unreachable.
@@ -35,7 +41,8 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None) -> Path
         return path
     text = str(ckpt)
     if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
-        raise CheckpointError(f"Checkpoint {text!r} is neither an existing directory nor a Hub repo id (owner/name).")
+        raise CheckpointError(f"Checkpoint {text!r} is neither an existing directory nor a Hub repo id (owner/name).",
+                              hint="Check the path.")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -46,10 +53,12 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None) -> Path
     except ImportError:  # pragma: no cover - dependency
         raise CheckpointError("huggingface_hub is not installed.") from None
     try:
-        local = Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+        local = Path(snapshot_download(
+            text, revision=revision, allow_patterns=HUB_PATTERNS + (["*.py"] if trust_remote_code else [])))
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
         raise NetworkError(
-            f"Cannot download {text!r} from the Hugging Face Hub: no network, or offline mode is on ({type(err).__name__}).",
+            f"There is no local directory {text!r}, and it cannot be downloaded from the Hugging Face Hub: "
+            f"no network, or offline mode is on ({type(err).__name__}).",
             hint="Download it where there is network (hf download REPO --local-dir DIR) and pass the directory.") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"Repository {text!r} was not found on the Hub (or you lack access).") from None

@@ -40,7 +40,7 @@ class PruneResult:
     layers: list[int]
     shards: list[str]
     keep: dict[str, list[int]] = field(default_factory=dict)
-    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)   # seconds: check, write, total
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,10 +48,11 @@ class PruneResult:
 
 def checkpoint_layout(src: Path):
     """(config object, family spec, expert count, file index, {tensor: role}, MoE layers) of a checkpoint."""
-    from moeharden.checkpoint import load_config
+    from moeharden.checkpoint import load_config, validate_checkpoint
     from moeharden.registry import classify_tensor, num_experts, spec_for_config
     from moeharden.st_io import CheckpointFiles
 
+    validate_checkpoint(Path(src))   # config present, safetensors only, headers sound (cheap)
     cfg = load_config(src)
     spec = spec_for_config(cfg)
     E = num_experts(cfg)
@@ -62,22 +63,32 @@ def checkpoint_layout(src: Path):
 
 
 def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_shard_size: str | int = "2GB",
-                     source_label: str | None = None) -> PruneResult:
+                     source_label: str | None = None, overwrite: bool = True) -> PruneResult:
     """Write ``src`` pruned to ``keep`` into ``out`` (atomically), streaming shard by shard.
 
     Args:
-        keep: ``{decoder layer: kept original expert ids}``, validated against the checkpoint.
+        src: local checkpoint directory (safetensors, validated by the caller or here via headers).
+        out: output directory; replaced only under :func:`moeharden.st_io.check_output_dir`'s rules.
+        keep: ``{decoder layer: kept original expert ids}``, validated against the checkpoint; kept
+            experts are renumbered 0..K-1 in ascending order of their original ids.
+        max_shard_size: cap of each output shard (``"2GB"``, ``"40MB"`` or bytes).
+        source_label: how the source is named in the result and record (e.g. the Hub id).
+        overwrite: whether an earlier moeharden output at ``out`` may be replaced.
+    Returns:
+        :class:`PruneResult`.
     Raises:
         KeepSetError: invalid keep-set (wrong layers, counts, ids, group imbalance).
-        CheckpointError, UnsupportedModelError.
+        CheckpointError, UnsupportedModelError, InputError (``out`` not replaceable, bad size).
     """
     from moeharden.checkpoint import checkpoint_digest
     from moeharden.keepset import parse_keep, to_json
     from moeharden.registry import check_keep_counts, config_value, pruned_config
-    from moeharden.st_io import atomic_output_dir, parse_size, write_streaming_shards
+    from moeharden.st_io import atomic_output_dir, check_output_dir, parse_size, write_streaming_shards
 
     t0 = time.perf_counter()
     src = Path(src)
+    check_output_dir(out, overwrite=overwrite)
+    cap = parse_size(max_shard_size)
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
     keep = parse_keep({str(k): v for k, v in keep.items()}, moe_layers=layers, num_experts=E)
     check_keep_counts(spec, cfg, keep)
@@ -89,7 +100,8 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
     digest = checkpoint_digest(src)
     index = {layer: torch.tensor(ids, dtype=torch.long) for layer, ids in keep.items()}
     plan, sources = _plan(files, roles, keep)
-    with atomic_output_dir(out) as tmp, _ShardReader() as reader:
+    t1 = time.perf_counter()
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, _ShardReader() as reader:
         def produce(p):
             info, role = sources[p.name]
             if role is None or role.expert is not None:       # copied as is, file to file
@@ -104,7 +116,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
                 rows = (rows[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
             return reader.read(info).index_select(role.axis, rows)
 
-        shards = write_streaming_shards(tmp, plan, produce, parse_size(max_shard_size),
+        shards = write_streaming_shards(tmp, plan, produce, cap,
                                         {"moeharden_version": __version__, "moeharden_pruned_from": digest})
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
         for item in src.iterdir():
@@ -118,10 +130,11 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
             "schema": "moeharden.prune/1", "tool": {"name": "moeharden", "version": __version__},
             "source": {"path": source_label or str(src), "safetensors_digest": digest},
             "num_experts_before": E, "num_experts_after": K, **to_json(keep)}, indent=2) + "\n")
+    t2 = time.perf_counter()
     top_k = config_value(new_cfg, spec.top_k_keys)
     return PruneResult(str(source_label or src), str(out), E, K, None if top_k is None else int(top_k), sorted(keep),
                        [s.name for s in shards], {str(k): v for k, v in sorted(keep.items())},
-                       round(time.perf_counter() - t0, 3))
+                       {"check": round(t1 - t0, 3), "write": round(t2 - t1, 3), "total": round(t2 - t0, 3)})
 
 
 class _ShardReader:
@@ -151,11 +164,9 @@ class _ShardReader:
 
 def _plan(files, roles, keep):
     """Output tensors in input order (shard by shard, by file offset), with where each comes from."""
-    from moeharden.st_io import PlannedTensor
+    from moeharden.st_io import PlannedTensor, dtype_nbytes
 
     plan, sources = [], {}
-    width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
     ordered = sorted(files.tensors.values(), key=lambda i: (files.shards.index(i.file), i.start))
     for info in ordered:
         role = roles[info.name]
@@ -170,39 +181,87 @@ def _plan(files, roles, keep):
                 shape[role.axis] = len(ids) * role.rows_per_expert
         else:
             role = None
-        n = 1
-        for d in shape:
-            n *= d
-        plan.append(PlannedTensor(name, info.dtype, tuple(shape), n * width[info.dtype]))
+        plan.append(PlannedTensor(name, info.dtype, tuple(shape), dtype_nbytes(info.dtype, shape)))
         sources[name] = (info, role)
     return plan, sources
 
 
+def _attack_tasks(src: Path, task: str, limit: int | None):
+    """``(target task, other tasks)``: ``task`` names a task of the checkpoint's own task file, or is
+    any ``--task`` spec (preset, file, ``file#name``); the others are the contrastive reference."""
+    from moeharden.tasks import TASK_FILE_NAME, load_tasks, read_task_file
+
+    own = Path(src) / TASK_FILE_NAME
+    if own.is_file() and task in {t.name for t in read_task_file(own).tasks}:
+        tasks = load_tasks(None, checkpoint_dir=src, limit=limit, seed=None)
+        target = next(t for t in tasks if t.name == task)
+        return target, [t for t in tasks if t.name != task]
+    tasks = load_tasks([task], checkpoint_dir=src, limit=limit, seed=None)
+    return tasks[0], tasks[1:]
+
+
 def attributed_keep(src: Path, *, method: str, task: str, keep: int, limit: int | None = None,
-                    trust_remote_code: bool = False) -> dict[int, list[int]]:
-    """The attacker's keep-set: run attribution ``method`` on ``task`` and keep the top ``keep`` per layer."""
-    from moeharden.attribution import ALL_METHODS, keep_sets
+                    batch_size: int = 32, trust_remote_code: bool = False) -> dict[int, list[int]]:
+    """The attacker's keep-set: score experts with ``method`` on ``task``, keep the top ``keep`` per layer.
+
+    Only the attribution pass runs (no pruning sweep). With group-limited routing the top experts
+    are taken inside each group, ``keep / groups`` per group.
+
+    Args:
+        src: local checkpoint directory.
+        method: one of :data:`moeharden.attribution.ALL_METHODS`.
+        task: a task of the checkpoint's own ``moeharden-tasks.yaml``, or a ``--task`` spec.
+        keep: experts kept per MoE layer.
+    Returns:
+        ``{decoder layer: kept original expert ids}``.
+    Raises:
+        UsageError: unknown method. KeepSetError: ``keep`` not prunable on this model.
+        TaskError, CheckpointError, UnsupportedModelError.
+    """
+    from moeharden.attribution import (
+        ALL_METHODS,
+        ablation_scores,
+        contrastive_scores,
+        keep_sets,
+        observed_scores,
+    )
     from moeharden.checkpoint import load_model, load_tokenizer
-    from moeharden.registry import moe_layers
-    from moeharden.scan import ScanSettings, model_identity, scan_model
-    from moeharden.tasks import load_tasks
+    from moeharden.errors import KeepSetError
+    from moeharden.evaluate import task_loss
+    from moeharden.registry import moe_layers, routing_groups, valid_keep
+    from moeharden.routing import mask_experts
+    from moeharden.scan import routing_stats
 
     if method not in ALL_METHODS:
         raise UsageError(f"Unknown method {method!r}.", hint=f"Choose from: {', '.join(ALL_METHODS)}.")
-    tasks = load_tasks([task] if task != "own" else None, checkpoint_dir=src, limit=limit, seed=None)
+    target, others = _attack_tasks(src, task, limit)
     model = load_model(src, trust_remote_code=trust_remote_code)
     tok = load_tokenizer(src)
     info = moe_layers(model)
-    if not 1 <= keep <= info[0].num_experts:
-        from moeharden.errors import KeepSetError
+    layers, E, spec = [li.layer for li in info], info[0].num_experts, info[0].spec
+    groups = routing_groups(spec, model.config)
+    if not valid_keep(spec, model.config, keep):
+        raise KeepSetError(f"--keep {keep} cannot be pruned to on this {spec.name} model ({E} experts per layer"
+                           + (f", {groups} routing groups" if groups > 1 else "") + ").",
+                           hint=f"Use a count from {spec.min_keep} to {E}" + (f", a multiple of {groups}." if groups > 1
+                                                                                 else "."))
+    if method == "ablation":
+        @torch.no_grad()
+        def loss_with_mask(mask):
+            if mask is None:
+                return float(task_loss(model, tok, target.attribution))
+            with mask_experts(model, mask):
+                return float(task_loss(model, tok, target.attribution))
 
-        raise KeepSetError(f"--keep {keep} is outside 1..{info[0].num_experts}.")
-    methods = (method, "contrastive") if method == "contrastive" else (method,)
-    data = scan_model(model, tok, tasks, ScanSettings(methods=methods, keeps=(keep,), random_seeds=1),
-                      identity=model_identity(src, model, info))
-    name = tasks[0].name
-    scores = torch.tensor(data["attribution"][method][name], dtype=torch.float64)
-    return keep_sets(scores, [li.layer for li in info], keep)
+        scores = ablation_scores(layers, E, loss_with_mask, skip_invalid=True)
+    else:
+        stats = routing_stats(model, tok, target.calibration_texts(), layers, E, batch_size)
+        if method == "contrastive":
+            scores = contrastive_scores(stats, [routing_stats(model, tok, o.calibration_texts(), layers, E, batch_size)
+                                                for o in others])
+        else:
+            scores = observed_scores(stats)[method]
+    return keep_sets(scores, layers, keep, groups=groups)
 
 
 def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: str | None, task: str | None,
@@ -214,6 +273,7 @@ def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: st
     """
     from moeharden.checkpoint import resolve_checkpoint
     from moeharden.keepset import read_keep_file
+    from moeharden.st_io import check_output_dir, parse_size
 
     by_method = method is not None or task is not None or keep is not None
     if experts_from is not None and by_method:
@@ -222,7 +282,9 @@ def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: st
         raise UsageError("Say which experts to keep: --experts-from KEEP.json, or --method M --task T --keep K.")
     if by_method and (method is None or task is None or keep is None):
         raise UsageError("--method, --task and --keep go together.")
-    src = resolve_checkpoint(ckpt)
+    check_output_dir(out)               # fail before any expensive work
+    parse_size(max_shard_size)
+    src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     if experts_from is not None:
         _, _, E, _, _, layers = checkpoint_layout(src)
         chosen = read_keep_file(experts_from, moe_layers=layers, num_experts=E)

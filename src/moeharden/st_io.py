@@ -1,9 +1,18 @@
-"""Streaming safetensors IO: an index of a checkpoint, one-shard-at-a-time reading, a size-capped
-writer, and atomic output directories.
+"""Streaming safetensors IO: an index of a checkpoint, one-shard-at-a-time reading, size-capped
+writers, and atomic output directories.
 
-Nothing here loads a whole model: headers are parsed from the first bytes of each file, tensors
-are read one at a time through ``safe_open`` (memory-mapped), and the writer flushes a shard as
-soon as it reaches its size cap, so peak memory stays near one output shard plus one tensor.
+Nothing here loads a whole model. Headers are parsed from the first bytes of each file (cheap
+validation: truncation, offsets past the end, sizes that disagree with shapes). Two writers:
+
+* :func:`write_streaming_shards` plans every output shard from shapes known up front, writes each
+  header first and then the tensors one at a time, copying unchanged byte ranges file to file in
+  the kernel; peak memory is one sliced tensor at most (what ``prune`` uses).
+* :class:`ShardWriter` buffers tensors up to the size cap and flushes a shard when the next tensor
+  would pass it; peak memory is about one output shard plus one tensor.
+
+Output directories are built in a temporary sibling and renamed into place
+(:func:`atomic_output_dir`); an existing directory is only replaced when it is empty or an earlier
+moeharden output (:func:`check_output_dir`).
 """
 
 from __future__ import annotations
@@ -13,7 +22,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,8 +34,25 @@ from moeharden.errors import CheckpointError, InputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+OUTPUT_MARKER = ".moeharden-output"
+# bits per element of every safetensors dtype (sub-byte F4/F6 are packed)
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "U16": 16, "U32": 32, "U64": 64, "C64": 64,
+               "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+
+
+def dtype_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes a tensor of safetensors ``dtype`` and ``shape`` occupies on disk.
+
+    Raises:
+        CheckpointError: a dtype safetensors does not define.
+    """
+    if dtype not in _DTYPE_BITS:
+        raise CheckpointError(f"Unknown safetensors dtype {dtype!r}.")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return (count * _DTYPE_BITS[dtype] + 7) // 8
 
 
 @dataclass(frozen=True)
@@ -70,14 +95,13 @@ def read_header(path: Path) -> tuple[dict, int]:
         if name == "__metadata__":
             continue
         try:
-            start, end = meta["data_offsets"]
-            count = 1
-            for d in meta["shape"]:
-                count *= int(d)
-            width = _DTYPE_BYTES.get(meta["dtype"], 1)
+            start, end = (int(v) for v in meta["data_offsets"])
+            nbytes = dtype_nbytes(meta["dtype"], meta["shape"])
+        except CheckpointError as err:
+            raise CheckpointError(f"{path.name}: tensor {name!r}: {err.message}") from None
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry.") from None
-        if base + end > size or end - start != count * width:
+        if start < 0 or base + end > size or end - start != nbytes:
             raise CheckpointError(f"{path.name} is truncated or corrupt: tensor {name!r} lies beyond the end of the file "
                                   f"or its size disagrees with its shape.", hint="Re-download or re-save the checkpoint.")
     return header, base
@@ -334,27 +358,63 @@ class ShardWriter:
         return final
 
 
-@contextmanager
-def atomic_output_dir(out: Path) -> Iterator[Path]:
-    """Build an output directory in a temporary sibling, renamed into place at the end.
+def check_output_dir(out: Path, *, overwrite: bool = True) -> None:
+    """Fail early when ``out`` may not be (re)placed by :func:`atomic_output_dir`.
 
-    On any exception (including Ctrl-C) the temporary directory is removed and ``out`` is left as
-    it was. An existing ``out`` is replaced only after the new one is complete.
+    Semantics: a missing ``out`` is created; an empty directory is replaced; a directory that an
+    earlier moeharden run wrote (it holds the ``.moeharden-output`` marker) is replaced when
+    ``overwrite`` is true (the default: re-running a command refreshes its output); anything else —
+    a file, or a non-empty directory moeharden did not write — is refused, so a mistyped ``--out``
+    can never delete someone's data.
 
     Raises:
-        InputError: ``out`` exists and is a file.
+        InputError: ``out`` is a file, a foreign non-empty directory, or an earlier output while
+            ``overwrite`` is false.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"Output path {out} exists and is not a directory.")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"Output path {out} exists and is not a directory.", hint="Choose another --out.")
+    if (out / OUTPUT_MARKER).is_file():
+        if not overwrite:
+            raise InputError(f"Output directory {out} already holds a moeharden output.",
+                             hint="Remove it, choose another --out, or ask for overwriting.")
+        return
+    if any(out.iterdir()):
+        raise InputError(f"Output directory {out} exists, is not empty and was not written by moeharden; "
+                         "refusing to replace it.", hint="Choose a new or empty --out directory.")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Build an output directory in a temporary sibling, renamed into place at the end.
+
+    Yields the temporary directory to fill. On success it gets the ``.moeharden-output`` marker and
+    replaces ``out`` (see :func:`check_output_dir` for when an existing ``out`` may be replaced; it
+    is checked both before and after the work). On any exception, Ctrl-C included, the temporary
+    directory is removed and ``out`` is left exactly as it was.
+
+    Raises:
+        InputError: see :func:`check_output_dir`.
+    """
+    from moeharden import __version__
+
+    out = Path(out)
+    check_output_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # plain mkdir (not mkdtemp, whose 0700 mode would stick to the renamed output): umask decides
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"tool": "moeharden", "version": __version__}) + "\n")
+        check_output_dir(out, overwrite=overwrite)          # out may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
+        # swap via a second sibling so that a crash between the renames leaves a complete copy
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, old)
         os.replace(tmp, out)
