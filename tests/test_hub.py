@@ -93,13 +93,21 @@ def test_push_uploads_every_file_private_with_version(out_dir, tmp_path):
         # every request carried the token, and the token appears nowhere in what the process wrote
         assert hub.requests and all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
         assert TOKEN not in out
-        # second push to the same repo (exist_ok): a new file arrives in a second commit
-        (out_dir / "report.md").write_text("# report\n")
-        res2, out2 = _push(out_dir, "org/mixtral-hardened", endpoint=hub.endpoint, home=tmp_path / "hf",
+        # second push to the same repo (exist_ok): a verify report lands under moeharden/verify/,
+        # leaving the checkpoint's files as they were
+        rep = tmp_path / "verify-out"
+        rep.mkdir()
+        (rep / "verify.json").write_text('{"schema": "moeharden.verify/1", "passed": false}')
+        (rep / "report.md").write_text("# report\n")
+        res2, out2 = _push(rep, "org/mixtral-hardened", endpoint=hub.endpoint, home=tmp_path / "hf",
                            what="verify")
         assert "ok" in res2, res2
-        assert repo.files == _local(out_dir)
-        assert [c["summary"] for c in repo.commits][-1] == f"moeharden {__version__}: verify"
+        expected = {**_local(out_dir), **{f"moeharden/verify/{k}": v for k, v in _local(rep).items()}}
+        assert repo.files == expected
+        assert sorted(res2["ok"]["files"]) == ["moeharden/verify/report.md", "moeharden/verify/verify.json"]
+        assert [c["summary"] for c in repo.commits] == [f"moeharden {__version__}: entangle",
+                                                        f"moeharden {__version__}: verify"]
+        assert len(hub.create_payloads) == 2 and repo.private is True
         assert TOKEN not in out2
 
 

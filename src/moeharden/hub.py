@@ -155,7 +155,7 @@ def _translate(err: BaseException, *, endpoint: str, repo_id: str, token: str | 
 
 
 def push_to_hub(folder: Path, repo_id: str, *, private: bool = True, what: str, token: str | None = None,
-                progress: bool = False) -> PushResult:
+                path_in_repo: str | None = None, progress: bool = False) -> PushResult:
     """Create ``repo_id`` if needed (private by default) and upload every file of ``folder`` in one push.
 
     Args:
@@ -164,6 +164,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = True, what: str, 
         private: create the repository private (has no effect on an existing repository).
         what: what is pushed, for the commit message (``"entangled checkpoint"``, ``"verify report"``).
         token: a Hub token; ``None`` = ``HF_TOKEN`` or the ``hf auth login`` cache.
+        path_in_repo: folder of the repository to upload into (``None`` = its root).
         progress: show huggingface_hub's own upload progress on stderr (the CLI passes
             ``not json_mode()``); off by default so the library stays silent.
 
@@ -178,7 +179,8 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = True, what: str, 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"Nothing to push: {folder} is not a directory.")
-    files = _local_files(folder)
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo and path_in_repo.strip("/") else ""
+    files = tuple(prefix + f for f in _local_files(folder))
     if not files:
         raise InputError(f"Nothing to push: {folder} is empty.")
     endpoint = _endpoint()
@@ -198,7 +200,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = True, what: str, 
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                                 commit_message=message,
+                                 path_in_repo=prefix.rstrip("/") or None, commit_message=message,
                                  commit_description=f"Uploaded by moeharden {__version__} ({len(files)} files).")
     except Exception as err:  # everything from the client is mapped; the token never leaves here
         # chained for MOEHARDEN_DEBUG=1 tracebacks; client exceptions carry no request headers
@@ -211,17 +213,30 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = True, what: str, 
                       endpoint=endpoint)
 
 
+# Commands whose output is a checkpoint go to the repository root (it loads with from_pretrained);
+# the others are reports and go to their own folder, so they never overwrite the weights' files.
+CHECKPOINT_COMMANDS = ("entangle", "lock", "prune")
+
+
+def default_path_in_repo(what: str) -> str | None:
+    """Repository folder for a command's output: root for checkpoints, ``moeharden/<what>`` otherwise."""
+    return None if what in CHECKPOINT_COMMANDS else f"moeharden/{what}"
+
+
 def push_output(out_dir: Path, repo_id: str, what: str, *, private: bool = True,
                 progress: bool = False) -> PushResult:
     """What ``--push-to-hub REPO_ID`` runs after a command has written its output directory.
 
     Args:
-        out_dir: the command's finished ``--out`` directory, pushed as the repository's root.
+        out_dir: the command's finished ``--out`` directory.
         repo_id: ``namespace/name``.
-        what: the command's artifact for the commit message, e.g. ``"entangle"``, ``"lock"``.
+        what: the command's name (``"entangle"``, ``"lock"``, ``"verify"``, ``"report"``): it goes
+            into the commit message and picks the folder (:func:`default_path_in_repo`):
+            checkpoints at the repository root, ``verify``/``report`` output under ``moeharden/<what>/``.
         private: see :func:`push_to_hub`.
         progress: see :func:`push_to_hub`.
 
     Returns / Raises: as :func:`push_to_hub` (token from ``HF_TOKEN`` or the login cache).
     """
-    return push_to_hub(Path(out_dir), repo_id, private=private, what=what, token=None, progress=progress)
+    return push_to_hub(Path(out_dir), repo_id, private=private, what=what, token=None,
+                       path_in_repo=default_path_in_repo(what), progress=progress)
