@@ -459,6 +459,9 @@ def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe
     from moeharden.tasks import load_tasks
 
     recipe = load_recipe(recipe_path, **(overrides or {}))
+    from moeharden.st_io import check_output_dir
+
+    check_output_dir(out)          # fail now, not after minutes of work
     src = resolve_checkpoint(ckpt)
     task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=src, limit=limit, seed=None)
     bad = [t.name for t in task_objs if t.kind not in ("multiple_choice", "generation", "perplexity")]

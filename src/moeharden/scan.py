@@ -232,6 +232,9 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
 
     settings = settings or ScanSettings()
     settings.validate()
+    from moeharden.st_io import check_output_dir
+
+    check_output_dir(out)          # fail now, not after minutes of work
     path = resolve_checkpoint(ckpt)
     # seed=None: each task file's own split seed stands (settings.seed drives the random controls)
     task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=path, limit=settings.limit,

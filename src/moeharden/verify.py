@@ -70,6 +70,9 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, gate_path: Path | No
     from moeharden.tasks import load_tasks
 
     base = load_report_json(baseline, "moeharden.scan/")
+    from moeharden.st_io import check_output_dir
+
+    check_output_dir(out)          # fail now, not after minutes of work
     gate = load_gate(gate_path)
     path = resolve_checkpoint(ckpt)
     integrity = None
