@@ -203,8 +203,9 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = True, what: str, 
                                  path_in_repo=prefix.rstrip("/") or None, commit_message=message,
                                  commit_description=f"Uploaded by moeharden {__version__} ({len(files)} files).")
     except Exception as err:  # everything from the client is mapped; the token never leaves here
-        # chained for MOEHARDEN_DEBUG=1 tracebacks; client exceptions carry no request headers
-        raise _translate(err, endpoint=endpoint, repo_id=repo_id, token=token) from err
+        # not chained: a server may echo the credential in its error body, and a MOEHARDEN_DEBUG=1
+        # traceback would print the raw exception; the translated message keeps type and (scrubbed) text
+        raise _translate(err, endpoint=endpoint, repo_id=repo_id, token=token) from None
     finally:
         if quiet is not None:
             quiet.__exit__(None, None, None)
