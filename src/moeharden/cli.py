@@ -100,6 +100,25 @@ def _json(flag: bool) -> None:
         ui.set_json_mode(True)
 
 
+PushOpt = typer.Option(None, "--push-to-hub", metavar="REPO_ID",
+                       help="Upload the output to this Hub repo (private unless --public; token from HF_TOKEN "
+                            "or the hf login cache, never printed).")
+PublicOpt = typer.Option(False, "--public", help="With --push-to-hub: create the repo public.")
+
+
+def _push(out: Path, repo_id: str | None, what: str, public: bool) -> dict | None:
+    """After a command has written ``out``: upload it when --push-to-hub was given."""
+    if not repo_id:
+        return None
+    from moeharden.hub import push_output
+
+    res = _run(push_output, out_dir=out, repo_id=repo_id, what=what, private=not public)
+    info = res.to_dict() if hasattr(res, "to_dict") else {"repo_id": repo_id}
+    if not ui.json_mode():
+        ui.console.print(f"Pushed {out} to the Hub repo {repo_id} ({'public' if public else 'private'}).")
+    return info
+
+
 # --------------------------------------------------------------------------- prune
 @app.command()
 def prune(
@@ -226,6 +245,8 @@ def entangle(
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir"),
     limit: int | None = typer.Option(None, "--limit", help="Seeded sample of N examples per task."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    push_to_hub: str | None = PushOpt,
+    public: bool = PublicOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Retrain with an anti-pruning objective so that pruned sub-models fail sharply."""
@@ -238,8 +259,9 @@ def entangle(
                  "checkpoint_every": checkpoint_every, "seed": seed}
     result = _run(run_entangle, ckpt=ckpt, out=out, tasks=task or None, recipe_path=recipe, overrides=overrides,
                   resume=resume, checkpoint_dir=checkpoint_dir, limit=limit, trust_remote_code=trust_remote_code)
+    pushed = _push(out, push_to_hub, "entangle", public) if result.completed else None
     if ui.json_mode():
-        ui.emit_json(result.to_dict())
+        ui.emit_json({**result.to_dict(), "pushed": pushed})
     else:
         last = ", ".join(f"{k}={v:.4f}" for k, v in result.last.items())
         ui.console.print(f"[green]Entangled[/] {ckpt} → {result.out} ({result.steps_done} steps, "
@@ -262,6 +284,8 @@ def verify(ctx: typer.Context) -> None:
 def report(
     inputs: list[Path] = typer.Argument(..., help="scan.json (re-render), or BEFORE/scan.json AFTER/verify.json."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default: beside the JSON)."),
+    push_to_hub: str | None = PushOpt,
+    public: bool = PublicOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Re-render reports (Markdown, HTML) from their JSON alone."""
@@ -276,8 +300,9 @@ def report(
     else:
         md, html_path = _run(render_before_after, before_json=inputs[0], verify_json=inputs[1],
                              out_dir=out or inputs[1].parent)
+    pushed = _push(Path(html_path).parent, push_to_hub, "report", public)
     if ui.json_mode():
-        ui.emit_json({"markdown": str(md), "html": str(html_path)})
+        ui.emit_json({"markdown": str(md), "html": str(html_path), "pushed": pushed})
     else:
         ui.console.print(f"Wrote {md} and {html_path}")
 
