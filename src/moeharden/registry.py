@@ -35,10 +35,12 @@ class FamilySpec:
             without one is dense and skipped).
         router_attr / experts_attr: children of the block; selection_bias: path from the block
             to a ``[E]`` (or ``[1, E]``) selection-bias tensor, if any.
-        shared_attrs: shared-expert children (never pruned).
+        shared_attrs: shared-expert children, and their gates (never pruned).
         expert_keys / top_k_keys: config keys (dotted for nested configs) of expert count, top-k.
         top_k_attrs: module attributes (paths from the block) holding top-k, capped by masking.
         group_keys: (n_group, topk_group) keys for group-limited routing, if any.
+        groups_unless: (config key, value) under which the groups are ignored by the router
+            (DeepSeek-V2 ``topk_method: greedy``, e.g. V2-Lite).
         score: how routing probabilities are formed from router logits (for ``probs``).
         weight_on_input: the combine weight scales the expert's *input* (Llama-4).
         flat_rows_key: config key of rows per expert in flattened ``[E·I, H]`` tensors (DBRX).
@@ -56,6 +58,7 @@ class FamilySpec:
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
     top_k_attrs: tuple[str, ...] = ("gate.top_k",)
     group_keys: tuple[str, str] | None = None
+    groups_unless: tuple[str, str] | None = None
     score: Literal["softmax", "sigmoid"] = "softmax"
     weight_on_input: bool = False
     flat_rows_key: str | None = None
@@ -70,11 +73,13 @@ _DEEPSEEK_KEYS = dict(expert_keys=("n_routed_experts",), shared_attrs=("shared_e
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("Mixtral", ("mixtral",)),
-    FamilySpec("Qwen2-MoE", ("qwen2_moe",), expert_keys=("num_experts",), shared_attrs=("shared_expert",),
+    FamilySpec("Qwen2-MoE", ("qwen2_moe",), expert_keys=("num_experts",),
+               shared_attrs=("shared_expert", "shared_expert_gate"),
                notes="shared expert with a sigmoid gate"),
     FamilySpec("Qwen3-MoE", ("qwen3_moe",), expert_keys=("num_local_experts", "num_experts")),
     FamilySpec("OLMoE", ("olmoe",), expert_keys=("num_experts",)),
-    FamilySpec("DeepSeek-V2", ("deepseek_v2",), group_keys=("n_group", "topk_group"), **_DEEPSEEK_KEYS,
+    FamilySpec("DeepSeek-V2", ("deepseek_v2",), group_keys=("n_group", "topk_group"),
+               groups_unless=("topk_method", "greedy"), **_DEEPSEEK_KEYS,
                notes="group-limited greedy routing; first_k_dense_replace dense layers"),
     FamilySpec("DeepSeek-V3", ("deepseek_v3",), selection_bias="gate.e_score_correction_bias", score="sigmoid",
                group_keys=("n_group", "topk_group"), group_min=2, **_DEEPSEEK_KEYS,
@@ -137,11 +142,17 @@ def _get(obj: Any, path: str) -> Any:
     return obj
 
 
-def config_value(config: Any, keys: Sequence[str]) -> Any:
-    """First present value among dotted ``keys`` of a config object or dict."""
+def config_value(config: Any, keys: Sequence[str], layer: int | None = None) -> Any:
+    """First present value among dotted ``keys`` of a config object or dict.
+
+    A per-layer list (HunYuan allows ``moe_topk: [2, 2, ...]``) yields its ``layer`` entry, or its
+    maximum when no layer is given.
+    """
     for k in keys:
         v = _get(config, k)
         if v is not None:
+            if isinstance(v, (list, tuple)):
+                return v[layer] if layer is not None and layer < len(v) else max(v)
             return v
     return None
 
@@ -161,6 +172,11 @@ class MoELayer:
     num_experts: int
     top_k: int
     spec: FamilySpec
+
+    @property
+    def top_k_paths(self) -> tuple[str, ...]:
+        """Attribute paths (from ``block``) of the ints the block reads top-k from; masking caps them."""
+        return self.spec.top_k_attrs
 
 
 def _router_params(spec: FamilySpec, router: Any) -> tuple[Any, Any]:
@@ -185,9 +201,9 @@ def moe_layers(model: Any) -> list[MoELayer]:
     if layers is None:
         raise UnsupportedModelError(f"Could not find the decoder layers ({spec.layers_path}) of this {spec.name} model.")
     cfg = model.config
-    top_k_cfg = config_value(cfg, spec.top_k_keys)
     out = []
     for i, layer in enumerate(layers):
+        top_k_cfg = config_value(cfg, spec.top_k_keys, i)
         for attr in spec.block_attrs:
             block = getattr(layer, attr, None)
             experts = getattr(block, spec.experts_attr, None) if block is not None else None
@@ -256,10 +272,12 @@ def classify_tensor(spec: FamilySpec, config: Any, name: str, shape: Sequence[in
     if m is None or _SHARED.search(name):
         return None
     layer = int(m.group(1))
-    E = config_value(config, spec.expert_keys)
+    E = config_value(config, spec.expert_keys, layer)
     shape = list(shape)
     pe = _PER_EXPERT.search(name)
     if pe is not None:
+        if E is not None and int(pe.group(2)) >= int(E):
+            raise UnsupportedModelError(f"{name}: expert id {pe.group(2)} but the config has {E} experts per layer.")
         return TensorRole(layer, "expert", expert=int(pe.group(2)))
     if "e_score_correction_bias" in name:
         return TensorRole(layer, "selection_bias", axis=len(shape) - 1)
@@ -302,29 +320,31 @@ def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
             target[parts[-1]] = value
 
     for k in spec.expert_keys:
-        if _get(cfg, k) is not None:
-            put(k, kept)
+        v = _get(cfg, k)
+        if v is not None:
+            put(k, [kept] * len(v) if isinstance(v, (list, tuple)) else kept)
     for k in spec.top_k_keys:
         v = _get(cfg, k)
         if v is not None:
-            put(k, min(int(v), kept))
-    if spec.group_keys:
-        g_key, tg_key = spec.group_keys
-        groups = _get(cfg, g_key)
-        if groups and int(groups) > 1:
-            if kept % int(groups):
-                raise KeepSetError(
-                    f"This {spec.name} model routes in {groups} expert groups; keeping {kept} experts per layer "
-                    f"does not split evenly across groups.",
-                    hint=f"Keep a multiple of {groups} experts per layer, the same number from each group.")
-            if _get(cfg, tg_key) is not None:
-                put(tg_key, min(int(_get(cfg, tg_key)), int(groups)))
+            put(k, [min(int(x), kept) for x in v] if isinstance(v, (list, tuple)) else min(int(v), kept))
+    groups = routing_groups(spec, cfg)
+    if groups > 1:
+        if kept % groups:
+            raise KeepSetError(
+                f"This {spec.name} model routes in {groups} expert groups; keeping {kept} experts per layer "
+                f"does not split evenly across groups.",
+                hint=f"Keep a multiple of {groups} experts per layer, the same number from each group.")
+        tg_key = spec.group_keys[1]
+        if _get(cfg, tg_key) is not None:
+            put(tg_key, min(int(_get(cfg, tg_key)), groups))
     return cfg
 
 
 def routing_groups(spec: FamilySpec, config: Any) -> int:
     """Number of expert groups of group-limited routing (1 when the family routes without groups)."""
     if not spec.group_keys:
+        return 1
+    if spec.groups_unless and config_value(config, (spec.groups_unless[0],)) == spec.groups_unless[1]:
         return 1
     g = config_value(config, (spec.group_keys[0],))
     return int(g) if g else 1
@@ -336,7 +356,17 @@ def valid_keep(spec: FamilySpec, config: Any, keep: int) -> bool:
     G = routing_groups(spec, config)
     if not spec.min_keep <= keep <= E or keep % G:
         return False
-    return G == 1 or keep // G >= spec.group_min
+    if G == 1:
+        return True
+    return keep // G >= spec.group_min and (keep // G) * _topk_group(spec, config) >= _top_k(spec, config, keep)
+
+
+def _topk_group(spec: FamilySpec, config: Any) -> int:
+    return int(config_value(config, (spec.group_keys[1],)) or 1) if spec.group_keys else 1
+
+
+def _top_k(spec: FamilySpec, config: Any, kept: int) -> int:
+    return min(int(config_value(config, spec.top_k_keys) or 1), kept)
 
 
 def check_keep_counts(spec: FamilySpec, config: Any, keep: dict[int, list[int]], *, balanced: bool = True) -> None:
@@ -361,6 +391,12 @@ def check_keep_counts(spec: FamilySpec, config: Any, keep: dict[int, list[int]],
             if min(per) < spec.group_min:
                 raise KeepSetError(f"Layer {layer} keeps {per} experts in its {G} routing groups; {spec.name} "
                                    f"scores groups by their top {spec.group_min} and needs at least that many in each.")
+            # the router picks top-k only inside its topk_group best groups: those must hold enough
+            tg = _topk_group(spec, config)
+            if sum(sorted(per)[:tg]) < _top_k(spec, config, len(ids)):
+                raise KeepSetError(f"Layer {layer} keeps {per} experts in its {G} routing groups; the router picks "
+                                   f"{_top_k(spec, config, len(ids))} experts from its best {tg} group(s), "
+                                   "which could hold fewer.", hint="Keep more experts in each routing group.")
 
 
 def check_group_balance(spec: FamilySpec, config: Any, keep: dict[int, list[int]]) -> None:
@@ -369,10 +405,8 @@ def check_group_balance(spec: FamilySpec, config: Any, keep: dict[int, list[int]
     Raises:
         KeepSetError: unequal removal across groups in some layer.
     """
-    if not spec.group_keys:
-        return
-    groups = config_value(config, (spec.group_keys[0],))
-    if not groups or int(groups) <= 1:
+    groups = routing_groups(spec, config)
+    if groups <= 1:
         return
     E = int(config_value(config, spec.expert_keys))
     size = E // int(groups)
@@ -389,13 +423,23 @@ def check_group_balance(spec: FamilySpec, config: Any, keep: dict[int, list[int]
 GROUPS = ("experts", "router", "shared_experts", "attention", "embeddings", "norms", "lm_head", "other")
 
 
-def parameter_groups(model: Any) -> dict[str, list[str]]:
+def parameter_groups(spec: FamilySpec | None, model: Any) -> dict[str, list[str]]:
     """Parameter names of a loaded model by group (for policies and training).
+
+    Args:
+        spec: the model's family adapter (``None``: looked up from ``model.config``).
+        model: a loaded (or meta-device) model of a supported family.
 
     ``experts``: routed expert tensors; ``router``: router weight/bias and selection bias;
     ``shared_experts``; ``attention``: the decoder layers' attention; ``embeddings``; ``norms``;
-    ``lm_head``; everything else in ``other``.
+    ``lm_head``; everything else in ``other`` (dense MLPs of dense layers included).
+
+    Raises:
+        UnsupportedModelError: unsupported family, or ``spec`` does not match the model.
     """
+    if spec is not None and spec is not spec_for_config(model.config):
+        raise UnsupportedModelError(f"parameter_groups: a {spec.name} adapter for a "
+                                    f"{spec_for_config(model.config).name} model.")
     ids: dict[int, str] = {}
     for li in moe_layers(model):
         for p in li.experts.parameters():
