@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -331,6 +332,7 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
         opt, (lambda s: max(0.0, 1.0 - s / recipe.steps)) if recipe.lr_schedule == "linear" else (lambda s: 1.0))
     model, opt = accel.prepare(model, opt)
     base = accel.unwrap_model(model)
+    teacher.to(accel.device)
     info = moe_layers(base)
     layers, E = [li.layer for li in info], info[0].num_experts
     keeps = train_keeps(E, recipe.keep_ratios)
@@ -352,7 +354,8 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     device = accel.device
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     for step in range(start, end):
-        rng = _step_rng(recipe.seed, step)
+        # each process of a multi-GPU run draws its own batches (process 0 = the single-process run)
+        rng = _step_rng(recipe.seed + 7919 * accel.process_index, step)
         torch.manual_seed(recipe.seed * 1_000_003 + step)
         if step % recipe.recompute_every == 0 or not attr_pool:
             base.eval()
@@ -368,7 +371,8 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
                                     for k in keeps if k <= E // 2]
             model.train()
         logs = {"task": 0.0, "retain": 0.0, "spread": 0.0, "prune": 0.0}
-        for t in tasks:
+        n_units = len(tasks) * recipe.grad_accum      # micro-batches whose gradients one step sums
+        for t in [t for _ in range(recipe.grad_accum) for t in tasks]:
             ex = rng.sample(t.train, min(recipe.batch_size, len(t.train)))
             batch = encode(tokenizer, ex).to(device)
             with torch.no_grad():
@@ -380,7 +384,7 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
                 l_ret = kl_retain(logits, t_logits, batch.attention_mask)
                 l_spr = spread_loss(tap.inputs, batch.attention_mask)
                 loss = l_task + recipe.lambda_retain * l_ret + recipe.lambda_spread * l_spr
-            accel.backward(loss / len(tasks))
+            accel.backward(loss / n_units)
             l_prune = 0.0
             for _ in range(recipe.subsets_per_step):
                 _, keep = sample_keepset(rng, recipe, attr_pool.get(t.name, []), adv_pool.get(t.name, []),
@@ -388,14 +392,14 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
                 with mask_experts(base, keep), accel.autocast():
                     lp = pruned_hinge(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                                       batch, recipe)
-                accel.backward(recipe.lambda_prune * lp / (recipe.subsets_per_step * len(tasks)))
+                accel.backward(recipe.lambda_prune * lp / (recipe.subsets_per_step * n_units))
                 l_prune += float(lp.detach()) / recipe.subsets_per_step
                 if recipe.recovery_term:
-                    l_prune += _recovery_term(model, base, batch, keep, recipe, accel, len(tasks))
-            logs["task"] += float(l_task.detach()) / len(tasks)
-            logs["retain"] += float(l_ret.detach()) / len(tasks)
-            logs["spread"] += float(l_spr.detach()) / len(tasks)
-            logs["prune"] += l_prune / len(tasks)
+                    l_prune += _recovery_term(model, base, batch, keep, recipe, accel, n_units)
+            logs["task"] += float(l_task.detach()) / n_units
+            logs["retain"] += float(l_ret.detach()) / n_units
+            logs["spread"] += float(l_spr.detach()) / n_units
+            logs["prune"] += l_prune / n_units
         if recipe.grad_clip:
             accel.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
@@ -405,7 +409,7 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
         if progress is not None:
             progress(1, **logs)
         done = step + 1
-        if ckpt_dir is not None and (done % recipe.checkpoint_every == 0 or done == end):
+        if ckpt_dir is not None and accel.is_main_process and (done % recipe.checkpoint_every == 0 or done == end):
             _save_ckpt(latest, base, opt, {"step": done, "history": history,
                                            "attr_pool": attr_pool, "adv_pool": adv_pool})
     model.eval()
@@ -471,7 +475,9 @@ def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe
     if resume and not (ckpt_dir / "latest" / "state.json").exists():
         raise UsageError(f"--resume: no checkpoint found in {ckpt_dir}.",
                          hint="Run without --resume first, or pass --checkpoint-dir.")
-    model = load_model(src, trust_remote_code=trust_remote_code)
+    # under `accelerate launch` (several processes) accelerate places the model itself: no device_map
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    model = load_model(src, trust_remote_code=trust_remote_code, device_map="cpu" if distributed else None)
     tokenizer = load_tokenizer(src)
     t0 = time.perf_counter()
     with progress_bar("entangle", total=recipe.steps) as advance:
@@ -482,6 +488,8 @@ def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe
     last = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
     if not completed:
         return EntangleResult(out=None, steps_done=done, completed=False, seconds=seconds, last=last)
+    if distributed and int(os.environ.get("RANK", "0")) != 0:
+        return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
