@@ -101,3 +101,29 @@ def test_distill_uses_no_labels(tiny_demo):
     assert ops.seen == set()                          # the label-reading loss was never called
     assert run.labels_used == 0
     assert len(run.points) == 3
+
+
+def test_lora_mode_trains_adapters_and_unloads_them(tiny_demo):
+    model, tok, tasks = tiny_demo
+    task = tasks["sentiment"]
+    layers = moe_layers(model)
+    experts_cls = type(layers[0].experts)
+    keep = {li.layer: [0, 1] for li in layers}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = {}
+
+    class Spy(CountingOps):
+        def metric(self, m):
+            trained.update({n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n})
+            return self.ops.metric(m)
+
+    from moeharden.recover import _lora_targets
+
+    s = RecoverySettings(mode="lora", strategy="random", budget=8, rounds=2, steps_per_round=3, lr=1e-2)
+    run_recovery(model, Spy(task_ops(tok, task)), task.train, s, mask=lambda: mask_experts(model, keep),
+                 lora_targets=_lora_targets(layers))
+    assert any(".experts." in n for n in trained), "LoRA should also adapt the fused expert tensors"
+    assert any("q_proj" in n for n in trained)
+    assert type(moe_layers(model)[0].experts) is experts_cls            # adapters unloaded
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])                                 # base weights untouched

@@ -180,7 +180,7 @@ def select(strategy: str, model, ops: TaskOps, pool: Sequence, labeled: list[int
 
 def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings, *,
                  router_params: Sequence[torch.nn.Parameter] = (), mask: Callable | None = None,
-                 lora_targets: Sequence[str] = ()) -> RecoveryRun:
+                 lora_targets: tuple[Sequence[str], Sequence[str]] = ((), ())) -> RecoveryRun:
     """Run one seeded recovery attack and restore the model afterwards.
 
     Args:
@@ -189,7 +189,7 @@ def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings
         router_params: the router weights (``router`` mode).
         mask: a context-manager factory applying the pruning mask (``None`` for a physically
             pruned model).
-        lora_targets: module-name suffixes for LoRA (``lora`` mode).
+        lora_targets: (module-name suffixes, parameter names) for LoRA (``lora`` mode).
     Returns:
         the learning curve; ``points[0]`` is the pruned model before any training (0 labels).
     """
@@ -212,8 +212,9 @@ def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings
         if s.mode == "lora":
             from peft import LoraConfig, get_peft_model
 
-            cfg = LoraConfig(r=s.lora_rank, lora_alpha=2 * s.lora_rank, target_modules=list(lora_targets),
-                             lora_dropout=0.0)
+            modules, tparams = lora_targets
+            cfg = LoraConfig(r=s.lora_rank, lora_alpha=2 * s.lora_rank, target_modules=list(modules),
+                             target_parameters=list(tparams) or None, lora_dropout=0.0)
             peft_model = target = get_peft_model(model, cfg)
             params = [p for n, p in target.named_parameters() if "lora_" in n]
         else:
@@ -458,9 +459,13 @@ def recovery_suite(model, tokenizer, tasks, data: dict, *, modes: Sequence[str] 
     }
 
 
-def _lora_targets(info) -> list[str]:
-    """LoRA targets: attention projections (standard names) — peft matches module-name suffixes."""
-    return ["q_proj", "k_proj", "v_proj", "o_proj"]
+def _lora_targets(info) -> tuple[list[str], list[str]]:
+    """LoRA targets: attention projections (module-name suffixes) and the fused 3-D expert tensors
+    (peft's ``target_parameters``; only kept experts are ever routed to, so only they matter)."""
+    li = info[0]
+    params = sorted({f"{li.spec.experts_attr}.{n}" for n, p in li.experts.named_parameters(recurse=False)
+                     if p.dim() == 3})
+    return ["q_proj", "k_proj", "v_proj", "o_proj"], params
 
 
 def recovery_for_scan(model, tokenizer, tasks, data: dict, settings) -> dict:
