@@ -451,20 +451,20 @@ def parameter_groups(spec: FamilySpec | None, model: Any) -> dict[str, list[str]
         for sh in li.shared_experts:
             for p in sh.parameters():
                 ids[id(p)] = "shared_experts"
+    # everything else by the type of the innermost module holding it (names are unreliable:
+    # DBRX keeps its attention under `norm_attn_norm`)
+    import torch
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    by_module: dict[int, str] = {}
+    for _, mod in model.named_modules():       # parents first, so inner modules win
+        kind = type(mod).__name__.lower()
+        g = ("lm_head" if mod is out_emb else "embeddings" if isinstance(mod, torch.nn.Embedding)
+             else "attention" if "attention" in kind else "norms" if "norm" in kind else None)
+        if g is not None:
+            for p in mod.parameters():
+                by_module[id(p)] = g
     out: dict[str, list[str]] = {g: [] for g in GROUPS}
     for name, p in model.named_parameters():
-        g = ids.get(id(p))
-        if g is None:
-            low = name.lower()
-            if "lm_head" in low:
-                g = "lm_head"
-            elif "embed" in low or "wte" in low:
-                g = "embeddings"
-            elif "norm" in low:
-                g = "norms"
-            elif "attn" in low or "attention" in low:
-                g = "attention"
-            else:
-                g = "other"
-        out[g].append(name)
+        out[ids.get(id(p)) or by_module.get(id(p), "other")].append(name)
     return out

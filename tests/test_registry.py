@@ -1,0 +1,209 @@
+"""Registry: module view, disk view, pruned config and parameter groups on tiny real models.
+
+The disk view is checked against what ``save_pretrained`` really writes for every family (and
+against the fused module naming of ``state_dict()``): the tensors it calls expert / router /
+selection-bias tensors must hold exactly as many numbers as the module view's expert, router and
+selection-bias tensors — so nothing expert-indexed is missed and nothing else is swept in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from families import FAMILIES, build_tiny, tiny_config
+from safetensors import safe_open
+
+from moeharden.errors import KeepSetError, UnsupportedModelError
+from moeharden.registry import (
+    FAMILIES as SPECS,
+)
+from moeharden.registry import (
+    check_keep_counts,
+    classify_tensor,
+    moe_layers,
+    parameter_groups,
+    pruned_config,
+    spec_for_config,
+    supported_families,
+    valid_keep,
+)
+
+
+def test_dense_model_is_refused_with_the_supported_list():
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(UnsupportedModelError) as exc:
+        spec_for_config(cfg)
+    for name in supported_families():
+        assert name in exc.value.message
+    assert len(supported_families()) == 15
+    with pytest.raises(UnsupportedModelError):
+        moe_layers(T.LlamaForCausalLM(cfg))
+
+
+# (family, overrides, expected MoE decoder layers) — expected from each config's documented rule
+DENSE_CASES = [
+    ("qwen2_moe", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]), [1]),
+    ("qwen3_moe", dict(num_hidden_layers=3, mlp_only_layers=[0]), [1, 2]),
+    ("deepseek_v2", dict(num_hidden_layers=3, first_k_dense_replace=2), [2]),
+    ("deepseek_v3", dict(num_hidden_layers=3, first_k_dense_replace=1), [1, 2]),
+    ("glm4_moe", dict(num_hidden_layers=3, first_k_dense_replace=0), [0, 1, 2]),
+    ("llama4_text", dict(num_hidden_layers=4, interleave_moe_layer_step=2), [1, 3]),
+    ("ernie4_5_moe", dict(num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2), [1, 3]),
+]
+
+
+@pytest.mark.parametrize("family,overrides,expected", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
+def test_moe_layers_skip_dense_layers(family, overrides, expected):
+    model, cfg = build_tiny(family, **overrides)
+    layers = moe_layers(model)
+    assert [li.layer for li in layers] == expected
+    for li in layers:
+        assert li.num_experts == 8 and li.router_weight.shape == (8, cfg.hidden_size)
+        assert li.top_k == 2
+
+
+def test_module_view_fields_for_every_family():
+    for family in FAMILIES:
+        model, cfg = build_tiny(family)
+        spec = spec_for_config(cfg)
+        for li in moe_layers(model):
+            assert li.spec is spec
+            assert (li.selection_bias is not None) == (spec.selection_bias is not None)
+            assert len(li.shared_experts) == (1 if family in ("qwen2_moe", "llama4_text") else 0) + (
+                1 if family in ("qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe",
+                                "hunyuan_v1_moe") else 0)
+            assert (li.router_bias is not None) == (family == "gpt_oss")
+            # every top-k location names an int equal to the config's top-k
+            for path in li.top_k_paths:
+                owner = li.block
+                for part in path.split("."):
+                    owner = getattr(owner, part)
+                assert owner == 2, (family, path)
+
+
+def _expected_numel(model) -> dict[tuple[int, str], int]:
+    """Numbers per (layer, role) in the module view: experts, router weight+bias, selection bias."""
+    out: dict[tuple[int, str], int] = {}
+    for li in moe_layers(model):
+        out[(li.layer, "expert")] = sum(p.numel() for p in li.experts.parameters())
+        out[(li.layer, "router")] = li.router_weight.numel() + (0 if li.router_bias is None else li.router_bias.numel())
+        if li.selection_bias is not None:
+            out[(li.layer, "selection_bias")] = li.selection_bias.numel()
+    return out
+
+
+def _classified_numel(spec, cfg, tensors: dict[str, list[int]]):
+    got: dict[tuple[int, str], int] = {}
+    experts_seen: dict[int, set[int]] = {}
+    for name, shape in tensors.items():
+        role = classify_tensor(spec, cfg, name, shape)
+        if role is None:
+            continue
+        assert "shared" not in name, name
+        n = 1
+        for d in shape:
+            n *= d
+        got[(role.layer, role.kind)] = got.get((role.layer, role.kind), 0) + n
+        if role.kind == "expert" and role.expert is not None:
+            experts_seen.setdefault(role.layer, set()).add(role.expert)
+            assert role.rename(name, 5).replace(".experts.5.", f".experts.{role.expert}.", 1) == name
+        elif role.kind == "expert":
+            assert shape[role.axis] == 8 * role.rows_per_expert
+        else:
+            assert shape[role.axis] == 8
+    for layer, seen in experts_seen.items():
+        assert seen == set(range(8)), (layer, seen)
+    return got
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disk_view_matches_module_view(family, tmp_path):
+    model, cfg = build_tiny(family)
+    spec = spec_for_config(cfg)
+    want = _expected_numel(model)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        on_disk = {n: list(f.get_slice(n).get_shape()) for n in f.keys()}
+    assert _classified_numel(spec, cfg, on_disk) == want
+    # checkpoints saved in the fused module naming (state_dict of the loaded model) too
+    fused = {n: list(t.shape) for n, t in model.state_dict().items()}
+    assert _classified_numel(spec, cfg, fused) == want
+
+
+def test_disk_view_refuses_an_inconsistent_checkpoint():
+    spec = spec_for_config(tiny_config("mixtral"))
+    cfg = tiny_config("mixtral")
+    with pytest.raises(UnsupportedModelError):
+        classify_tensor(spec, cfg, "model.layers.0.mlp.experts.gate_up_proj", [6, 96, 32])
+    with pytest.raises(UnsupportedModelError):
+        classify_tensor(spec, cfg, "model.layers.0.block_sparse_moe.experts.8.w1.weight", [48, 32])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_config_builds_a_model_with_kept_experts(family):
+    cfg = tiny_config(family)
+    spec = spec_for_config(cfg)
+    kept = 4
+    d = pruned_config(spec, cfg.to_dict(), kept)
+    assert cfg.to_dict() != d
+    new_cfg = type(cfg).from_dict(d)
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(new_cfg) if family != "llama4_text" else T.Llama4ForCausalLM(new_cfg)
+    layers = moe_layers(model)
+    assert {li.num_experts for li in layers} == {kept}
+    assert {li.top_k for li in layers} == {2}
+    assert {tuple(li.experts.parameters())[0].shape[0] for li in layers} in ({kept}, {kept * 24})   # DBRX: [E*I, H]
+    if valid_keep(spec, cfg, 1):                 # top-k capped at the kept count
+        d1 = type(cfg).from_dict(pruned_config(spec, cfg.to_dict(), 1))
+        with torch.device("meta"):
+            m1 = T.AutoModelForCausalLM.from_config(d1) if family != "llama4_text" else T.Llama4ForCausalLM(d1)
+        assert {li.top_k for li in moe_layers(m1)} == {1}
+    for bad in (0, 9):
+        with pytest.raises(KeepSetError):
+            pruned_config(spec, cfg.to_dict(), bad)
+
+
+def test_group_limited_routing_constraints():
+    cfg = tiny_config("deepseek_v3", n_group=2, topk_group=1)
+    spec = spec_for_config(cfg)
+    with pytest.raises(KeepSetError, match="groups"):
+        pruned_config(spec, cfg.to_dict(), 3)                        # 2 groups do not divide 3
+    assert pruned_config(spec, cfg.to_dict(), 6)["n_routed_experts"] == 6
+    assert not valid_keep(spec, cfg, 2)                              # 1 per group: top-2-sum group score
+    with pytest.raises(KeepSetError):
+        check_keep_counts(spec, cfg, {1: [0, 1, 2, 4]})              # 3 + 1: unequal per group
+    with pytest.raises(KeepSetError, match="best 1 group"):          # 2 groups scored, top-4 from one
+        check_keep_counts(spec, tiny_config("deepseek_v3", num_experts_per_tok=4), {1: [0, 1, 4, 5]})
+    # DeepSeek-V2 with the greedy method ignores its groups
+    greedy = tiny_config("deepseek_v2", topk_method="greedy")
+    assert pruned_config(spec_for_config(greedy), greedy.to_dict(), 3)["n_routed_experts"] == 3
+
+
+def test_per_layer_top_k_list_is_capped():
+    cfg = tiny_config("hunyuan_v1_moe", moe_topk=[2, 2])
+    spec = spec_for_config(cfg)
+    assert pruned_config(spec, cfg.to_dict(), 1)["moe_topk"] == [1, 1]
+    model, _ = build_tiny("hunyuan_v1_moe", moe_topk=[2, 2])
+    assert [li.top_k for li in moe_layers(model)] == [2, 2]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "dbrx", "llama4_text"])
+def test_parameter_groups_partition_the_model(family):
+    model, cfg = build_tiny(family)
+    groups = parameter_groups(spec_for_config(cfg), model)
+    names = [n for g in groups.values() for n in g]
+    params = dict(model.named_parameters())
+    assert sorted(names) == sorted(params)                           # a partition
+    layers = moe_layers(model)
+    assert sum(params[n].numel() for n in groups["experts"]) == sum(
+        p.numel() for li in layers for p in li.experts.parameters())
+    assert sum(params[n].numel() for n in groups["router"]) == sum(
+        li.router_weight.numel() + (0 if li.router_bias is None else li.router_bias.numel()) for li in layers)
+    assert groups["attention"] and groups["embeddings"] and groups["norms"]
+    assert all("shared" in n for n in groups["shared_experts"])
+    if family == "qwen2_moe":
+        assert any("shared_expert_gate" in n for n in groups["shared_experts"])
+    with pytest.raises(UnsupportedModelError):
+        parameter_groups(SPECS[0] if family != "mixtral" else SPECS[1], model)
