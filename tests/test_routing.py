@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from families import FAMILIES, build_tiny
 
-from moeharden.registry import moe_layers
+from moeharden.registry import (
+    check_keep_counts,
+    moe_layers,
+    pruned_config,
+    routing_groups,
+    spec_for_config,
+    valid_keep,
+)
 from moeharden.routing import mask_experts, record_routing
 
 
@@ -134,7 +141,7 @@ def test_record_with_norms_leaves_the_forward_unchanged(tiny):
         plain = model(input_ids=ids, attention_mask=mask).logits
         with record_routing(model, norms=True, attention_mask=mask) as rec:
             hooked = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(hooked, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=1e-6)   # bit-equal with grouped_mm experts
     for r in rec.layers.values():
         assert r.norms is not None and r.norms.shape == r.indices.shape and bool((r.norms > 0).all())
         assert r.probs is not None and r.probs.shape[0] == r.indices.shape[0]
@@ -188,20 +195,38 @@ def test_mask_below_top_k_caps_top_k(tiny):
         assert set(rec.layers[li.layer].indices.reshape(-1).tolist()) == {1}
 
 
-def _expert_out_mixtral(ex, e, x):
-    g, u = (x @ ex.gate_up_proj[e].T).chunk(2, -1)
-    return (F.silu(g) * u) @ ex.down_proj[e].T
+def _swiglu(x, w_gate, w_up, w_down):
+    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def _expert_out_fused(ex, e, x):
+    """Most families: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    g, u = ex.gate_up_proj[e].chunk(2, 0)
+    return _swiglu(x, g.T, u.T, ex.down_proj[e].T)
 
 
 def _expert_out_gpt_oss(ex, e, x):
-    gu = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
+    gu = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]             # [.., 2I], gate/up interleaved
     gate, up = gu[..., ::2].clamp(max=ex.limit), gu[..., 1::2].clamp(-ex.limit, ex.limit)
     return ((up + 1) * gate * torch.sigmoid(gate * ex.alpha)) @ ex.down_proj[e] + ex.down_proj_bias[e]
 
 
-@pytest.mark.parametrize("family,expert_fn", [("mixtral", _expert_out_mixtral), ("gpt_oss", _expert_out_gpt_oss)])
-def test_recorded_norms_match_hand_computed_expert_mlp(family, expert_fn):
-    model, _ = build_tiny(family)
+def _expert_out_dbrx(ex, e, x):
+    rows = slice(e * 24, (e + 1) * 24)                                 # flattened [E*I, H]
+    return _swiglu(x, ex.mlp.w1[rows].T, ex.mlp.v1[rows].T, ex.mlp.w2[rows])
+
+
+def _expert_out_llama4(ex, e, x):
+    g, u = ex.gate_up_proj[e].chunk(2, -1)                             # [H, 2I] -> 2 x [H, I]
+    return _swiglu(x, g, u, ex.down_proj[e])
+
+
+HAND = {"gpt_oss": _expert_out_gpt_oss, "dbrx": _expert_out_dbrx, "llama4_text": _expert_out_llama4}
+
+
+def test_recorded_norms_match_hand_computed_expert_mlp(tiny):
+    family, model, _ = tiny
+    expert_fn = HAND.get(family, _expert_out_fused)
     layers = moe_layers(model)
     captured = {}
     hooks = [li.block.register_forward_pre_hook(
@@ -218,6 +243,95 @@ def test_recorded_norms_match_hand_computed_expert_mlp(family, expert_fn):
             x = captured[li.layer]
             for t in range(0, x.shape[0], 3):
                 for s in range(r.indices.shape[1]):
-                    e = int(r.indices[t, s])
-                    want = float(expert_fn(li.experts, e, x[t]).norm())
-                    assert float(r.norms[t, s]) == pytest.approx(want, rel=1e-4)
+                    e, w = int(r.indices[t, s]), float(r.weights[t, s])
+                    if li.spec.weight_on_input:   # Llama-4: ‖f(g·x)‖ / g, the contribution's norm over g
+                        want = float(expert_fn(li.experts, e, w * x[t]).norm()) / w
+                    else:
+                        want = float(expert_fn(li.experts, e, x[t]).norm())
+                    assert float(r.norms[t, s]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- mask == physical prune
+def _physically_pruned(model, cfg, keep, kept):
+    """A fresh model from ``pruned_config`` whose weights are the loaded model's, sliced to ``keep``
+    along the expert axis per the module view (fused [E, ...] or flattened [E*I, H] experts,
+    router rows, selection-bias entries). No disk IO: validates masking and pruned_config alone."""
+    spec = spec_for_config(cfg)
+    new_cfg = type(cfg).from_dict(pruned_config(spec, cfg.to_dict(), kept))
+    roles = {}
+    for li in moe_layers(model):
+        for p in li.experts.parameters():
+            roles[id(p)] = li
+        for t in (li.router_weight, li.router_bias, li.selection_bias):
+            if t is not None:
+                roles[id(t)] = li
+    sd = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        li = roles.get(id(t))
+        t = t.detach()
+        if li is not None:
+            E, idx = li.num_experts, torch.tensor(keep[li.layer])
+            axis = 0 if t.shape[0] % E == 0 and t.dim() > 1 or t.dim() == 1 else t.dim() - 1   # [1, E]: last
+            if t.shape[axis] == E:
+                t = t.index_select(axis, idx)
+            else:                                      # flattened [E*I, H] (DBRX)
+                t = t.reshape(E, -1, *t.shape[1:])[idx].reshape(-1, *t.shape[1:])
+        sd[name] = t.clone()
+    pruned = type(model)(new_cfg).float().eval()
+    pruned.load_state_dict(sd, strict=True)
+    return pruned
+
+
+def _busy_keep(model, cfg, kept):
+    """Per layer, ``kept`` experts (equally many per routing group) that are the LEAST used, so the
+    mask removes experts the model was really using; layers keep different sets."""
+    layers = moe_layers(model)
+    G = routing_groups(layers[0].spec, cfg)
+    ids, _ = _inputs(5)
+    with torch.no_grad(), record_routing(model, norms=False, probs=False) as rec:
+        model(input_ids=ids)
+    keep = {}
+    for li in layers:
+        used = rec.layers[li.layer].indices.reshape(-1).bincount(minlength=li.num_experts)
+        size = li.num_experts // G
+        keep[li.layer] = sorted(e for g in range(G) for e in sorted(
+            range(g * size, (g + 1) * size), key=lambda e: (int(used[e]), e))[: kept // G])
+    return keep
+
+
+@pytest.mark.parametrize("kept", ["half", "fewest"])
+def test_masked_model_equals_in_memory_pruned_model(tiny, kept):
+    _, model, cfg = tiny
+    spec = moe_layers(model)[0].spec
+    n = 4 if kept == "half" else min(k for k in range(1, 9) if valid_keep(spec, cfg, k))
+    if kept == "fewest" and n == 4:
+        pytest.skip(f"{spec.name}: the fewest valid experts is already 4")
+    keep = _busy_keep(model, cfg, n)
+    check_keep_counts(spec, cfg, keep)
+    pruned = _physically_pruned(model, cfg, keep, n)
+    ids, mask = _inputs(6)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with mask_experts(model, keep):
+            masked = model(input_ids=ids, attention_mask=mask).logits
+        got = pruned(input_ids=ids, attention_mask=mask).logits
+    assert (masked - plain).abs().max() > 1e-3, "the mask should remove experts the model was using"
+    assert (got - masked).abs().max() <= 1e-4
+    assert [li.top_k for li in moe_layers(pruned)] == [min(2, n)] * len(keep)
+
+
+def test_record_nested_in_mask_sees_only_kept_experts():
+    model, cfg = build_tiny("qwen3_moe")
+    keep = _busy_keep(model, cfg, 4)
+    ids, mask = _inputs(7)
+    with torch.no_grad():
+        with mask_experts(model, keep):
+            masked = model(input_ids=ids, attention_mask=mask).logits
+            with record_routing(model, norms=True, attention_mask=mask) as rec:
+                hooked = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(hooked, masked, rtol=0, atol=1e-5)
+    for layer, r in rec.layers.items():
+        hidden = [e for e in range(8) if e not in keep[layer]]
+        assert not set(r.indices.reshape(-1).tolist()) & set(hidden)
+        assert float(r.probs[:, hidden].abs().max()) == 0.0            # probs follow the mask
+        torch.testing.assert_close(r.probs.sum(-1), torch.ones(r.probs.shape[0]))

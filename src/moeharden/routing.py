@@ -4,8 +4,8 @@
   their combine weights **as the model computed them** — captured where the MoE block hands them
   to its experts module, never recomputed from logits (families differ: softmax or sigmoid,
   bias-based and group-limited selection, renormalisation, scaling) — plus each chosen expert's
-  output norm, computed inside the normal expert pass (each hit expert runs once on its tokens,
-  as in the model's own loop), so there is no extra expert compute.
+  output norm, computed inside the normal expert pass (the model's own experts implementation
+  runs once on the token-expert pairs, unweighted), so there is no extra expert compute.
 * :func:`mask_experts` hides experts without copying weights: inside each router's forward, the
   router-logit projection gets ``-inf`` on masked experts, masked entries of a selection bias
   become ``-inf``, and top-k is capped at the kept count. A masked expert is never selected, and
@@ -73,7 +73,10 @@ def _sel(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 def _probs(li: MoELayer, x: torch.Tensor) -> torch.Tensor:
     logits = F.linear(x.reshape(-1, x.shape[-1]).float(), li.router_weight.float(),
-                      None if li.router_bias is None else li.router_bias.float())
+                      None if li.router_bias is None else li.router_bias.float())   # [T, E]
+    hidden = getattr(li.router, _MASK_ATTR, None)     # under mask_experts: masked experts get p = 0
+    if hidden is not None:
+        logits = logits + hidden.to(logits.device)
     return torch.sigmoid(logits) if li.spec.score == "sigmoid" else torch.softmax(logits, -1)
 
 
@@ -99,14 +102,19 @@ def record_routing(model, *, norms: bool = True, probs: bool = True,
 
 @contextmanager
 def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, mask):
-    """Families whose block calls ``experts(hidden, top_k_index, top_k_weights)``."""
+    """Families whose block calls ``experts(hidden, top_k_index, top_k_weights)``.
+
+    With ``norms``, the experts module's own forward (whatever implementation the model uses:
+    grouped_mm, batched_mm or the eager loop) is called once on the ``T·k`` (token, slot) pairs as
+    rows of their own, each routed to its one expert with weight 1: that is exactly the expert
+    compute of the normal forward, and it returns every pair's *unweighted* output ``[T·k, H]``.
+    Its norms are recorded, then the outputs are weighted and summed over the k slots as the
+    model does.
+    """
     experts = li.experts
     orig = experts.forward
+    own = experts.__dict__.get("forward")     # an instance-level forward (accelerate hooks) to restore
     handles = []
-    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    swiglu = (li.spec.expert_mlp == "swiglu" and hasattr(experts, "act_fn") and gu is not None and down is not None
-              and gu.dim() == 3 and down.dim() == 3 and gu.shape[1] == 2 * down.shape[2]
-              and gu.shape[2] == down.shape[1])
     if probs:
         def router_pre(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
@@ -115,36 +123,31 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
                 rec._add(li.layer, probs=_sel(_probs(li, x), rows))
         handles.append(li.router.register_forward_pre_hook(router_pre, with_kwargs=True))
 
-    def forward(hidden, top_k_index, top_k_weights, *args, **kwargs):
+    def forward(*args, **kwargs):
+        hidden, top_k_index, top_k_weights = (list(args) + list(kwargs.values()))[:3]
         flat = hidden.reshape(-1, hidden.shape[-1])                   # [T, H]
         rows = _keep_rows(mask, flat.shape[0])
         if not norms:
             rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows))
-            return orig(hidden, top_k_index, top_k_weights, *args, **kwargs)
-        out = torch.zeros_like(flat)
-        nrm = torch.zeros(top_k_index.shape, dtype=torch.float32, device=flat.device)   # [T, k]
-        for e in torch.unique(top_k_index).tolist():
-            tok, slot = torch.where(top_k_index == e)
-            if tok.numel() == 0 or not 0 <= e < li.num_experts:
-                continue
-            if swiglu:   # fused [E, 2I, H] / [E, H, I] SwiGLU experts: the same arithmetic as the model's loop
-                gate, up = F.linear(flat[tok], experts.gate_up_proj[e]).chunk(2, dim=-1)
-                y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
-            else:        # the model's own expert code, called for one expert on its tokens
-                y = orig(flat[tok], torch.full((tok.numel(), 1), e, dtype=top_k_index.dtype, device=flat.device),
-                         torch.ones((tok.numel(), 1), dtype=top_k_weights.dtype, device=flat.device))
-            y = y.reshape(-1, flat.shape[-1])                          # [n, H] unweighted expert output
-            nrm[tok, slot] = y.float().norm(dim=-1)
-            out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
+            return orig(*args, **kwargs)
+        T, k = top_k_index.shape
+        pairs = flat.repeat_interleave(k, dim=0)                       # [T*k, H], row t*k+s = token t
+        ones = torch.ones((T * k, 1), dtype=top_k_weights.dtype, device=top_k_weights.device)
+        y = orig(pairs, top_k_index.reshape(-1, 1), ones).reshape(T * k, -1)   # [T*k, H] unweighted
+        nrm = y.detach().float().norm(dim=-1).reshape(T, k)
+        out = (y * top_k_weights.reshape(-1, 1)).view(T, k, -1).sum(dim=1)     # [T, H], as the model sums
         rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows),
                  norms=_sel(nrm, rows))
-        return out.reshape(hidden.shape)
+        return out.to(hidden.dtype).reshape(hidden.shape)
 
     experts.forward = forward
     try:
         yield
     finally:
-        del experts.forward                                          # back to the class method
+        if own is None:
+            del experts.forward                                      # back to the class method
+        else:
+            experts.forward = own
         for h in handles:
             h.remove()
 
@@ -152,29 +155,35 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
 @contextmanager
 def _record_dense_input_scaled(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, mask):
     """Llama-4: the router returns per-expert scores ``[T, E]`` (0 off the top-k) that scale each
-    expert's input, and every expert runs on every token; the record reads the router's scores
-    and the experts' outputs at the chosen slots."""
+    expert's *input*, and every expert runs on every token; the record reads the router's scores
+    and the experts' outputs at the chosen slots.
+
+    The unscaled output f_e(x) is never computed by the model, so ``norms`` holds
+    ‖f_e(g·x)‖ / g: the norm of the expert's real contribution divided by its combine weight, so
+    that ``weights · norms`` is exactly the contribution's norm (what REAP scores).
+    """
     state: dict[str, torch.Tensor] = {}
     handles = []
 
     def router_post(module, args, output):
-        scores = output[0] if isinstance(output, tuple) else output     # [T, E]
+        scores = output[0] if isinstance(output, tuple) else output     # [T, E], 0 off the top-k
         x = args[0]
         rows = _keep_rows(mask, scores.shape[0])
-        k = min(li.top_k, li.num_experts)
-        w, idx = scores.detach().float().topk(k, dim=-1)
-        state["idx"], state["rows"] = idx, rows
+        k = min(int(getattr(module, "top_k", li.top_k)), li.num_experts)   # capped by a mask, if any
+        w, idx = scores.detach().float().topk(k, dim=-1)                # [T, k]
+        state["idx"], state["w"], state["rows"] = idx, w, rows
         rec._add(li.layer, indices=_sel(idx, rows), weights=_sel(w, rows),
                  probs=_sel(_probs(li, x), rows) if probs else None)
 
     def experts_post(module, args, output):
         if not norms or "idx" not in state:
             return
-        idx, rows = state["idx"], state["rows"]
+        idx, w, rows = state.pop("idx"), state.pop("w"), state.pop("rows")
         T = idx.shape[0]
-        y = output.reshape(li.num_experts, T, -1)                      # [E, T, H]
-        n = y.detach().float().norm(dim=-1).T                           # [T, E]
-        rec._add(li.layer, norms=_sel(n.gather(1, idx.to(n.device)), rows))
+        y = output.reshape(li.num_experts, T, -1)                      # [E, T, H] expert outputs f_e(g·x)
+        n = y.detach().float().norm(dim=-1).T.gather(1, idx.to(y.device))   # [T, k]
+        n = torch.where(w > 0, n / w.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(n))
+        rec._add(li.layer, norms=_sel(n, rows))
 
     handles.append(li.router.register_forward_hook(router_post))
     handles.append(li.experts.register_forward_hook(experts_post))
@@ -186,6 +195,9 @@ def _record_dense_input_scaled(li: MoELayer, rec: RoutingRecord, norms: bool, pr
 
 
 # --------------------------------------------------------------------------- masking
+_MASK_ATTR = "_moeharden_logit_mask"   # [E] additive mask set on a router while mask_experts is active
+
+
 class _MaskLogits(TorchFunctionMode):
     """Adds a ``[E]`` mask to the output of the router's logit projection (any F.linear to E outputs)."""
 
@@ -242,6 +254,8 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
 
             router.forward = fwd
             restore.append(("forward", router, orig_fwd))
+            restore.append(("attr", (router, _MASK_ATTR), getattr(router, _MASK_ATTR, None)))
+            setattr(router, _MASK_ATTR, m)
             if li.selection_bias is not None:
                 sb = li.selection_bias
                 saved = sb.detach().clone()
