@@ -173,13 +173,13 @@ def test_cli_demo_json(tmp_path, monkeypatch, tiny_recipe):
 
     monkeypatch.setenv("MOEHARDEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(demo_mod, "load_recipe", lambda: tiny_recipe)
-    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--json"])
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--model-only", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["reused_cache"] is False and doc["recipe_hash"] == tiny_recipe.hash()
     assert Path(doc["model_dir"]) == tmp_path / "d" / "model"
     assert set(doc["training"]["accuracy"]) == set(syn.TASKS)
-    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--json"])
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--model-only", "--json"])
     assert json.loads(res.stdout)["reused_cache"] is True
 
 

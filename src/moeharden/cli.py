@@ -153,13 +153,14 @@ def prune(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output directory."),
     retrain: bool = typer.Option(False, "--retrain", help="Train the demo model again even if cached."),
+    model_only: bool = typer.Option(False, "--model-only", help="Only build the demo model (no pipeline)."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Build (or reuse) the embedded demo MoE and run the pipeline on it."""
+    """Build (or reuse) the embedded demo MoE, then scan → entangle → lock → verify → report."""
     _json(json_out)
     from moeharden.demo import run_demo
 
-    result = _run(run_demo, out=out, retrain=retrain)
+    result = _run(run_demo, out=out, retrain=retrain, model_only=model_only)
     if ui.json_mode():
         ui.emit_json(result.to_dict())
     else:

@@ -139,6 +139,7 @@ class DemoResult:
     recipe_hash: str
     training: dict[str, Any]
     tasks: list[str] = field(default_factory=list)
+    pipeline: Any = None          # moeharden.pipeline.PipelineResult, unless model_only
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,22 +151,28 @@ class DemoResult:
             "recipe_hash": self.recipe_hash,
             "training": self.training,
             "tasks": self.tasks,
+            "pipeline": None if self.pipeline is None else self.pipeline.to_dict(),
         }
 
     def summary(self) -> str:
         acc = ", ".join(f"{k} {v:.3f}" for k, v in self.training.get("accuracy", {}).items())
         how = "reused from cache" if self.reused_cache else f"trained in {self.training.get('train_seconds')} s"
-        return (f"[green]Demo model[/] ({how}, recipe {self.recipe_hash}) → {self.model_dir}\n"
+        text = (f"[green]Demo model[/] ({how}, recipe {self.recipe_hash}) → {self.model_dir}\n"
                 f"  held-out accuracy: {acc}\n"
                 f"  tasks: {self.model_dir / TASK_FILE_NAME}")
+        if self.pipeline is not None:
+            text += "\n" + self.pipeline.summary()
+        return text
 
 
-def run_demo(out: Path, retrain: bool = False) -> DemoResult:
-    """Build or reuse the demo model into ``out/model`` (later steps: scan, entangle, lock, verify).
+def run_demo(out: Path, retrain: bool = False, model_only: bool = False) -> DemoResult:
+    """Build or reuse the demo model into ``out/model``, then run scan → entangle → lock → verify
+    and write the before/after report to ``out/report.html`` (see :mod:`moeharden.pipeline`).
 
     Args:
         out: output directory of the demo run.
         retrain: train the demo model again even if cached.
+        model_only: stop after the model (no pipeline).
 
     Returns:
         A :class:`DemoResult`.
@@ -177,5 +184,10 @@ def run_demo(out: Path, retrain: bool = False) -> DemoResult:
     cached = not retrain and _read_stamp(cache_root() / f"demo-{recipe.hash()}") is not None
     model_dir = build_demo_model(Path(out) / "model", retrain=retrain, recipe=recipe)
     stamp = _read_stamp(model_dir) or {}
+    pipeline = None
+    if not model_only:
+        from moeharden.pipeline import run_pipeline
+
+        pipeline = run_pipeline(Path(out), model_dir)
     return DemoResult(out=Path(out), model_dir=model_dir, reused_cache=cached, recipe_hash=recipe.hash(),
-                      training=stamp.get("training", {}), tasks=list(TASKS))
+                      training=stamp.get("training", {}), tasks=list(TASKS), pipeline=pipeline)
