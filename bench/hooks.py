@@ -1,7 +1,8 @@
 """Forward time with the routing record (with norms) and with an expert mask, ÷ the plain forward.
 
-Goal: ≤ 1.10 for both. Measured on the demo-sized Mixtral (hidden 64... as shipped) and on a
-wider Mixtral (hidden 512), batch 8 × 128 tokens, fp32 on CPU, median of repeated runs.
+Goal: ≤ 1.10 for both. Measured on a demo-like Mixtral (hidden 96, 3 layers, 8 experts, top-2)
+and on a wider one (hidden 512), batch 8 × 128 tokens, fp32 on CPU, one thread, median of
+interleaved repeated runs (interleaving keeps load from other processes from biasing one variant).
 Run: .venv/bin/python bench/hooks.py
 """
 
@@ -17,14 +18,17 @@ from moeharden.registry import moe_layers
 from moeharden.routing import mask_experts, record_routing
 
 
-def _time(fn, reps=7):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def _times(fns, reps=15):
+    """Median seconds of each function, runs interleaved round-robin."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 def bench(hidden: int, inter: int, layers: int, label: str) -> None:
@@ -50,12 +54,12 @@ def bench(hidden: int, inter: int, layers: int, label: str) -> None:
         with mask_experts(model, keep):
             model(input_ids=ids)
 
-    t_plain = _time(plain)
-    print(f"{label}: plain {t_plain * 1e3:.1f} ms | record+norms / plain = {_time(recorded) / t_plain:.3f} "
-          f"| mask / plain = {_time(masked) / t_plain:.3f}")
+    t_plain, t_rec, t_mask = _times([plain, recorded, masked])
+    print(f"{label}: plain {t_plain * 1e3:.1f} ms | record+norms / plain = {t_rec / t_plain:.3f} "
+          f"| mask / plain = {t_mask / t_plain:.3f}")
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
-    bench(64, 128, 3, "demo-sized Mixtral (hidden 64, 3 layers)")
+    torch.set_num_threads(1)   # shared CPUs: more threads measure contention, not the hooks
+    bench(96, 192, 3, "demo-like Mixtral (hidden 96, 3 layers)")
     bench(512, 1024, 2, "wider Mixtral (hidden 512, 2 layers)")

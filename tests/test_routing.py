@@ -92,6 +92,9 @@ def reference_routing(family, li, cfg, x):
     raise AssertionError(family)
 
 
+SIGMOID = {"deepseek_v3", "glm4_moe", "llama4_text"}
+
+
 def _as_dicts(idx, w):
     return [dict(sorted(zip(i.tolist(), ww.tolist(), strict=True))) for i, ww in zip(idx, w, strict=True)]
 
@@ -132,6 +135,13 @@ def test_recorded_weights_match_reference_routing(tiny):
             assert g_row.keys() == w_row.keys()
             for e in g_row:
                 assert g_row[e] == pytest.approx(w_row[e], rel=1e-4, abs=1e-5)
+        # probs: the family's score function of the full router logits (sigmoid or softmax)
+        x = captured[li.layer][keep].float()
+        logits = x @ li.router_weight.detach().float().T
+        if li.router_bias is not None:
+            logits = logits + li.router_bias.detach().float()
+        want_p = logits.sigmoid() if family in SIGMOID else logits.softmax(-1)
+        torch.testing.assert_close(rec.layers[li.layer].probs, want_p, rtol=1e-4, atol=1e-6)
 
 
 def test_record_with_norms_leaves_the_forward_unchanged(tiny):

@@ -44,6 +44,8 @@ class FamilySpec:
         score: how routing probabilities are formed from router logits (for ``probs``).
         weight_on_input: the combine weight scales the expert's *input* (Llama-4).
         flat_rows_key: config key of rows per expert in flattened ``[E·I, H]`` tensors (DBRX).
+        logits_at: position of the router logits ``[T, E]`` in the router's output tuple (a
+            router returning a bare tensor returns the logits).
     """
 
     name: str
@@ -63,6 +65,7 @@ class FamilySpec:
     weight_on_input: bool = False
     flat_rows_key: str | None = None
     router_linear: str | None = None
+    logits_at: int = 0
     expert_mlp: Literal["swiglu", "custom"] = "swiglu"   # swiglu: act(x·Wg)·(x·Wu)·Wd from fused gate_up/down
     min_keep: int = 1            # fewest experts per layer the routing can run with (Phi-MoE: 2)
     group_min: int = 1           # fewest kept experts per routing group (top-2-sum group scores: 2)
@@ -98,7 +101,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
                expert_mlp="custom",
                notes="experts stored flattened [E*I, H]"),
     FamilySpec("Llama-4 (text)", ("llama4_text",), block_attrs=("feed_forward",), router_attr="router",
-               shared_attrs=("shared_expert",), top_k_attrs=("router.top_k", "top_k"), score="sigmoid",
+               shared_attrs=("shared_expert",), top_k_attrs=("router.top_k", "top_k"), score="sigmoid", logits_at=1,
                weight_on_input=True, expert_mlp="custom", notes="sigmoid of the top-k logits scales the expert input"),
     FamilySpec("ERNIE-4.5-MoE", ("ernie4_5_moe",), selection_bias="gate.moe_statics.e_score_correction_bias",
                expert_keys=("moe_num_experts",), top_k_keys=("moe_k",), shared_attrs=("shared_experts",),
