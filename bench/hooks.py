@@ -18,7 +18,7 @@ from moeharden.registry import moe_layers
 from moeharden.routing import mask_experts, record_routing
 
 
-def _times(fns, reps=15):
+def _times(fns, reps=30):
     """Median seconds of each function, runs interleaved round-robin."""
     for fn in fns:
         fn()
