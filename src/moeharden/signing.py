@@ -1,0 +1,119 @@
+"""Signing with the ecosystem's standard: OpenSSF model signing (``model-signing``, sigstore bundles).
+
+Offline, bring-your-own-key: an elliptic-curve (P-256) key pair from :func:`keygen`. Online,
+sigstore keyless signing is available with ``keyless=True``. The signature (``model.sig``) lies
+beside the weights and covers every file of the directory — the manifest included — except itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moeharden.errors import InputError, IntegrityError, NetworkError
+
+SIGNATURE_NAME = "model.sig"
+PRIVATE_NAME, PUBLIC_NAME = "moeharden.key", "moeharden.pub"
+
+
+def _ms():
+    try:
+        import model_signing
+        from model_signing import hashing, signing, verifying
+    except ImportError:
+        raise InputError("Signing needs the model-signing package.",
+                         hint='pip install "moeharden[sign]" (model-signing>=1.1).') from None
+    return model_signing, hashing, signing, verifying
+
+
+def keygen(out: Path) -> dict[str, str]:
+    """Write ``moeharden.key`` (PEM, P-256 private key, mode 0600) and ``moeharden.pub`` into ``out``.
+
+    Raises:
+        InputError: ``out`` already holds a key (never overwritten).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out)
+    if (out / PRIVATE_NAME).exists() or (out / PUBLIC_NAME).exists():
+        raise InputError(f"{out} already holds a moeharden key pair; refusing to overwrite it.",
+                         hint="Choose another --out directory.")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(out / PRIVATE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(priv)
+    (out / PUBLIC_NAME).write_bytes(pub)
+    return {"private_key": str(out / PRIVATE_NAME), "public_key": str(out / PUBLIC_NAME)}
+
+
+def _hashing_config(hashing):
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME], ignore_git_paths=True)
+
+
+def sign_directory(model_dir: Path, *, key: Path | None = None, keyless: bool = False) -> Path:
+    """Sign every file of ``model_dir`` into ``model_dir/model.sig``.
+
+    Raises:
+        InputError: no key given (and not keyless), or an unreadable key.
+        NetworkError: keyless signing without network.
+    """
+    _, hashing, signing, _ = _ms()
+    cfg = signing.Config().set_hashing_config(_hashing_config(hashing))
+    if keyless:
+        cfg.use_sigstore_signer()
+    elif key is None:
+        raise InputError("Signing needs --key (a private key from `moeharden lock keygen`) or --keyless.")
+    else:
+        if not Path(key).is_file():
+            raise InputError(f"Private key {key} does not exist.")
+        try:
+            cfg.use_elliptic_key_signer(private_key=Path(key))
+        except (ValueError, TypeError) as err:
+            raise InputError(f"Cannot use {key} as a signing key: {err}.",
+                             hint="Use the moeharden.key written by `moeharden lock keygen`.") from None
+    sig = Path(model_dir) / SIGNATURE_NAME
+    try:
+        cfg.sign(Path(model_dir), sig)
+    except OSError as err:
+        if keyless:
+            raise NetworkError(f"Sigstore keyless signing needs the network: {err}.") from None
+        raise
+    return sig
+
+
+def verify_directory(model_dir: Path, *, pubkey: Path | None = None, keyless_identity: str | None = None,
+                     keyless_issuer: str | None = None) -> None:
+    """Check ``model_dir/model.sig`` against every file of the directory.
+
+    Raises:
+        IntegrityError: missing or tampered signature, wrong key, or any file changed/added/removed.
+        InputError: neither a public key nor a keyless identity given, or an unreadable key.
+    """
+    _, hashing, _, verifying = _ms()
+    sig = Path(model_dir) / SIGNATURE_NAME
+    if not sig.exists():
+        raise IntegrityError(f"{model_dir} carries no signature ({SIGNATURE_NAME}).",
+                             hint="Sign it with `moeharden lock`, or verify the right directory.")
+    cfg = verifying.Config().set_hashing_config(_hashing_config(hashing))
+    if pubkey is not None:
+        if not Path(pubkey).is_file():
+            raise InputError(f"Public key {pubkey} does not exist.")
+        try:
+            cfg.use_elliptic_key_verifier(public_key=Path(pubkey))
+        except (ValueError, TypeError) as err:
+            raise InputError(f"Cannot read {pubkey} as a public key: {err}.") from None
+    elif keyless_identity and keyless_issuer:
+        cfg.use_sigstore_verifier(identity=keyless_identity, oidc_issuer=keyless_issuer)
+    else:
+        raise InputError("Verifying a signature needs --pubkey (or a keyless identity and issuer).")
+    try:
+        cfg.verify(Path(model_dir), sig)
+    except Exception as err:  # model_signing raises ValueError and crypto errors of several kinds
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise IntegrityError(f"The signature of {model_dir} does not verify: {first[:400]}",
+                             hint="A file was changed after signing, or the wrong public key was used.") from None
