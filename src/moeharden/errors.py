@@ -118,3 +118,9 @@ class HubError(InputError):
     """The Hub refused a request: missing or rejected token, no write access, unknown namespace."""
 
     title = "Hub error"
+
+
+class PolicyViolation(IntegrityError):
+    """A selective fine-tuning policy was broken (a frozen parameter trained or changed)."""
+
+    title = "Policy violation"

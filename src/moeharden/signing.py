@@ -52,7 +52,8 @@ def keygen(out: Path) -> dict[str, str]:
 
 
 def _hashing_config(hashing):
-    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME], ignore_git_paths=True)
+    # the output marker (tool bookkeeping, written when the directory is finalised) is not signed
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME, ".moeharden-output"], ignore_git_paths=True)
 
 
 def sign_directory(model_dir: Path, *, key: Path | None = None, keyless: bool = False) -> Path:

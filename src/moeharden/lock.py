@@ -1,0 +1,292 @@
+"""`moeharden lock`: put the selective fine-tuning policy into the release and sign it; and the
+integrity half of `moeharden verify`.
+
+``lock`` writes the checkpoint with the policy in (a) every safetensors file's metadata (shards
+rewritten by streaming: header first, tensor bytes copied file to file), (b) ``config.json``
+under ``moeharden``, (c) the model card ``README.md`` (YAML front matter and a readable
+section), and (d) ``moeharden-manifest.json`` (tool version, policy, sha256 of every tensor, a
+fingerprint of every expert). Then the whole directory, manifest included, is signed with OpenSSF
+model signing (``model.sig``). The output is written atomically.
+
+``verify_integrity`` checks the signature and every tensor hash and names each changed, missing
+or extra tensor; for a suspect derivative (fewer experts, fine-tuned) it matches each of its
+experts to the original's by fingerprint and reports the kept and removed experts per layer,
+and which changes break the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeharden import __version__
+from moeharden.errors import CheckpointError, ConfigFileError, IntegrityError
+
+MANIFEST_NAME = "moeharden-manifest.json"
+SCHEMA = "moeharden.manifest/1"
+
+
+def _layout(path: Path):
+    from moeharden.prune import checkpoint_layout
+
+    return checkpoint_layout(path)
+
+
+def _front_matter(text: str) -> tuple[dict, str]:
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end != -1:
+            try:
+                meta = yaml.safe_load(text[4:end]) or {}
+            except yaml.YAMLError:
+                meta = {}
+            return (meta if isinstance(meta, dict) else {}), text[end + 4:].lstrip("\n")
+    return {}, text
+
+
+def model_card(existing: str, policy, name: str) -> str:
+    """The model card with the policy in its YAML front matter and a readable section."""
+    meta, body = _front_matter(existing)
+    meta["license"] = policy.license
+    meta.setdefault("tags", [])
+    if "moeharden-locked" not in meta["tags"]:
+        meta["tags"] = list(meta["tags"]) + ["moeharden-locked"]
+    meta["moeharden"] = {"version": __version__, "policy": policy.to_json()}
+    rows = "\n".join(f"| {g} | {r} |" for g, r in policy.to_json()["groups"].items())
+    section = (f"## Selective fine-tuning policy (moeharden)\n\n"
+               f"This release of **{name}** is locked by moeharden {__version__}. Licensees may adapt only what "
+               f"the policy allows; every tensor is listed with its sha256 in `{MANIFEST_NAME}`, and the "
+               f"directory is signed (`model.sig`, OpenSSF model signing).\n\n"
+               f"| parameter group | licensees may |\n|---|---|\n{rows}\n\n"
+               f"- **License:** {policy.license}\n- **Permitted uses:** {policy.permitted_uses}\n"
+               f"- **Contact:** {policy.contact}\n\n"
+               "Check a copy with `moeharden verify DIR --pubkey moeharden.pub`; enforce the policy while "
+               "fine-tuning with `moeharden.policy.apply(model, policy)`.\n")
+    marker = "## Selective fine-tuning policy (moeharden)"
+    if marker in body:
+        body = body[:body.index(marker)].rstrip() + "\n"
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + (body.rstrip() + "\n\n" if body.strip() else "") + section
+
+
+def build_manifest(path: Path, policy) -> dict[str, Any]:
+    """The manifest of a checkpoint directory (tensor hashes, expert fingerprints, policy)."""
+    from moeharden.checkpoint import config_hash
+    from moeharden.manifest import fingerprints, tensor_sha256
+
+    cfg, spec, E, files, roles, layers = _layout(path)
+    tensors = {name: {"file": files.tensors[name].file.name, "dtype": files.tensors[name].dtype,
+                      "shape": list(files.tensors[name].shape), "sha256": h}
+               for name, h in tensor_sha256(files)}
+    return {"schema": SCHEMA, "tool": {"name": "moeharden", "version": __version__},
+            "model": {"family": spec.name, "model_type": cfg.model_type, "num_experts": E, "moe_layers": layers,
+                      "config_sha256": config_hash(path)},
+            "policy": policy.to_json() if policy is not None else None,
+            "tensors": dict(sorted(tensors.items())),
+            "fingerprints": {"method": "P_a W r_b gaussian sketch", "dim": 32,
+                             "experts": fingerprints(files, spec, cfg, roles)}}
+
+
+@dataclass
+class LockResult:
+    out: str
+    manifest: str
+    signature: str
+    tensors: int
+    policy: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, keyless: bool = False) -> LockResult:
+    """Lock ``ckpt`` with ``policy`` into ``out`` (see the module docstring), atomically.
+
+    Raises:
+        ConfigFileError: invalid policy, or a policy group that matches no tensor.
+        InputError: missing key; CheckpointError; UnsupportedModelError.
+    """
+    from moeharden.checkpoint import resolve_checkpoint
+    from moeharden.manifest import disk_groups
+    from moeharden.policy import load_policy
+    from moeharden.signing import sign_directory
+    from moeharden.st_io import (
+        INDEX_NAME,
+        PlannedTensor,
+        atomic_output_dir,
+        check_output_dir,
+        write_streaming_shards,
+    )
+
+    pol = load_policy(policy)
+    check_output_dir(out)
+    if key is None and not keyless:
+        from moeharden.errors import UsageError
+
+        raise UsageError("lock needs --key KEYDIR/moeharden.key (from `moeharden lock keygen`) or --keyless.")
+    if key is not None and not Path(key).is_file():
+        from moeharden.errors import InputError
+
+        raise InputError(f"Private key {key} does not exist.", hint="Create one with `moeharden lock keygen --out KEYDIR`.")
+    src = resolve_checkpoint(ckpt)
+    cfg, spec, E, files, roles, layers = _layout(src)
+    groups = disk_groups(src, files, spec, cfg, roles)
+    present = set(groups.values())
+    empty = [g for g in pol.groups if g not in present]
+    if empty:
+        raise ConfigFileError(f"Policy group(s) {', '.join(empty)} match no parameter of this {spec.name} checkpoint "
+                              f"(its groups: {', '.join(sorted(present))}).",
+                              hint="Remove them from the policy, or check that the policy is for this model.")
+    meta = {"moeharden_version": __version__, "moeharden_policy": json.dumps(pol.to_json(), sort_keys=True)}
+    with atomic_output_dir(out) as tmp:
+        for shard in files.shards:                   # same shards and names, new metadata
+            infos = sorted((i for i in files.tensors.values() if i.file == shard), key=lambda i: i.start)
+            plan = [PlannedTensor(i.name, i.dtype, i.shape, i.end - i.start) for i in infos]
+            with open(shard, "rb") as fh:
+                ranges = {i.name: [(fh, i.start, i.end - i.start)] for i in infos}
+                written = write_streaming_shards(tmp, plan, lambda p, r=ranges: r[p.name],
+                                                 max_shard_bytes=1 << 62, metadata=meta)
+            written[0].rename(tmp / shard.name)
+        if (src / INDEX_NAME).exists():
+            shutil.copy2(src / INDEX_NAME, tmp / INDEX_NAME)
+        for item in src.iterdir():
+            if item.name in ("config.json", "README.md", MANIFEST_NAME, "model.sig", INDEX_NAME) or \
+                    item.suffix == ".safetensors" or item.name.startswith("."):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        config = json.loads((src / "config.json").read_text())
+        config["moeharden"] = {**(config.get("moeharden") or {}), "version": __version__, "policy": pol.to_json()}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        readme = (src / "README.md").read_text() if (src / "README.md").exists() else ""
+        (tmp / "README.md").write_text(model_card(readme, pol, Path(str(ckpt)).name))
+        manifest = build_manifest(tmp, pol)
+        manifest["source"] = {"path": str(ckpt)}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+        sign_directory(tmp, key=key, keyless=keyless)
+    return LockResult(str(out), str(Path(out) / MANIFEST_NAME), str(Path(out) / "model.sig"),
+                      len(manifest["tensors"]), pol.to_json())
+
+
+# --------------------------------------------------------------------------- verify (integrity)
+@dataclass
+class IntegrityResult:
+    """Everything the integrity check found; ``ok`` is False when anything failed."""
+
+    checkpoint: str
+    manifest: str
+    ok: bool = True
+    signature: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+    derivation: dict | None = None
+    policy_violations: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _load_manifest(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"No moeharden manifest at {path}.",
+                             hint="Pass --manifest of the original release, or lock the checkpoint first.") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"The manifest {path} is unreadable: {err}.") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise IntegrityError(f"{path} is not a moeharden manifest (schema {SCHEMA}).")
+    return data
+
+
+def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None = None,
+                     raise_on_fail: bool = True) -> IntegrityResult:
+    """Check a checkpoint against its (or the original release's) signed manifest.
+
+    Raises:
+        IntegrityError: with the :class:`IntegrityResult` as ``.result``, when anything fails
+            (if ``raise_on_fail``).
+    """
+    from moeharden.manifest import fingerprints, match_experts, tensor_sha256
+    from moeharden.signing import SIGNATURE_NAME, verify_directory
+    from moeharden.st_io import CheckpointFiles
+
+    ckpt = Path(ckpt)
+    man_path = Path(manifest) if manifest is not None else ckpt / MANIFEST_NAME
+    man = _load_manifest(man_path)
+    res = IntegrityResult(str(ckpt), str(man_path))
+    # 1. the signature: over the checkpoint itself when it carries one, else over the original
+    #    release the manifest came from (it must be intact for the manifest to be trusted)
+    signed_dir = ckpt if (ckpt / SIGNATURE_NAME).exists() else man_path.parent
+    try:
+        verify_directory(signed_dir, pubkey=pubkey)
+        res.signature = {"checked": str(signed_dir), "ok": True}
+    except IntegrityError as err:
+        res.signature = {"checked": str(signed_dir), "ok": False, "error": err.message}
+        res.problems.append(f"signature: {err.message}")
+    # 2. tensor hashes
+    expected = man["tensors"]
+    try:
+        files = CheckpointFiles(ckpt)
+        actual = dict(tensor_sha256(files))
+    except (CheckpointError, EOFError) as err:
+        msg = getattr(err, "message", str(err))
+        bad_file = next((f for f in {t["file"] for t in expected.values()} if f in msg), None)
+        names = sorted(n for n, t in expected.items() if t["file"] == bad_file) if bad_file else sorted(expected)
+        res.tensors = {"checked": 0, "unreadable": msg, "changed": names, "missing": [], "extra": []}
+        res.problems.append(f"unreadable weights ({msg}); tensors that cannot be checked: {', '.join(names[:8])}"
+                            + (" …" if len(names) > 8 else ""))
+        res.ok = False
+        return _finish(res, raise_on_fail)
+    changed = sorted(n for n in expected if n in actual and actual[n] != expected[n]["sha256"])
+    missing = sorted(n for n in expected if n not in actual)
+    extra = sorted(n for n in actual if n not in expected)
+    res.tensors = {"checked": len(actual), "changed": changed, "missing": missing, "extra": extra}
+    derived = bool(missing or extra)
+    if derived:
+        # 3. a derivative: match its experts to the original's by fingerprint
+        cfg, spec, E, files, roles, layers = _layout(ckpt)
+        res.derivation = {"layers": match_experts(man["fingerprints"]["experts"],
+                                                  fingerprints(files, spec, cfg, roles)),
+                          "num_experts": {"original": man["model"]["num_experts"], "suspect": E}}
+        res.problems.append(f"structure differs from the release: {len(missing)} tensor(s) missing, "
+                            f"{len(extra)} extra (a derivative; see derivation)")
+    if changed:
+        res.problems.append(f"{len(changed)} tensor(s) changed: {', '.join(changed[:8])}" + (" …" if len(changed) > 8 else ""))
+    groups = {}
+    if changed:
+        from moeharden.manifest import disk_groups
+
+        cfg, spec, _, files, roles, _ = _layout(ckpt)
+        groups = disk_groups(ckpt, files, spec, cfg, roles)
+    res.policy_violations = _policy_violations(man, changed, groups, derived, res.derivation)
+    res.ok = not res.problems
+    return _finish(res, raise_on_fail)
+
+
+def _policy_violations(man: dict, changed: list[str], groups: dict[str, str], derived: bool,
+                       derivation: dict | None) -> list[str]:
+    """Which changes the release's policy forbids (tensor groups resolved through the registry)."""
+    pol = man.get("policy") or {}
+    rules = pol.get("groups", {})
+    out = []
+    if derived and rules.get("experts", "frozen") != "trainable":
+        removed = sum(len(v["removed"]) for v in (derivation or {}).get("layers", {}).values())
+        if removed:
+            out.append(f"experts removed ({removed} across layers): the policy keeps experts {rules.get('experts', 'frozen')}")
+    for n in changed:
+        group = groups.get(n, "other")
+        if rules.get(group, "frozen") == "frozen":
+            out.append(f"{n} changed, but the policy keeps {group} frozen")
+    return out
+
+
+def _finish(res: IntegrityResult, raise_on_fail: bool) -> IntegrityResult:
+    if not res.ok and raise_on_fail:
+        err = IntegrityError("; ".join(res.problems) + ".", hint="The checkpoint is not the signed release.")
+        err.result = res          # the CLI prints / emits the details before exiting 4
+        raise err
+    return res
