@@ -50,13 +50,18 @@ def bench(hidden: int, inter: int, layers: int, label: str) -> None:
             model(input_ids=ids)
 
     @torch.no_grad()
+    def recorded_no_probs():
+        with record_routing(model, norms=True, probs=False):
+            model(input_ids=ids)
+
+    @torch.no_grad()
     def masked():
         with mask_experts(model, keep):
             model(input_ids=ids)
 
-    t_plain, t_rec, t_mask = _times([plain, recorded, masked])
-    print(f"{label}: plain {t_plain * 1e3:.1f} ms | record+norms / plain = {t_rec / t_plain:.3f} "
-          f"| mask / plain = {t_mask / t_plain:.3f}")
+    t_plain, t_rec, t_rec_np, t_mask = _times([plain, recorded, recorded_no_probs, masked])
+    print(f"{label}: plain {t_plain * 1e3:.1f} ms | record+norms+probs / plain = {t_rec / t_plain:.3f} "
+          f"| record+norms / plain = {t_rec_np / t_plain:.3f} | mask / plain = {t_mask / t_plain:.3f}")
 
 
 if __name__ == "__main__":
