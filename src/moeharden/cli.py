@@ -269,16 +269,125 @@ def entangle(
                          f"{result.seconds:.0f} s; last losses: {last}).")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def lock(ctx: typer.Context) -> None:
-    """Write a selective fine-tuning policy and a signed manifest into a release."""
-    _not_yet("lock")
+@app.command()
+def lock(
+    ckpt: str = typer.Argument(..., help="Checkpoint to lock (local directory or Hub id), or `keygen`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (the locked release, or the key directory)."),
+    policy: Path | None = typer.Option(None, "--policy", help="Policy YAML (see docs/policy.md)."),
+    key: Path | None = typer.Option(None, "--key", help="Private key (KEYDIR/moeharden.key)."),
+    keyless: bool = typer.Option(False, "--keyless", help="Sigstore keyless signing (needs network)."),
+    push_to_hub: str | None = PushOpt,
+    public: bool = PublicOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Write a selective fine-tuning policy and a signed manifest into a release.
+
+    `moeharden lock keygen --out KEYDIR` writes a key pair (moeharden.key, mode 0600; moeharden.pub).
+    """
+    _json(json_out)
+    if ckpt == "keygen":
+        from moeharden.signing import keygen
+
+        keys = _run(keygen, out=out)
+        if ui.json_mode():
+            ui.emit_json(keys)
+        else:
+            ui.console.print(f"Wrote {keys['private_key']} (keep it secret) and {keys['public_key']}.")
+        return
+    if policy is None:
+        _fail("Usage error", "lock needs --policy P.yaml.", "See src/moeharden/data/policy-example.yaml.", EXIT_USAGE)
+    from moeharden.lock import lock_checkpoint
+
+    result = _run(lock_checkpoint, ckpt=ckpt, policy=policy, key=key, out=out, keyless=keyless)
+    pushed = _push(out, push_to_hub, "lock", public)
+    if ui.json_mode():
+        ui.emit_json({**result.to_dict(), "pushed": pushed})
+    else:
+        ui.console.print(f"[green]Locked[/] {ckpt} → {result.out}: policy in every shard, config.json and README.md; "
+                         f"{result.tensors} tensors in {result.manifest}; signed ({result.signature}).")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def verify(ctx: typer.Context) -> None:
-    """Check the manifest and re-attack a hardened model; non-zero exit when the gate fails."""
-    _not_yet("verify")
+@app.command()
+def verify(
+    ckpt: str = typer.Argument(..., help="Checkpoint to verify (local directory)."),
+    pubkey: Path | None = typer.Option(None, "--pubkey", help="Public key (KEYDIR/moeharden.pub)."),
+    manifest: Path | None = typer.Option(None, "--manifest",
+                                         help="Manifest of the original release (default: CKPT's own)."),
+    baseline: Path | None = typer.Option(None, "--baseline", help="Baseline scan.json: re-attack and check the gate."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory for verify.json and its report."),
+    gate: Path | None = typer.Option(None, "--gate", help="Gate YAML (defaults: src/moeharden/data/gate-default.yaml)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    push_to_hub: str | None = PushOpt,
+    public: bool = PublicOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Check signature and tensor hashes (exit 4 on failure); with --baseline, re-attack the model and
+    check the release gate (exit 1 when a row fails)."""
+    _json(json_out)
+    if baseline is None:
+        if pubkey is None:
+            _fail("Usage error", "verify needs --pubkey (integrity) and/or --baseline with --out (re-attack).", None,
+                  EXIT_USAGE)
+        _verify_integrity_only(Path(ckpt), pubkey, manifest)
+        return
+    if out is None:
+        _fail("Usage error", "verify --baseline needs --out DIR for verify.json and its report.", None, EXIT_USAGE)
+    from moeharden.verify import describe_row, verify_attacks
+
+    result = _run(verify_attacks, ckpt=ckpt, baseline=baseline, out=out, gate_path=gate, pubkey=pubkey,
+                  manifest=manifest, trust_remote_code=trust_remote_code, raise_on_fail=False)
+    if ui.json_mode():
+        ui.emit_json(result.to_dict())
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"Release gate: {'PASSED' if result.passed else 'FAILED'}")
+        for col in ("check", "task", "keep", "value", "threshold", "result"):
+            table.add_column(col)
+        for r in result.data["gate"]:
+            table.add_row(r["check"], str(r.get("task") or "—"), str(r.get("keep") or "—"), str(r["value"]),
+                          f"{r['op']} {r['threshold']}", "[green]pass[/]" if r["pass"] else "[red]FAIL[/]")
+        ui.console.print(table)
+        ui.console.print(f"verify.json and report: {out}")
+    if result.passed:
+        _push(out, push_to_hub, "verify", public)
+    else:
+        for r in result.failing():
+            ui.console.print(f"  [red]FAIL[/] {describe_row(r)}")
+        raise typer.Exit(1)
+
+
+def _verify_integrity_only(ckpt: Path, pubkey: Path, manifest: Path | None) -> None:
+    from moeharden.errors import EXIT_INTEGRITY
+    from moeharden.lock import verify_integrity
+
+    res = _run(verify_integrity, ckpt=ckpt, pubkey=pubkey, manifest=manifest, raise_on_fail=False)
+    if ui.json_mode():
+        ui.emit_json(res.to_dict())
+    _render_integrity(res)
+    if not res.ok:
+        raise typer.Exit(EXIT_INTEGRITY)
+
+
+def _render_integrity(res) -> None:
+    if ui.json_mode():
+        return
+    sig = res.signature
+    ui.console.print(f"signature ({sig.get('checked')}): " + ("[green]ok[/]" if sig.get("ok") else
+                                                              f"[red]FAILED[/] {sig.get('error', '')}"))
+    t = res.tensors
+    ui.console.print(f"tensors checked: {t.get('checked', 0)}; changed {len(t.get('changed', []))}, "
+                     f"missing {len(t.get('missing', []))}, extra {len(t.get('extra', []))}")
+    for n in t.get("changed", [])[:20]:
+        ui.console.print(f"  [red]changed[/] {n}")
+    if res.derivation:
+        ui.console.print("derivative of the release — kept original experts per layer:")
+        for layer, d in sorted(res.derivation["layers"].items(), key=lambda x: int(x[0])):
+            ui.console.print(f"  layer {layer}: kept {d['kept']}  removed {d['removed']}")
+    for v in res.policy_violations:
+        ui.console.print(f"  [red]policy[/] {v}")
+    ui.console.print("[green]Intact: matches the signed release.[/]" if res.ok else
+                     "[red]Integrity check failed.[/]")
 
 
 @app.command()

@@ -144,10 +144,10 @@ class PolicyGuard:
         self.digests = {n: _digest(p) for n, p in self.frozen.items()}
         self.handles = []
         for n, p in self.frozen.items():
-            p.requires_grad_(False)
-            if hasattr(p, "register_post_accumulate_grad_hook"):
+            if p.requires_grad:   # hooks can only be registered on tensors that require grad
                 self.handles.append(p.register_post_accumulate_grad_hook(
                     lambda _p, n=n: self._fail(f"a gradient reached frozen parameter {n}", n)))
+            p.requires_grad_(False)
         self.handles.append(model.register_forward_pre_hook(lambda *_: self.check(values=False)))
 
     def _fail(self, what: str, name: str | None = None) -> None:
