@@ -43,9 +43,16 @@ class PipelineResult:
         return "\n".join(lines)
 
 
+DEMO_LIMIT = 128   # examples per split in scan/verify: keeps the 15-minute budget on 2 CPU cores
+
+
 def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None = None,
-                 recover_budget: int | None = None) -> PipelineResult:
-    """Run scan → entangle → lock → verify on ``model_dir``, writing into ``out`` (see module doc)."""
+                 recover_budget: int | None = None, limit: int | None = DEMO_LIMIT) -> PipelineResult:
+    """Run scan → entangle → lock → verify on ``model_dir``, writing into ``out`` (see module doc).
+
+    ``limit`` caps each task split (seeded) in scan and verify; verify re-attacks with the
+    baseline's settings, so both see the same splits.
+    """
     from moeharden.entangle import entangle
     from moeharden.lock import lock_checkpoint
     from moeharden.report import render_verify
@@ -63,7 +70,7 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
         return r
 
     scan_res = stage("scan", scan, ckpt=str(model_dir), out=out / "scan",
-                     settings=ScanSettings(recover=True, recover_budget=recover_budget))
+                     settings=ScanSettings(recover=True, recover_budget=recover_budget, limit=limit))
     recipe = resources.files("moeharden").joinpath("data/demo_entangle.yaml")
     with resources.as_file(recipe) as recipe_path:
         stage("entangle", entangle, ckpt=str(model_dir), out=out / "entangled", recipe_path=recipe_path,
