@@ -219,3 +219,25 @@ def test_wrong_key_missing_manifest_and_tampered_signature(release, tmp_path):
     sig.write_text(json.dumps(doc))
     res = _verify(copy, release)
     assert res.exit_code == 4 and "Traceback" not in res.output
+
+
+def test_policy_apply_limits_lora_to_allowed_groups_and_ranks():
+    import yaml
+    from peft import LoraConfig, get_peft_model
+
+    from moeharden.errors import PolicyViolation
+    from moeharden.policy import apply, parse_policy
+
+    policy = parse_policy(yaml.safe_load(POLICY))               # attention: lora up to rank 8
+    ids = torch.randint(0, 64, (1, 5))
+    ok = get_peft_model(build_tiny("mixtral")[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    apply(ok, policy)
+    ok(input_ids=ids)                                           # allowed: attention, rank 4 <= 8
+    big = get_peft_model(build_tiny("mixtral")[0], LoraConfig(r=16, target_modules=["q_proj"]))
+    apply(big, policy)
+    with pytest.raises(PolicyViolation, match="rank 16"):
+        big(input_ids=ids)
+    head = get_peft_model(build_tiny("mixtral")[0], LoraConfig(r=4, target_modules=["lm_head"]))
+    apply(head, policy)
+    with pytest.raises(PolicyViolation, match="lm_head"):
+        head(input_ids=ids)

@@ -170,8 +170,9 @@ class PolicyGuard:
             lora_a = getattr(mod, "lora_A", None)
             if not lora_a:
                 continue
-            base = name.replace("base_model.model.", "")
-            group = next((g for n, g in self.group_of.items() if n.startswith(base + ".")), "other")
+            base = name
+            group = next((g for n, g in self.group_of.items() if n.startswith(name + ".") and "lora_" not in n),
+                         "other")
             rule = self.policy.rule(group)
             ranks = [m.out_features for m in lora_a.values()] if hasattr(lora_a, "values") else []
             if rule.mode == "frozen":
