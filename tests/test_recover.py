@@ -127,3 +127,31 @@ def test_lora_mode_trains_adapters_and_unloads_them(tiny_demo):
     assert type(moe_layers(model)[0].experts) is experts_cls            # adapters unloaded
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])                                 # base weights untouched
+
+
+def test_prune_recover_writes_a_realigned_loadable_checkpoint(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from moeharden.cli import app
+
+    path = demo.build_demo_model(tmp_path / "model", steps=30)
+    keep = {"keep": {str(i): [0, 1] for i in range(3)}}
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+    runner = CliRunner()
+    res = runner.invoke(app, ["prune", str(path), "--experts-from", str(tmp_path / "keep.json"), "--out",
+                              str(tmp_path / "plain")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["prune", str(path), "--experts-from", str(tmp_path / "keep.json"), "--out",
+                              str(tmp_path / "rec"), "--recover", "--task", "sentiment", "--recover-budget", "8",
+                              "--recover-mode", "full", "--recover-strategy", "margin"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "rec" / "moeharden-prune.json").read_text())
+    assert record["recovery"]["labels_used"] == 8 and record["keep"] == keep["keep"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    rec = AutoModelForCausalLM.from_pretrained(tmp_path / "rec")
+    assert rec.config.num_local_experts == 2
+    diffs = [not torch.equal(a, b) for a, b in zip(plain.parameters(), rec.parameters(), strict=True)]
+    assert any(diffs)                                             # the re-aligned weights were saved

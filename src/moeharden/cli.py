@@ -130,6 +130,10 @@ def prune(
     task: str | None = typer.Option(None, "--task", help="Task whose experts to keep (with --method)."),
     keep: int | None = typer.Option(None, "--keep", help="Experts to keep per MoE layer (with --method)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Cap on each output shard."),
+    recover: bool = typer.Option(False, "--recover", help="Re-align the pruned model on --task (the attack)."),
+    recover_mode: str = typer.Option("full", "--recover-mode", help="full | router | lora | distill."),
+    recover_strategy: str = typer.Option("entropy", "--recover-strategy", help="random | entropy | margin | kcenter."),
+    recover_budget: int = typer.Option(64, "--recover-budget", help="Labels the attacker buys."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the checkpoint's own Python code (off by default)."),
     json_out: bool = JsonOpt,
@@ -139,7 +143,8 @@ def prune(
     from moeharden.prune import prune_command
 
     result = _run(prune_command, ckpt=ckpt, out=out, experts_from=experts_from, method=method, task=task,
-                  keep=keep, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code)
+                  keep=keep, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, recover=recover,
+                  recover_mode=recover_mode, recover_strategy=recover_strategy, recover_budget=recover_budget)
     if ui.json_mode():
         ui.emit_json(result.to_dict())
     else:

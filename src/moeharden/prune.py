@@ -265,8 +265,12 @@ def attributed_keep(src: Path, *, method: str, task: str, keep: int, limit: int 
 
 
 def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: str | None, task: str | None,
-                  keep: int | None, max_shard_size: str, trust_remote_code: bool = False) -> PruneResult:
-    """What ``moeharden prune`` runs: a keep-set from KEEP.json, or from an attribution method.
+                  keep: int | None, max_shard_size: str, trust_remote_code: bool = False,
+                  recover: bool = False, recover_mode: str = "full", recover_strategy: str = "entropy",
+                  recover_budget: int = 64, recover_seed: int = 0) -> PruneResult:
+    """What ``moeharden prune`` runs: a keep-set from KEEP.json, or from an attribution method;
+    with ``recover``, the pruned checkpoint is then re-aligned on ``task`` (the attacker's
+    re-alignment attack, :mod:`moeharden.recover`) and written in its place.
 
     Raises:
         UsageError: neither or both ways of choosing experts; KeepSetError; CheckpointError.
@@ -275,13 +279,15 @@ def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: st
     from moeharden.keepset import read_keep_file
     from moeharden.st_io import check_output_dir, parse_size
 
-    by_method = method is not None or task is not None or keep is not None
+    by_method = method is not None or keep is not None
     if experts_from is not None and by_method:
         raise UsageError("Give either --experts-from KEEP.json or --method/--task/--keep, not both.")
     if experts_from is None and not by_method:
         raise UsageError("Say which experts to keep: --experts-from KEEP.json, or --method M --task T --keep K.")
     if by_method and (method is None or task is None or keep is None):
         raise UsageError("--method, --task and --keep go together.")
+    if recover and task is None:
+        raise UsageError("--recover needs --task: the task whose labels the re-alignment attack buys.")
     check_output_dir(out)               # fail before any expensive work
     parse_size(max_shard_size)
     src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
@@ -290,4 +296,47 @@ def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: st
         chosen = read_keep_file(experts_from, moe_layers=layers, num_experts=E)
     else:
         chosen = attributed_keep(src, method=method, task=task, keep=keep, trust_remote_code=trust_remote_code)
-    return prune_checkpoint(src, out, chosen, max_shard_size=max_shard_size, source_label=str(ckpt))
+    result = prune_checkpoint(src, out, chosen, max_shard_size=max_shard_size, source_label=str(ckpt))
+    if recover:
+        recover_pruned(Path(out), task=task, mode=recover_mode, strategy=recover_strategy, budget=recover_budget,
+                       seed=recover_seed, max_shard_size=max_shard_size)
+    return result
+
+
+def recover_pruned(path: Path, *, task: str, mode: str, strategy: str, budget: int, seed: int,
+                   max_shard_size: str = "2GB") -> dict:
+    """Re-align a physically pruned checkpoint in place (atomically) and record how in its prune record.
+
+    Raises:
+        TaskError, UsageError (unknown mode/strategy).
+    """
+    from moeharden.checkpoint import load_model, load_tokenizer
+    from moeharden.recover import RecoverySettings, run_recovery, task_ops
+    from moeharden.registry import moe_layers
+    from moeharden.st_io import atomic_output_dir
+
+    try:
+        settings = RecoverySettings(mode=mode, strategy=strategy, budget=budget, seed=seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    t, _ = _attack_tasks(path, task, None)
+    model, tok = load_model(path), load_tokenizer(path)
+    info = moe_layers(model)
+    params = [li.router_weight for li in info] + [li.router_bias for li in info if li.router_bias is not None]
+    from moeharden.recover import _lora_targets
+
+    run = run_recovery(model, task_ops(tok, t), t.train, settings, router_params=params,
+                       lora_targets=_lora_targets(info), keep_trained=True)
+    record = json.loads((path / PRUNE_RECORD).read_text())
+    record["recovery"] = {"task": t.name, "mode": mode, "strategy": strategy, "budget": budget, "seed": seed,
+                          "labels_used": run.labels_used, "curve": run.points}
+    with atomic_output_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tok.save_pretrained(tmp)
+        for item in path.iterdir():
+            if item.suffix == ".safetensors" or item.name in ("model.safetensors.index.json", "config.json") or \
+                    item.name.startswith(".") or (tmp / item.name).exists():
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        (tmp / PRUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record["recovery"]

@@ -180,7 +180,8 @@ def select(strategy: str, model, ops: TaskOps, pool: Sequence, labeled: list[int
 
 def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings, *,
                  router_params: Sequence[torch.nn.Parameter] = (), mask: Callable | None = None,
-                 lora_targets: tuple[Sequence[str], Sequence[str]] = ((), ())) -> RecoveryRun:
+                 lora_targets: tuple[Sequence[str], Sequence[str]] = ((), ()),
+                 keep_trained: bool = False) -> RecoveryRun:
     """Run one seeded recovery attack and restore the model afterwards.
 
     Args:
@@ -190,6 +191,8 @@ def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings
         mask: a context-manager factory applying the pruning mask (``None`` for a physically
             pruned model).
         lora_targets: (module-name suffixes, parameter names) for LoRA (``lora`` mode).
+        keep_trained: keep the trained weights (``prune --recover``; LoRA adapters are merged)
+            instead of restoring the model.
     Returns:
         the learning curve; ``points[0]`` is the pruned model before any training (0 labels).
     """
@@ -205,7 +208,7 @@ def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings
             teacher = ops.teacher(model, list(pool))
     all_params = [p for p in model.parameters()]
     peft_model = None
-    with restored(all_params if s.mode != "router" else list(router_params)):
+    with (nullcontext() if keep_trained else restored(all_params if s.mode != "router" else list(router_params))):
         for p in all_params:
             p.requires_grad_(False)
         target = model
@@ -251,7 +254,7 @@ def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings
                 x = len(run.selected) if s.mode == "distill" else run.labels_used
                 run.points.append((x, float(ops.metric(target))))
         if peft_model is not None:
-            peft_model.unload()
+            peft_model.merge_and_unload() if keep_trained else peft_model.unload()
     for p in all_params:
         p.grad = None
     return run
