@@ -424,6 +424,13 @@ def report(
 
 def main() -> None:
     """Console-script entry point."""
+    if not _debug():   # dependencies' deprecation chatter is not for the user (MOEHARDEN_DEBUG=1 shows it)
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except KeyboardInterrupt:  # raised outside a command body
