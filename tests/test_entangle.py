@@ -21,9 +21,11 @@ def _load(path):
     return load_model(path), load_tokenizer(path), load_tasks(None, checkpoint_dir=path, limit=32)
 
 
-def test_resume_gives_the_same_weights(tiny_demo_path, tmp_path):
+@pytest.mark.parametrize("recovery", [False, True])
+def test_resume_gives_the_same_weights(tiny_demo_path, tmp_path, recovery):
     recipe = EntangleRecipe(steps=6, batch_size=8, recompute_every=3, adversarial_swaps=2, checkpoint_every=2,
-                            subsets_per_step=1, lr=1e-3)
+                            subsets_per_step=1, lr=1e-3, recovery_term=recovery, recovery_steps=2,
+                            recovery_update="sign", recovery_inner=("labels", "distill"), recovery_every=2)
     model_a, tok, tasks = _load(tiny_demo_path)
     entangle_model(model_a, tok, tasks, recipe, ckpt_dir=tmp_path / "a")
     model_b, _, _ = _load(tiny_demo_path)
@@ -73,3 +75,58 @@ def test_recipe_precedence_and_errors(tmp_path):
         load_recipe(p)
     msg = str(err.value)
     assert "steps" in msg and "bogus" in msg and "lr" in msg            # all problems at once
+
+
+@pytest.mark.parametrize("update,inner", [("sgd", "labels"), ("sign", "distill")])
+def test_recovery_term_matches_an_independent_computation(tiny_demo_path, update, inner):
+    """The TAR-style term adds ∇ℓ at θ' = θ − α·u(∇ attacker loss) to the gradient and restores θ."""
+    import copy
+
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from moeharden.batching import answer_logits, encode
+    from moeharden.entangle import _recovery_term, kl_retain
+    from moeharden.registry import moe_layers
+    from moeharden.routing import mask_experts
+
+    model, tok, tasks = _load(tiny_demo_path)
+    task = next(t for t in tasks if t.name == "sentiment")
+    batch, held = encode(tok, task.train[:8]), encode(tok, task.train[8:16])
+    keep = {li.layer: [0, 3] for li in moe_layers(model)}
+    recipe = EntangleRecipe(recovery_term=True, recovery_steps=1, recovery_update=update, recovery_lr=0.01,
+                            lambda_recovery=1.0)
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    ref = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)                      # gradients already accumulated are kept
+    value = _recovery_term(model, model, batch, held, keep, recipe, Accelerator(cpu=True), 1, inner, full)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored"
+
+    # independent computation on a copy: one attacker step by hand, then the bounded term's gradient
+    params = list(ref.parameters())
+    with mask_experts(ref, keep):
+        logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        if inner == "distill":
+            atk = kl_retain(logits, full, batch.attention_mask)
+        else:
+            al, at = answer_logits(logits, batch.labels)
+            atk = F.cross_entropy(al.float(), at)
+    grads = torch.autograd.grad(atk, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p -= 0.01 * (g.sign() if update == "sign" else g)
+    with mask_experts(ref, keep):
+        lp = pruned_hinge(ref(input_ids=held.input_ids, attention_mask=held.attention_mask).logits, held, recipe)
+    lp.backward()
+    assert value == pytest.approx(float(lp.detach()), rel=1e-5)
+    nonzero = 0
+    for (n, p), q in zip(model.named_parameters(), params, strict=True):
+        expect = 1.0 + (q.grad if q.grad is not None else torch.zeros_like(p))
+        torch.testing.assert_close(p.grad, expect, rtol=1e-4, atol=1e-6, msg=n)
+        nonzero += int(q.grad is not None and bool(q.grad.abs().sum() > 0))
+    assert nonzero > 0

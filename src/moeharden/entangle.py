@@ -16,8 +16,12 @@ Objective per step, on one single-task batch of every task:
   minimises the pruned model's task loss (the attacker's best choice on this batch).
 * ``L_spread``: per-task load balance, on single-task batches: Σ_layers (E·Σ_e p̄_e² − 1), where p̄
   is the task's mean routing distribution (softmax of router logits); 0 when uniform.
-* optional TAR-style first-order simulated recovery: one attacker SGD step on CE_S, then ℓ at
-  the updated weights, its gradient added at θ.
+* optional TAR-style first-order simulated recovery: ``recovery_steps`` attacker steps on the
+  pruned sub-model (on labels — cross-entropy — or, like the ``distill`` attack, on the full
+  model's outputs; plain SGD or sign steps, which is what Adam's early steps are), then ℓ of
+  the updated sub-model on a *different* batch after every step; the mean of those gradients
+  is added at θ (first order). Keep-sets for it come from the attribution and adversarial
+  pools at keep ≤ ``recovery_keep_max`` · E — the attacker's choices.
 
 Checkpoints every ``checkpoint_every`` steps (weights, optimizer state, keep-set pools, loss
 history) allow ``--resume``; per-step randomness is derived from (seed, step), so a resumed run
@@ -76,6 +80,12 @@ class EntangleRecipe(BaseModel):
     recovery_term: bool = False
     recovery_lr: float = Field(0.01, gt=0)
     lambda_recovery: float = Field(0.5, ge=0)
+    recovery_steps: int = Field(1, ge=1)
+    recovery_update: Literal["sgd", "sign"] = "sgd"
+    recovery_inner: tuple[Literal["labels", "distill"], ...] = ("labels",)
+    recovery_tasks: tuple[str, ...] | None = None      # None: every task
+    recovery_every: int = Field(1, ge=1)
+    recovery_keep_max: float = Field(0.5, gt=0, le=1)
     checkpoint_every: int = Field(100, gt=0)
 
 
@@ -371,6 +381,8 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
                                     for k in keeps if k <= E // 2]
             model.train()
         logs = {"task": 0.0, "retain": 0.0, "spread": 0.0, "prune": 0.0}
+        if recipe.recovery_term:
+            logs["recovery"] = 0.0
         n_units = len(tasks) * recipe.grad_accum      # micro-batches whose gradients one step sums
         for t in [t for _ in range(recipe.grad_accum) for t in tasks]:
             ex = rng.sample(t.train, min(recipe.batch_size, len(t.train)))
@@ -394,8 +406,16 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
                                       batch, recipe)
                 accel.backward(recipe.lambda_prune * lp / (recipe.subsets_per_step * n_units))
                 l_prune += float(lp.detach()) / recipe.subsets_per_step
-                if recipe.recovery_term:
-                    l_prune += _recovery_term(model, base, batch, keep, recipe, accel, n_units)
+            if (recipe.recovery_term and step % recipe.recovery_every == 0
+                    and (recipe.recovery_tasks is None or t.name in recipe.recovery_tasks)):
+                pool = [ks for ks in attr_pool.get(t.name, []) + adv_pool.get(t.name, [])
+                        if len(ks[layers[0]]) <= recipe.recovery_keep_max * E]
+                if pool:
+                    keep = rng.choice(pool)
+                    held = encode(tokenizer, rng.sample(t.train, min(recipe.batch_size, len(t.train)))).to(device)
+                    inner = recipe.recovery_inner[step // recipe.recovery_every % len(recipe.recovery_inner)]
+                    logs["recovery"] += _recovery_term(
+                        model, base, batch, held, keep, recipe, accel, n_units, inner, logits.detach()) / n_units
             logs["task"] += float(l_task.detach()) / n_units
             logs["retain"] += float(l_ret.detach()) / n_units
             logs["spread"] += float(l_spr.detach()) / n_units
@@ -416,36 +436,49 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     return history, max(end, start)
 
 
-def _recovery_term(model, base, batch, keep, recipe: EntangleRecipe, accel, n_tasks: int) -> float:
-    """TAR-style first-order term: one attacker SGD step on the pruned model, penalise what it recovers."""
+def _recovery_term(model, base, batch, held, keep, recipe: EntangleRecipe, accel, n_units: int, inner: str,
+                   full_logits: torch.Tensor) -> float:
+    """TAR-style first-order term: simulate the attacker re-aligning the pruned model, penalise what it recovers.
+
+    ``recovery_steps`` attacker steps on ``batch`` (``inner`` = "labels": cross-entropy of the
+    answers; "distill": KL from the full model's outputs, no labels); after each, the bounded ℓ of
+    the updated sub-model on ``held`` (other examples) is back-propagated and its gradient — taken
+    at the updated weights — is added at θ. θ is restored exactly afterwards.
+    """
     from moeharden.batching import answer_logits
     from moeharden.routing import mask_experts
 
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad.detach().clone() if p.grad is not None else None for p in params]
+    orig = [p.detach().clone() for p in params]
     for p in params:
         p.grad = None
-    with mask_experts(base, keep):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        al, at = answer_logits(logits, batch.labels)
-        atk = F.cross_entropy(al.float(), at)
-    grads = torch.autograd.grad(atk, params, allow_unused=True)
-    with torch.no_grad():                               # θ' = θ − α ∇CE_S  (the attacker's step)
-        for p, g in zip(params, grads, strict=True):
-            if g is not None:
-                p.sub_(recipe.recovery_lr * g)
-    with mask_experts(base, keep):
-        lp = pruned_hinge(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                          batch, recipe)
-    accel.backward(recipe.lambda_recovery * lp / n_tasks)   # gradient at θ', applied at θ (first order)
+    total = 0.0
+    n = recipe.recovery_steps
+    for _ in range(n):
+        with mask_experts(base, keep), accel.autocast():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            if inner == "distill":
+                atk = kl_retain(logits, full_logits, batch.attention_mask)
+            else:
+                al, at = answer_logits(logits, batch.labels)
+                atk = F.cross_entropy(al.float(), at)
+        grads = torch.autograd.grad(atk, params, allow_unused=True)
+        with torch.no_grad():                           # θ_k+1 = θ_k − α·update(∇ attacker loss)
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.sub_(recipe.recovery_lr * (g.sign() if recipe.recovery_update == "sign" else g))
+        with mask_experts(base, keep), accel.autocast():
+            lp = pruned_hinge(model(input_ids=held.input_ids, attention_mask=held.attention_mask).logits,
+                              held, recipe)
+        accel.backward(recipe.lambda_recovery * lp / (n * n_units))   # gradient at θ_k+1, applied at θ
+        total += float(lp.detach()) / n
     with torch.no_grad():
-        for p, g in zip(params, grads, strict=True):
-            if g is not None:
-                p.add_(recipe.recovery_lr * g)
-        for p, s in zip(params, saved, strict=True):
+        for p, o, s in zip(params, orig, saved, strict=True):
+            p.copy_(o)
             if s is not None:
                 p.grad = s if p.grad is None else p.grad + s
-    return float(lp.detach())
+    return total
 
 
 def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe_path: Path | None = None,
