@@ -2,7 +2,7 @@
 
 Objective per step, on one single-task batch of every task:
 
-    L = L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread [+ λ_rec · ℓ(θ'_S)]
+    L = λ_T · L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread [+ λ_rec · ℓ(θ'_S)]
 
 * ``L_task``: cross-entropy of the answers under the full model.
 * ``KL``: keeps the released model's output distribution close to the original's (all positions).
@@ -66,6 +66,7 @@ class EntangleRecipe(BaseModel):
     grad_clip: float | None = 1.0
     grad_accum: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    lambda_task: float = Field(1.0, ge=0)
     lambda_retain: float = Field(1.0, ge=0)
     lambda_prune: float = Field(1.0, ge=0)
     lambda_spread: float = Field(0.5, ge=0)
@@ -395,7 +396,7 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
                 l_task = F.cross_entropy(al.float(), at)
                 l_ret = kl_retain(logits, t_logits, batch.attention_mask)
                 l_spr = spread_loss(tap.inputs, batch.attention_mask)
-                loss = l_task + recipe.lambda_retain * l_ret + recipe.lambda_spread * l_spr
+                loss = recipe.lambda_task * l_task + recipe.lambda_retain * l_ret + recipe.lambda_spread * l_spr
             accel.backward(loss / n_units)
             l_prune = 0.0
             for _ in range(recipe.subsets_per_step):
