@@ -1,8 +1,14 @@
 """The README's main command end to end: `moeharden demo --out DIR` on the embedded model.
 
-Slow (about 10 minutes on 2 cores with the demo model cached). Checks the layout, that the
+Slow (about 17 minutes on 2 cores with the demo model cached). Checks the layout, that the
 before/after report has its plots, that verify.json is a well-formed gate whose verdict matches its
-rows, and that the original (unhardened) model fails the same gate with exit code 1.
+rows, that `moeharden verify` on the locked release exits with that verdict (0 pass, 1 fail), and
+that the original (unhardened) model fails the same gate with exit code 1.
+
+On the reference machine (2 CPU cores, torch 2.13 CPU build) the shipped demo recipe passes the
+gate. The verdict is not asserted here: entangled training is sensitive to its seed (other recipe
+seeds fail rows — see the #5 closing note and docs/attacks-and-defenses.md), so a CPU whose float
+rounding differs could land on either side; the exit-code contract is what this test pins down.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
     modes = {r["mode"] for r in verify["attack"]["recovery"]}
     assert modes == {"full", "router", "lora", "distill"}
     assert len({r["seed"] for r in verify["attack"]["recovery"]}) >= 3
+    # verify on the locked release, as a release pipeline runs it: its exit code is the verdict
+    res = runner.invoke(app, ["verify", str(out / "locked"), "--baseline", str(out / "scan" / "scan.json"),
+                              "--pubkey", str(out / "keys" / "moeharden.pub"), "--out", str(tmp_path / "verify-locked")])
+    assert res.exit_code == (0 if verify["passed"] else 1), res.output
+    again = json.loads((tmp_path / "verify-locked" / "verify.json").read_text())
+    assert [r["pass"] for r in again["gate"]] == [r["pass"] for r in verify["gate"]]   # deterministic re-attack
     # the original model fails the same gate: it is as prunable as the scan said
     res = runner.invoke(app, ["verify", str(out / "model"), "--baseline", str(out / "scan" / "scan.json"),
                               "--out", str(tmp_path / "verify-original")])
