@@ -1,6 +1,7 @@
 """One entangle step ÷ one plain fine-tuning step on the same batches (goal ≤ 3, without the
-recovery term; the recovery term's cost, and the demo recipe's, are printed too). Demo model, single-task batches of 32
-for each task, median over steps (the keep-set pools are computed once, outside the timing).
+recovery term; the recovery term's cost, and the demo recipe's, are printed too). Demo model,
+single-task batches of 32 for each task, median over steps (the keep-set pools are computed once,
+outside the timing).
 Run: .venv/bin/python bench/entangle.py [DEMO_MODEL_DIR]
 """
 
