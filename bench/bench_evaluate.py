@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_lm import build_model, build_tokenizer  # noqa: E402
 
-from moeharden.evaluate import choice_logprobs, encode_pairs, perplexity, perplexity_windows  # noqa: E402
-from moeharden.tasks import load_tasks  # noqa: E402
+from moeharden.tasks.loading import load_tasks  # noqa: E402
+from moeharden.tasks.metrics import choice_logprobs, encode_pairs, perplexity, perplexity_windows  # noqa: E402
 
 
 def _timed(fn):

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moeharden.batching import answer_logits, encode
-from moeharden.checkpoint import load_model, load_tokenizer
-from moeharden.entangle import EntangleRecipe, entangle_model, load_recipe
-from moeharden.tasks import load_tasks
+from moeharden.defend.entangle import EntangleRecipe, entangle_model, load_recipe
+from moeharden.model.checkpoint import load_model, load_tokenizer
+from moeharden.tasks.encoding import answer_logits, encode
+from moeharden.tasks.loading import load_tasks
 
 
 def plain_steps(model, tok, tasks, steps: int, batch: int) -> float:

@@ -14,8 +14,8 @@ import time
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moeharden.registry import moe_layers
-from moeharden.routing import mask_experts, record_routing
+from moeharden.model.registry import moe_layers
+from moeharden.model.routing import mask_experts, record_routing
 
 
 def _times(fns, reps=30):

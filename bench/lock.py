@@ -15,8 +15,8 @@ from pathlib import Path
 CHILD_HASH = """
 import sys, time
 from pathlib import Path
-from moeharden.manifest import tensor_sha256
-from moeharden.st_io import CheckpointFiles
+from moeharden.defend.manifest import tensor_sha256
+from moeharden.io.shards import CheckpointFiles
 files = CheckpointFiles(Path(sys.argv[1]))
 t0 = time.perf_counter()
 n = sum(1 for _ in tensor_sha256(files))
@@ -25,13 +25,13 @@ print(time.perf_counter() - t0)
 CHILD_LOCK = """
 import resource, sys
 from pathlib import Path
-from moeharden.lock import lock_checkpoint
+from moeharden.defend.lock import lock_checkpoint
 lock_checkpoint(ckpt=sys.argv[1], policy=Path(sys.argv[2]), key=Path(sys.argv[3]), out=Path(sys.argv[4]))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 CHILD_BASE = """
 import resource
-import moeharden.lock, moeharden.manifest, moeharden.signing, model_signing.signing, torch, transformers
+import moeharden.defend.lock, moeharden.defend.manifest, moeharden.defend.signing, model_signing.signing, torch, transformers
 from transformers import MixtralForCausalLM
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

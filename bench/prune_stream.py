@@ -22,8 +22,8 @@ REPEATS = 3
 CHILD_PRUNE = """
 import sys, json, resource, time
 from pathlib import Path
-from moeharden.checkpoint import load_config
-from moeharden.prune import prune_checkpoint
+from moeharden.model.checkpoint import load_config
+from moeharden.attack.prune import prune_checkpoint
 keep = json.loads(sys.argv[3])
 load_config(Path(sys.argv[1]))          # warm transformers' lazy config imports (start-up, not pruning)
 t0 = time.perf_counter()
@@ -33,8 +33,8 @@ print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 CHILD_BASE = """
 import sys, resource
 from pathlib import Path
-from moeharden.checkpoint import load_config
-import moeharden.prune, safetensors.torch, torch, transformers  # same imports and warm-up, no pruning
+from moeharden.model.checkpoint import load_config
+import moeharden.attack.prune, safetensors.torch, torch, transformers  # same imports and warm-up, no pruning
 load_config(Path(sys.argv[1]))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from moeharden.attribution import keep_sets, observed_scores
-from moeharden.checkpoint import load_model, load_tokenizer
-from moeharden.recover import STRATEGIES, RecoverySettings, run_recovery, task_ops
-from moeharden.registry import moe_layers
-from moeharden.routing import mask_experts
-from moeharden.scan import routing_stats
-from moeharden.tasks import load_tasks
+from moeharden.attack.attribution import keep_sets, observed_scores
+from moeharden.attack.realign import STRATEGIES, RecoverySettings, run_recovery, task_ops
+from moeharden.audit.scan import routing_stats
+from moeharden.model.checkpoint import load_model, load_tokenizer
+from moeharden.model.registry import moe_layers
+from moeharden.model.routing import mask_experts
+from moeharden.tasks.loading import load_tasks
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 CHILD_SCAN = """
 import resource, sys
 from pathlib import Path
-from moeharden.scan import ScanSettings, scan
+from moeharden.audit.scan import ScanSettings, scan
 scan(sys.argv[1], Path(sys.argv[2]), settings=ScanSettings(recover=False))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 CHILD_BASE = """
 import resource
-import torch, transformers, moeharden.scan, moeharden.evaluate, moeharden.tasks, matplotlib.pyplot
+import torch, transformers, moeharden.audit.scan, moeharden.tasks.metrics, moeharden.tasks.loading, matplotlib.pyplot
 from transformers import MixtralForCausalLM
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -31,10 +31,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def attribution_ratio(model_dir: Path) -> None:
     import torch
 
-    from moeharden.checkpoint import load_model, load_tokenizer
-    from moeharden.registry import moe_layers
-    from moeharden.scan import routing_stats
-    from moeharden.tasks import load_tasks
+    from moeharden.audit.scan import routing_stats
+    from moeharden.model.checkpoint import load_model, load_tokenizer
+    from moeharden.model.registry import moe_layers
+    from moeharden.tasks.loading import load_tasks
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     tasks = load_tasks(None, checkpoint_dir=model_dir)

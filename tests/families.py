@@ -78,7 +78,7 @@ def tiny_config(family: str, **overrides):
 
 def build_tiny(family: str, seed: int = 0, **overrides):
     """A seeded tiny model of ``family`` in eval mode (fp32), with lively routers; and its config."""
-    from moeharden.registry import moe_layers
+    from moeharden.model.registry import moe_layers
 
     cfg = tiny_config(family, **overrides)
     torch.manual_seed(seed)

@@ -9,10 +9,16 @@ import random
 import pytest
 import torch
 
-from moeharden.attribution import RoutingStats, contrastive_scores, keep_sets
-from moeharden.gate import Gate, gate_rows
-from moeharden.recover import entropy_scores, kcenter_greedy, labels_to_recover, margin_scores
-from moeharden.sweep import above_chance_retained, default_keeps, headline, retained_fraction, run_sweep
+from moeharden.attack.attribution import RoutingStats, contrastive_scores, keep_sets
+from moeharden.attack.realign import entropy_scores, kcenter_greedy, labels_to_recover, margin_scores
+from moeharden.attack.sweep import (
+    above_chance_retained,
+    default_keeps,
+    headline,
+    retained_fraction,
+    run_sweep,
+)
+from moeharden.audit.gate import Gate, gate_rows
 
 
 def test_default_keeps_for_8_experts_top2():

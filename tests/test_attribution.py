@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moeharden.attribution import observed_scores, stats_from_record
+from moeharden.attack.attribution import observed_scores, stats_from_record
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def _reference(model, input_ids, attention_mask):
 
 
 def test_observed_scores_match_hand_computation(tiny_mixtral):
-    from moeharden.routing import record_routing
+    from moeharden.model.routing import record_routing
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (3, 7), generator=g)

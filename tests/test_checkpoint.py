@@ -17,17 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moeharden.checkpoint import (
-    checkpoint_digest,
-    config_hash,
-    load_model,
-    load_tokenizer,
-    resolve_checkpoint,
-    validate_checkpoint,
-)
 from moeharden.errors import CheckpointError, InputError, KeepSetError, NetworkError, UnsupportedModelError
-from moeharden.keepset import parse_keep, read_keep_file, to_json
-from moeharden.st_io import (
+from moeharden.io.shards import (
     INDEX_NAME,
     OUTPUT_MARKER,
     CheckpointFiles,
@@ -37,6 +28,15 @@ from moeharden.st_io import (
     parse_size,
     read_tensor,
 )
+from moeharden.model.checkpoint import (
+    checkpoint_digest,
+    config_hash,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+    validate_checkpoint,
+)
+from moeharden.model.keepset import parse_keep, read_keep_file, to_json
 
 
 def _copy(src, dst):

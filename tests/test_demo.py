@@ -67,7 +67,7 @@ def test_generated_answers_are_right():
 
 
 def _check_task_file(path: Path) -> dict:
-    """Minimal check of the task-file schema of docs/CONTRACTS.md (moeharden.tasks may not exist yet)."""
+    """Minimal check of the task-file schema of docs/CONTRACTS.md (moeharden.tasks.loading may not exist yet)."""
     spec = yaml.safe_load(path.read_text())
     assert spec["version"] == 1
     names = [t["name"] for t in spec["tasks"]]
@@ -102,7 +102,7 @@ def test_task_file_validates(tmp_path):
     assert {t["name"]: t["chance"] for t in spec["tasks"]} == pytest.approx(
         {"sentiment": 0.5, "addition": 1 / 179, "reverse": 1 / 26**4}, rel=1e-2)
     try:
-        from moeharden.tasks import load_tasks
+        from moeharden.tasks.loading import load_tasks
     except ImportError:
         return
     tasks = load_tasks(None, checkpoint_dir=tmp_path)
@@ -188,7 +188,7 @@ def test_cli_demo_json(tmp_path, monkeypatch, tiny_recipe):
 def _keep_only(model, keep: dict[int, list[int]]):
     """Route only among ``keep[layer]`` (router logits of the others set to -inf)."""
     try:
-        from moeharden.routing import mask_experts
+        from moeharden.model.routing import mask_experts
     except ImportError:
         mask_experts = None
     if mask_experts is not None:
@@ -273,8 +273,8 @@ def test_demo_model_is_accurate_and_task_specialised(tmp_path):
         rand_retained = (sum(rand) / len(rand) - task.chance) / (full - task.chance)
         assert rand_retained < retained - 0.3, (name, rand, kept)
     try:  # the library's own task loader and evaluator agree (issue #3 modules, when present)
-        from moeharden.evaluate import evaluate
-        from moeharden.tasks import load_tasks
+        from moeharden.tasks.loading import load_tasks
+        from moeharden.tasks.metrics import evaluate
     except ImportError:
         return
     for t in load_tasks(None, checkpoint_dir=out):

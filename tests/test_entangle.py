@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeharden import demo
-from moeharden.entangle import EntangleRecipe, entangle_model, load_recipe, pruned_hinge
+from moeharden.defend.entangle import EntangleRecipe, entangle_model, load_recipe, pruned_hinge
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +15,8 @@ def tiny_demo_path(tmp_path_factory):
 
 
 def _load(path):
-    from moeharden.checkpoint import load_model, load_tokenizer
-    from moeharden.tasks import load_tasks
+    from moeharden.model.checkpoint import load_model, load_tokenizer
+    from moeharden.tasks.loading import load_tasks
 
     return load_model(path), load_tokenizer(path), load_tasks(None, checkpoint_dir=path, limit=32)
 
@@ -45,7 +45,7 @@ def test_resume_gives_the_same_weights(tiny_demo_path, tmp_path, recovery):
 
 
 def test_pruned_term_is_bounded():
-    from moeharden.batching import LMBatch
+    from moeharden.tasks.encoding import LMBatch
 
     recipe = EntangleRecipe()
     labels = torch.tensor([[-100, 5, 6]])
@@ -85,10 +85,10 @@ def test_recovery_term_matches_an_independent_computation(tiny_demo_path, update
     import torch.nn.functional as F
     from accelerate import Accelerator
 
-    from moeharden.batching import answer_logits, encode
-    from moeharden.entangle import _recovery_term, kl_retain
-    from moeharden.registry import moe_layers
-    from moeharden.routing import mask_experts
+    from moeharden.defend.entangle import _recovery_term, kl_retain
+    from moeharden.model.registry import moe_layers
+    from moeharden.model.routing import mask_experts
+    from moeharden.tasks.encoding import answer_logits, encode
 
     model, tok, tasks = _load(tiny_demo_path)
     task = next(t for t in tasks if t.name == "sentiment")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_lm import build_model, build_tokenizer
 
-from moeharden.evaluate import (
+from moeharden.tasks.loading import Example, SplitSpec, Task, TaskSpec
+from moeharden.tasks.metrics import (
     choice_logprobs,
     encode_pairs,
     evaluate,
@@ -19,7 +20,6 @@ from moeharden.evaluate import (
     rouge_scores,
     task_loss,
 )
-from moeharden.tasks import Example, SplitSpec, Task, TaskSpec
 
 torch.set_num_threads(1)
 

@@ -28,7 +28,7 @@ TOKEN = "hf_moehardenTestSecret0123456789abcdef"
 _SCRIPT = r"""
 import json, sys
 from moeharden.errors import MoehardenError
-from moeharden.hub import push_output
+from moeharden.io.hub import push_output
 folder, repo_id, what, private = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 try:
     r = push_output(folder, repo_id, what, private=private)
@@ -172,7 +172,7 @@ def test_offline_mode_is_network_error(out_dir, tmp_path):
 
 
 def test_offline_in_process_and_bad_folder(tmp_path, monkeypatch):
-    from moeharden.hub import push_to_hub
+    from moeharden.io.hub import push_to_hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     d = tmp_path / "o"
@@ -189,7 +189,7 @@ def test_offline_in_process_and_bad_folder(tmp_path, monkeypatch):
 
 
 def test_translate_scrubs_token_from_any_message():
-    from moeharden.hub import _translate
+    from moeharden.io.hub import _translate
 
     err = _translate(ConnectionRefusedError(f"refused for Bearer {TOKEN}"), endpoint="http://h",
                      repo_id="o/x", token=TOKEN)

@@ -76,7 +76,7 @@ def _flip(path, offset):
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_a_flipped_weight_byte_names_the_tensor(release, tmp_path, where):
-    from moeharden.st_io import CheckpointFiles
+    from moeharden.io.shards import CheckpointFiles
 
     copy = tmp_path / "copy"
     shutil.copytree(release / "locked", copy)
@@ -134,7 +134,7 @@ def _finetune_all(model, steps=3):
 
 @pytest.mark.parametrize("family", ["demo", "qwen2_moe"])
 def test_derivation_names_the_kept_experts_of_a_pruned_finetuned_model(family, tmp_path):
-    from moeharden.registry import moe_layers
+    from moeharden.model.registry import moe_layers
 
     root = tmp_path
     if family == "demo":                      # the embedded demo model's architecture and checkpoint layout
@@ -173,9 +173,9 @@ def test_derivation_names_the_kept_experts_of_a_pruned_finetuned_model(family, t
 
 
 def test_policy_apply_stops_a_step_that_would_update_a_frozen_expert():
+    from moeharden.defend.policy import apply, parse_policy
     from moeharden.errors import PolicyViolation
-    from moeharden.policy import apply, parse_policy
-    from moeharden.registry import moe_layers
+    from moeharden.model.registry import moe_layers
 
     model, _ = build_tiny("mixtral")
     import yaml
@@ -233,8 +233,8 @@ def test_policy_apply_limits_lora_to_allowed_groups_and_ranks():
     import yaml
     from peft import LoraConfig, get_peft_model
 
+    from moeharden.defend.policy import apply, parse_policy
     from moeharden.errors import PolicyViolation
-    from moeharden.policy import apply, parse_policy
 
     policy = parse_policy(yaml.safe_load(POLICY))               # attention: lora up to rank 8
     ids = torch.randint(0, 64, (1, 5))

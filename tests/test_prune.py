@@ -15,9 +15,9 @@ import torch
 from families import FAMILIES, build_tiny
 from safetensors import safe_open
 
-from moeharden.prune import prune_checkpoint
-from moeharden.registry import moe_layers, valid_keep
-from moeharden.routing import mask_experts, record_routing
+from moeharden.attack.prune import prune_checkpoint
+from moeharden.model.registry import moe_layers, valid_keep
+from moeharden.model.routing import mask_experts, record_routing
 
 
 def _keep_for(model, cfg, k=4):
@@ -28,7 +28,7 @@ def _keep_for(model, cfg, k=4):
     with torch.no_grad(), record_routing(model, norms=False) as rec:
         model(input_ids=ids)
     keep = {}
-    from moeharden.registry import routing_groups
+    from moeharden.model.registry import routing_groups
 
     G = routing_groups(spec, cfg)
     size = layers[0].num_experts // G
@@ -108,8 +108,8 @@ def test_side_files_record_and_rerun(tiny_mixtral_ckpt, tmp_path):
 
     from tiny_lm import build_tokenizer
 
-    from moeharden.checkpoint import checkpoint_digest, load_tokenizer
-    from moeharden.st_io import OUTPUT_MARKER
+    from moeharden.io.shards import OUTPUT_MARKER
+    from moeharden.model.checkpoint import checkpoint_digest, load_tokenizer
 
     src = tmp_path / "src"
     shutil.copytree(tiny_mixtral_ckpt, src)

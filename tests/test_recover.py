@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from moeharden import demo
-from moeharden.recover import RecoverySettings, run_recovery, select, task_ops
-from moeharden.registry import moe_layers
-from moeharden.routing import mask_experts
+from moeharden.attack.realign import RecoverySettings, run_recovery, select, task_ops
+from moeharden.model.registry import moe_layers
+from moeharden.model.routing import mask_experts
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     """A demo-format checkpoint trained for a few steps (fast), loaded with its tasks."""
-    from moeharden.checkpoint import load_model, load_tokenizer
-    from moeharden.tasks import load_tasks
+    from moeharden.model.checkpoint import load_model, load_tokenizer
+    from moeharden.tasks.loading import load_tasks
 
     d = tmp_path_factory.mktemp("demo")
     path = demo.build_demo_model(d / "model", steps=30)
@@ -117,7 +117,7 @@ def test_lora_mode_trains_adapters_and_unloads_them(tiny_demo):
             trained.update({n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n})
             return self.ops.metric(m)
 
-    from moeharden.recover import _lora_targets
+    from moeharden.attack.realign import _lora_targets
 
     s = RecoverySettings(mode="lora", strategy="random", budget=8, rounds=2, steps_per_round=3, lr=1e-2)
     run_recovery(model, Spy(task_ops(tok, task)), task.train, s, mask=lambda: mask_experts(model, keep),

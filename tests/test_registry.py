@@ -15,10 +15,10 @@ from families import FAMILIES, build_tiny, tiny_config
 from safetensors import safe_open
 
 from moeharden.errors import KeepSetError, UnsupportedModelError
-from moeharden.registry import (
+from moeharden.model.registry import (
     FAMILIES as SPECS,
 )
-from moeharden.registry import (
+from moeharden.model.registry import (
     check_keep_counts,
     classify_tensor,
     moe_layers,

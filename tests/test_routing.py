@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from families import FAMILIES, build_tiny
 
-from moeharden.registry import (
+from moeharden.model.registry import (
     check_keep_counts,
     moe_layers,
     pruned_config,
@@ -20,7 +20,7 @@ from moeharden.registry import (
     spec_for_config,
     valid_keep,
 )
-from moeharden.routing import mask_experts, record_routing
+from moeharden.model.routing import mask_experts, record_routing
 
 
 def _topk_renorm(p, k, renorm=True):
@@ -164,7 +164,7 @@ def test_mask_never_selects_hidden_experts_and_changes_logits(tiny):
     with torch.no_grad(), record_routing(model, norms=False) as before:
         plain = model(input_ids=ids, attention_mask=mask).logits
     from moeharden.errors import KeepSetError
-    from moeharden.registry import check_keep_counts
+    from moeharden.model.registry import check_keep_counts
 
     used = before.layers[layers[0].layer].indices.reshape(-1).bincount(minlength=8)
     hide: list[int] = []
@@ -188,7 +188,7 @@ def test_mask_never_selects_hidden_experts_and_changes_logits(tiny):
 
 
 def test_mask_below_top_k_caps_top_k(tiny):
-    from moeharden.registry import valid_keep
+    from moeharden.model.registry import valid_keep
 
     _, model, cfg = tiny
     layers = moe_layers(model)

@@ -12,8 +12,7 @@ import yaml
 from tiny_lm import build_model, build_tokenizer
 
 from moeharden.errors import EXIT_INPUT, TaskError
-from moeharden.evaluate import evaluate, task_loss
-from moeharden.tasks import (
+from moeharden.tasks.loading import (
     TASK_FILE_NAME,
     load_tasks,
     parse_task_file,
@@ -22,6 +21,7 @@ from moeharden.tasks import (
     read_task_file,
     template_fields,
 )
+from moeharden.tasks.metrics import evaluate, task_loss
 
 torch.set_num_threads(1)
 

@@ -110,7 +110,7 @@ def _push(out: Path, repo_id: str | None, what: str, public: bool) -> dict | Non
     """After a command has written ``out``: upload it when --push-to-hub was given."""
     if not repo_id:
         return None
-    from moeharden.hub import push_output
+    from moeharden.io.hub import push_output
 
     res = _run(push_output, out_dir=out, repo_id=repo_id, what=what, private=not public)
     info = res.to_dict() if hasattr(res, "to_dict") else {"repo_id": repo_id}
@@ -140,7 +140,7 @@ def prune(
 ) -> None:
     """The attacker's artifact: a physically smaller checkpoint keeping only some experts."""
     _json(json_out)
-    from moeharden.prune import prune_command
+    from moeharden.attack.prune import prune_command
 
     result = _run(prune_command, ckpt=ckpt, out=out, experts_from=experts_from, method=method, task=task,
                   keep=keep, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, recover=recover,
@@ -197,8 +197,8 @@ def scan(
 ) -> None:
     """Attribute experts per task, run the pruning sweep, and report how prunable the model is."""
     _json(json_out)
-    from moeharden.scan import ScanSettings
-    from moeharden.scan import scan as run_scan
+    from moeharden.audit.scan import ScanSettings
+    from moeharden.audit.scan import scan as run_scan
 
     defaults = ScanSettings()
     settings = ScanSettings(
@@ -257,7 +257,7 @@ def entangle(
 ) -> None:
     """Retrain with an anti-pruning objective so that pruned sub-models fail sharply."""
     _json(json_out)
-    from moeharden.entangle import entangle as run_entangle
+    from moeharden.defend.entangle import entangle as run_entangle
 
     overrides = {"steps": steps, "lr": lr, "batch_size": batch_size, "lambda_retain": lambda_retain,
                  "lambda_prune": lambda_prune, "lambda_spread": lambda_spread, "recovery_term": recovery_term,
@@ -291,7 +291,7 @@ def lock(
     """
     _json(json_out)
     if ckpt == "keygen":
-        from moeharden.signing import keygen
+        from moeharden.defend.signing import keygen
 
         keys = _run(keygen, out=out)
         if ui.json_mode():
@@ -301,7 +301,7 @@ def lock(
         return
     if policy is None:
         _fail("Usage error", "lock needs --policy P.yaml.", "See src/moeharden/data/policy-example.yaml.", EXIT_USAGE)
-    from moeharden.lock import lock_checkpoint
+    from moeharden.defend.lock import lock_checkpoint
 
     result = _run(lock_checkpoint, ckpt=ckpt, policy=policy, key=key, out=out, keyless=keyless)
     pushed = _push(out, push_to_hub, "lock", public)
@@ -337,7 +337,7 @@ def verify(
         return
     if out is None:
         _fail("Usage error", "verify --baseline needs --out DIR for verify.json and its report.", None, EXIT_USAGE)
-    from moeharden.verify import describe_row, verify_attacks
+    from moeharden.audit.verify import describe_row, verify_attacks
 
     result = _run(verify_attacks, ckpt=ckpt, baseline=baseline, out=out, gate_path=gate, pubkey=pubkey,
                   manifest=manifest, trust_remote_code=trust_remote_code, raise_on_fail=False)
@@ -363,8 +363,8 @@ def verify(
 
 
 def _verify_integrity_only(ckpt: Path, pubkey: Path, manifest: Path | None) -> None:
+    from moeharden.audit.integrity import verify_integrity
     from moeharden.errors import EXIT_INTEGRITY
-    from moeharden.lock import verify_integrity
 
     res = _run(verify_integrity, ckpt=ckpt, pubkey=pubkey, manifest=manifest, raise_on_fail=False)
     if ui.json_mode():
@@ -408,7 +408,7 @@ def report(
     if len(inputs) not in (1, 2):
         _fail("Usage error", "report takes one scan.json, or BEFORE/scan.json and AFTER/verify.json.", None,
               EXIT_USAGE)
-    from moeharden.report import render_before_after, rerender
+    from moeharden.audit.report import render_before_after, rerender
 
     if len(inputs) == 1:
         md, html_path = _run(rerender, scan_json=inputs[0], out_dir=out)

@@ -139,7 +139,7 @@ class DemoResult:
     recipe_hash: str
     training: dict[str, Any]
     tasks: list[str] = field(default_factory=list)
-    pipeline: Any = None          # moeharden.pipeline.PipelineResult, unless model_only
+    pipeline: Any = None          # moeharden.demo.pipeline.PipelineResult, unless model_only
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,7 +167,7 @@ class DemoResult:
 
 def run_demo(out: Path, retrain: bool = False, model_only: bool = False) -> DemoResult:
     """Build or reuse the demo model into ``out/model``, then run scan → entangle → lock → verify
-    and write the before/after report to ``out/report.html`` (see :mod:`moeharden.pipeline`).
+    and write the before/after report to ``out/report.html`` (see :mod:`moeharden.demo.pipeline`).
 
     Args:
         out: output directory of the demo run.
@@ -186,7 +186,7 @@ def run_demo(out: Path, retrain: bool = False, model_only: bool = False) -> Demo
     stamp = _read_stamp(model_dir) or {}
     pipeline = None
     if not model_only:
-        from moeharden.pipeline import run_pipeline
+        from moeharden.demo.pipeline import run_pipeline
 
         pipeline = run_pipeline(Path(out), model_dir)
     return DemoResult(out=Path(out), model_dir=model_dir, reused_cache=cached, recipe_hash=recipe.hash(),

@@ -55,7 +55,7 @@ class RoutingStats:
 
 
 def stats_from_record(record, layers: Sequence[int], num_experts: int) -> RoutingStats:
-    """Reduce a :class:`moeharden.routing.RoutingRecord` to per-expert sums.
+    """Reduce a :class:`moeharden.model.routing.RoutingRecord` to per-expert sums.
 
     Args:
         record: the routing record (``record.layers[l]`` has ``indices [T,k]``, ``weights [T,k]``,
@@ -189,3 +189,26 @@ class Attribution:
 
     def to_dict(self) -> dict:
         return {m: [[round(float(v), 6) for v in row] for row in t.tolist()] for m, t in self.scores.items()}
+
+
+def _batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num_experts: int,
+                  batch_size: int = 32, max_length: int = 512):
+    """One pass over ``texts`` with the routing record (norms included); returns summed stats."""
+    from moeharden.model.routing import record_routing
+
+    total = None
+    device = next(model.parameters()).device
+    for chunk in _batches(list(texts), batch_size):
+        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with record_routing(model, norms=True, attention_mask=enc["attention_mask"]) as rec:
+            model(**enc)
+        st = stats_from_record(rec, layers, num_experts)
+        total = st if total is None else merge_stats(total, st)
+    return total

@@ -53,12 +53,12 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
     ``limit`` caps each task split (seeded) in scan and verify; verify re-attacks with the
     baseline's settings, so both see the same splits.
     """
-    from moeharden.entangle import entangle
-    from moeharden.lock import lock_checkpoint
-    from moeharden.report import render_verify
-    from moeharden.scan import ScanSettings, scan
-    from moeharden.signing import keygen
-    from moeharden.verify import describe_row, verify_attacks
+    from moeharden.audit.report import render_verify
+    from moeharden.audit.scan import ScanSettings, scan
+    from moeharden.audit.verify import describe_row, verify_attacks
+    from moeharden.defend.entangle import entangle
+    from moeharden.defend.lock import lock_checkpoint
+    from moeharden.defend.signing import keygen
 
     out = Path(out)
     secs: dict[str, float] = {}

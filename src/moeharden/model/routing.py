@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from moeharden.registry import MoELayer, _get, moe_layers
+from moeharden.model.registry import MoELayer, _get, moe_layers
 
 
 @dataclass
@@ -232,7 +232,7 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
     Raises:
         KeepSetError: a layer that is not an MoE layer, or an invalid keep-set.
     """
-    from moeharden.registry import check_keep_counts
+    from moeharden.model.registry import check_keep_counts
 
     layers = moe_layers(model)
     _check_keep(layers, keep)

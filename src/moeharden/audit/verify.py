@@ -3,7 +3,7 @@
 The whole attack suite of ``scan`` is run again on the hardened model — every attribution method
 at every keep-count of the baseline, the random control, and the re-alignment attack with every
 mode and strategy at the baseline's budget, over ≥ 3 seeds — and compared with the baseline
-``scan.json`` through the gate (:mod:`moeharden.gate`). When the checkpoint carries a moeharden
+``scan.json`` through the gate (:mod:`moeharden.audit.gate`). When the checkpoint carries a moeharden
 manifest, its signature and tensor hashes are checked too. ``verify.json`` (schema
 ``moeharden.verify/1``) holds every gate row with its measured value, threshold and pass/fail.
 """
@@ -60,17 +60,17 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, gate_path: Path | No
         VerificationFailed: a gate row does not hold (after writing the outputs), if ``raise_on_fail``.
         InputError, CheckpointError, ConfigFileError, IntegrityError.
     """
-    from moeharden.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from moeharden.gate import gate_rows, load_gate
-    from moeharden.recover import DEFAULT_SMALL_BUDGET, recovery_suite
-    from moeharden.registry import moe_layers
-    from moeharden.report import load_report_json, render_verify
-    from moeharden.scan import ScanSettings, model_identity, scan_model
-    from moeharden.st_io import atomic_output_dir
-    from moeharden.tasks import load_tasks
+    from moeharden.attack.realign import DEFAULT_SMALL_BUDGET, recovery_suite
+    from moeharden.audit.gate import gate_rows, load_gate
+    from moeharden.audit.report import load_report_json, render_verify
+    from moeharden.audit.scan import ScanSettings, model_identity, scan_model
+    from moeharden.io.shards import atomic_output_dir
+    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from moeharden.model.registry import moe_layers
+    from moeharden.tasks.loading import load_tasks
 
     base = load_report_json(baseline, "moeharden.scan/")
-    from moeharden.st_io import check_output_dir
+    from moeharden.io.shards import check_output_dir
 
     check_output_dir(out)          # fail now, not after minutes of work
     gate = load_gate(gate_path)
@@ -80,7 +80,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, gate_path: Path | No
     if Path(man).exists():
         if pubkey is None:
             raise UsageError("The checkpoint carries a moeharden manifest; pass --pubkey to check its signature.")
-        from moeharden.lock import verify_integrity
+        from moeharden.audit.integrity import verify_integrity
 
         integrity = verify_integrity(path, pubkey=pubkey, manifest=Path(man), raise_on_fail=False).to_dict()
     elif manifest is not None:
@@ -129,7 +129,7 @@ def _own_tasks(path: Path, base: dict) -> bool:
     f = path / "moeharden-tasks.yaml"
     if not f.exists():
         return False
-    from moeharden.tasks import read_task_file
+    from moeharden.tasks.loading import read_task_file
 
     names = {t.name for t in read_task_file(f).tasks}
     return {t["name"] for t in base["tasks"]} <= names

@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moeharden.errors import ConfigFileError, PolicyViolation
-from moeharden.registry import GROUPS
+from moeharden.model.registry import GROUPS
 
 _LORA = re.compile(r"^\s*lora\s*\(\s*max_rank\s*:\s*(\d+)\s*\)\s*$")
 
@@ -135,7 +135,7 @@ class PolicyGuard:
     (every forward pass checks ``requires_grad`` and adapters automatically)."""
 
     def __init__(self, model, policy: Policy):
-        from moeharden.registry import parameter_groups
+        from moeharden.model.registry import parameter_groups
 
         self.model, self.policy = model, policy
         self.group_of: dict[str, str] = {n: g for g, names in parameter_groups(None, model).items() for n in names}

@@ -75,7 +75,7 @@ def validate_checkpoint(path: Path) -> None:
     Raises:
         CheckpointError: with a message naming what is wrong.
     """
-    from moeharden.st_io import CheckpointFiles
+    from moeharden.io.shards import CheckpointFiles
 
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory.", hint="Pass the checkpoint directory, not a file.")
@@ -121,7 +121,7 @@ def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_r
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from moeharden.registry import spec_for_config
+    from moeharden.model.registry import spec_for_config
 
     spec_for_config(load_config(path, trust_remote_code=trust_remote_code))
     if device_map is None and torch.cuda.is_available():
@@ -157,7 +157,7 @@ def checkpoint_digest(path: Path) -> str:
     Headers hold every tensor's dtype, shape and byte offsets, and with the sizes this identifies
     a checkpoint's layout; the signed manifest of ``lock`` hashes the data itself.
     """
-    from moeharden.st_io import CheckpointFiles
+    from moeharden.io.shards import CheckpointFiles
 
     h = hashlib.sha256()
     for shard in CheckpointFiles(Path(path)).shards:
@@ -174,3 +174,19 @@ def config_hash(path: Path) -> str:
     """sha256 of config.json's canonical JSON form."""
     data = json.loads((Path(path) / "config.json").read_text())
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_layout(src: Path):
+    """(config object, family spec, expert count, file index, {tensor: role}, MoE layers) of a checkpoint."""
+    from moeharden.io.shards import CheckpointFiles
+    from moeharden.model.checkpoint import load_config, validate_checkpoint
+    from moeharden.model.registry import classify_tensor, num_experts, spec_for_config
+
+    validate_checkpoint(Path(src))   # config present, safetensors only, headers sound (cheap)
+    cfg = load_config(src)
+    spec = spec_for_config(cfg)
+    E = num_experts(cfg)
+    files = CheckpointFiles(src)
+    roles = {name: classify_tensor(spec, cfg, name, info.shape) for name, info in files.tensors.items()}
+    layers = sorted({r.layer for r in roles.values() if r is not None and r.kind == "expert"})
+    return cfg, spec, E, files, roles, layers

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from moeharden.errors import TaskError
-from moeharden.tasks import Example, Task
+from moeharden.tasks.loading import Example, Task
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -407,7 +407,7 @@ def evaluate(model, tokenizer, task: Task, *, split: str = "evaluation", batch_s
         TaskError: the split is empty, or the task is of an unknown kind.
     """
     if task.kind == "lm_eval":
-        from moeharden.lmeval import evaluate_lm_eval
+        from moeharden.tasks.lmeval import evaluate_lm_eval
 
         return evaluate_lm_eval(model, tokenizer, task, split=split, batch_size=batch_size)
     exs = list(examples) if examples is not None else list(getattr(task, split))

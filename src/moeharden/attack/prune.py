@@ -46,29 +46,13 @@ class PruneResult:
         return asdict(self)
 
 
-def checkpoint_layout(src: Path):
-    """(config object, family spec, expert count, file index, {tensor: role}, MoE layers) of a checkpoint."""
-    from moeharden.checkpoint import load_config, validate_checkpoint
-    from moeharden.registry import classify_tensor, num_experts, spec_for_config
-    from moeharden.st_io import CheckpointFiles
-
-    validate_checkpoint(Path(src))   # config present, safetensors only, headers sound (cheap)
-    cfg = load_config(src)
-    spec = spec_for_config(cfg)
-    E = num_experts(cfg)
-    files = CheckpointFiles(src)
-    roles = {name: classify_tensor(spec, cfg, name, info.shape) for name, info in files.tensors.items()}
-    layers = sorted({r.layer for r in roles.values() if r is not None and r.kind == "expert"})
-    return cfg, spec, E, files, roles, layers
-
-
 def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_shard_size: str | int = "2GB",
                      source_label: str | None = None, overwrite: bool = True) -> PruneResult:
     """Write ``src`` pruned to ``keep`` into ``out`` (atomically), streaming shard by shard.
 
     Args:
         src: local checkpoint directory (safetensors, validated by the caller or here via headers).
-        out: output directory; replaced only under :func:`moeharden.st_io.check_output_dir`'s rules.
+        out: output directory; replaced only under :func:`moeharden.io.shards.check_output_dir`'s rules.
         keep: ``{decoder layer: kept original expert ids}``, validated against the checkpoint; kept
             experts are renumbered 0..K-1 in ascending order of their original ids.
         max_shard_size: cap of each output shard (``"2GB"``, ``"40MB"`` or bytes).
@@ -80,15 +64,17 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         KeepSetError: invalid keep-set (wrong layers, counts, ids, group imbalance).
         CheckpointError, UnsupportedModelError, InputError (``out`` not replaceable, bad size).
     """
-    from moeharden.checkpoint import checkpoint_digest
-    from moeharden.keepset import parse_keep, to_json
-    from moeharden.registry import check_keep_counts, config_value, pruned_config
-    from moeharden.st_io import atomic_output_dir, check_output_dir, parse_size, write_streaming_shards
+    from moeharden.io.shards import atomic_output_dir, check_output_dir, parse_size, write_streaming_shards
+    from moeharden.model.checkpoint import checkpoint_digest
+    from moeharden.model.keepset import parse_keep, to_json
+    from moeharden.model.registry import check_keep_counts, config_value, pruned_config
 
     t0 = time.perf_counter()
     src = Path(src)
     check_output_dir(out, overwrite=overwrite)
     cap = parse_size(max_shard_size)
+    from moeharden.model.checkpoint import checkpoint_layout
+
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
     keep = parse_keep({str(k): v for k, v in keep.items()}, moe_layers=layers, num_experts=E)
     check_keep_counts(spec, cfg, keep)
@@ -152,7 +138,7 @@ class _ShardReader:
         return self.handle
 
     def read(self, info):
-        from moeharden.st_io import read_tensor
+        from moeharden.io.shards import read_tensor
 
         return read_tensor(info, self.handle_for(info))
 
@@ -164,7 +150,7 @@ class _ShardReader:
 
 def _plan(files, roles, keep):
     """Output tensors in input order (shard by shard, by file offset), with where each comes from."""
-    from moeharden.st_io import PlannedTensor, dtype_nbytes
+    from moeharden.io.shards import PlannedTensor, dtype_nbytes
 
     plan, sources = [], {}
     ordered = sorted(files.tensors.values(), key=lambda i: (files.shards.index(i.file), i.start))
@@ -189,7 +175,7 @@ def _plan(files, roles, keep):
 def _attack_tasks(src: Path, task: str, limit: int | None):
     """``(target task, other tasks)``: ``task`` names a task of the checkpoint's own task file, or is
     any ``--task`` spec (preset, file, ``file#name``); the others are the contrastive reference."""
-    from moeharden.tasks import TASK_FILE_NAME, load_tasks, read_task_file
+    from moeharden.tasks.loading import TASK_FILE_NAME, load_tasks, read_task_file
 
     own = Path(src) / TASK_FILE_NAME
     if own.is_file() and task in {t.name for t in read_task_file(own).tasks}:
@@ -209,7 +195,7 @@ def attributed_keep(src: Path, *, method: str, task: str, keep: int, limit: int 
 
     Args:
         src: local checkpoint directory.
-        method: one of :data:`moeharden.attribution.ALL_METHODS`.
+        method: one of :data:`moeharden.attack.attribution.ALL_METHODS`.
         task: a task of the checkpoint's own ``moeharden-tasks.yaml``, or a ``--task`` spec.
         keep: experts kept per MoE layer.
     Returns:
@@ -218,19 +204,19 @@ def attributed_keep(src: Path, *, method: str, task: str, keep: int, limit: int 
         UsageError: unknown method. KeepSetError: ``keep`` not prunable on this model.
         TaskError, CheckpointError, UnsupportedModelError.
     """
-    from moeharden.attribution import (
+    from moeharden.attack.attribution import (
         ALL_METHODS,
         ablation_scores,
         contrastive_scores,
         keep_sets,
         observed_scores,
+        routing_stats,
     )
-    from moeharden.checkpoint import load_model, load_tokenizer
     from moeharden.errors import KeepSetError
-    from moeharden.evaluate import task_loss
-    from moeharden.registry import moe_layers, routing_groups, valid_keep
-    from moeharden.routing import mask_experts
-    from moeharden.scan import routing_stats
+    from moeharden.model.checkpoint import load_model, load_tokenizer
+    from moeharden.model.registry import moe_layers, routing_groups, valid_keep
+    from moeharden.model.routing import mask_experts
+    from moeharden.tasks.metrics import task_loss
 
     if method not in ALL_METHODS:
         raise UsageError(f"Unknown method {method!r}.", hint=f"Choose from: {', '.join(ALL_METHODS)}.")
@@ -270,14 +256,14 @@ def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: st
                   recover_budget: int = 64, recover_seed: int = 0) -> PruneResult:
     """What ``moeharden prune`` runs: a keep-set from KEEP.json, or from an attribution method;
     with ``recover``, the pruned checkpoint is then re-aligned on ``task`` (the attacker's
-    re-alignment attack, :mod:`moeharden.recover`) and written in its place.
+    re-alignment attack, :mod:`moeharden.attack.realign`) and written in its place.
 
     Raises:
         UsageError: neither or both ways of choosing experts; KeepSetError; CheckpointError.
     """
-    from moeharden.checkpoint import resolve_checkpoint
-    from moeharden.keepset import read_keep_file
-    from moeharden.st_io import check_output_dir, parse_size
+    from moeharden.io.shards import check_output_dir, parse_size
+    from moeharden.model.checkpoint import resolve_checkpoint
+    from moeharden.model.keepset import read_keep_file
 
     by_method = method is not None or keep is not None
     if experts_from is not None and by_method:
@@ -292,6 +278,8 @@ def prune_command(*, ckpt: str, out: Path, experts_from: Path | None, method: st
     parse_size(max_shard_size)
     src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     if experts_from is not None:
+        from moeharden.model.checkpoint import checkpoint_layout
+
         _, _, E, _, _, layers = checkpoint_layout(src)
         chosen = read_keep_file(experts_from, moe_layers=layers, num_experts=E)
     else:
@@ -310,10 +298,10 @@ def recover_pruned(path: Path, *, task: str, mode: str, strategy: str, budget: i
     Raises:
         TaskError, UsageError (unknown mode/strategy).
     """
-    from moeharden.checkpoint import load_model, load_tokenizer
-    from moeharden.recover import RecoverySettings, run_recovery, task_ops
-    from moeharden.registry import moe_layers
-    from moeharden.st_io import atomic_output_dir
+    from moeharden.attack.realign import RecoverySettings, run_recovery, task_ops
+    from moeharden.io.shards import atomic_output_dir
+    from moeharden.model.checkpoint import load_model, load_tokenizer
+    from moeharden.model.registry import moe_layers
 
     try:
         settings = RecoverySettings(mode=mode, strategy=strategy, budget=budget, seed=seed)
@@ -323,7 +311,7 @@ def recover_pruned(path: Path, *, task: str, mode: str, strategy: str, budget: i
     model, tok = load_model(path), load_tokenizer(path)
     info = moe_layers(model)
     params = [li.router_weight for li in info] + [li.router_bias for li in info if li.router_bias is not None]
-    from moeharden.recover import _lora_targets
+    from moeharden.attack.realign import _lora_targets
 
     run = run_recovery(model, task_ops(tok, t), t.train, settings, router_params=params,
                        lora_targets=_lora_targets(info), keep_trained=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeharden.attribution import keep_sets
+from moeharden.attack.attribution import keep_sets
 
 
 def default_keeps(num_experts: int, top_k: int) -> list[int]:

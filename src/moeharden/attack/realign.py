@@ -272,7 +272,7 @@ def labels_to_recover(points: Sequence[tuple[int, float]], target: float) -> int
 def task_ops(tokenizer, task, *, batch_size: int = 32) -> TaskOps:
     """Build the callables recovery needs from a loaded task (see :class:`TaskOps`)."""
     from moeharden import batching
-    from moeharden.evaluate import choice_logprobs, evaluate, generate_greedy
+    from moeharden.tasks.metrics import choice_logprobs, evaluate, generate_greedy
 
     def loss(model, examples):
         b = batching.encode(tokenizer, examples).to(next(model.parameters()).device)
@@ -401,8 +401,8 @@ def recovery_suite(model, tokenizer, tasks, data: dict, *, modes: Sequence[str] 
         ``None`` unless every seed reached the target within the budget.
     """
     from moeharden.console import progress_bar
-    from moeharden.registry import moe_layers
-    from moeharden.routing import mask_experts
+    from moeharden.model.registry import moe_layers
+    from moeharden.model.routing import mask_experts
 
     info = moe_layers(model)
     router_params = [li.router_weight for li in info] + [li.router_bias for li in info if li.router_bias is not None]

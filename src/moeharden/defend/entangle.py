@@ -125,7 +125,7 @@ def kl_retain(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) 
 
 def pruned_hinge(logits: torch.Tensor, batch, recipe: EntangleRecipe) -> torch.Tensor:
     """Bounded anti-task term ``relu(τ − CE_S)`` for a pruned sub-model's logits."""
-    from moeharden.batching import answer_logits, choice_logprobs
+    from moeharden.tasks.encoding import answer_logits, choice_logprobs
 
     if batch.choice_ids is not None:
         # multiple choice: push the distribution over the choices to uniform (maximum entropy).
@@ -187,8 +187,7 @@ def train_keeps(num_experts: int, ratios: Sequence[float]) -> list[int]:
 def attribution_pool(model, tokenizer, tasks, layers: list[int], num_experts: int, keeps: Sequence[int],
                      methods: Sequence[str], batch_size: int = 32) -> dict[str, list[dict[int, list[int]]]]:
     """The keep-sets every observation-based attribution method picks, per task and keep-count."""
-    from moeharden.attribution import contrastive_scores, keep_sets, observed_scores
-    from moeharden.scan import routing_stats
+    from moeharden.attack.attribution import contrastive_scores, keep_sets, observed_scores, routing_stats
 
     stats = {t.name: routing_stats(model, tokenizer, t.calibration_texts(), layers, num_experts, batch_size)
              for t in tasks}
@@ -213,8 +212,8 @@ def adversarial_keepset(model, batch, start: dict[int, list[int]], num_experts: 
 
     This is the attacker's best response on this batch among the neighbours of ``start``.
     """
-    from moeharden.batching import answer_logits
-    from moeharden.routing import mask_experts
+    from moeharden.model.routing import mask_experts
+    from moeharden.tasks.encoding import answer_logits
 
     def ce(keep):
         with mask_experts(model, keep):
@@ -323,9 +322,9 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
 
     from accelerate import Accelerator
 
-    from moeharden.batching import answer_logits, encode
-    from moeharden.registry import moe_layers
-    from moeharden.routing import mask_experts
+    from moeharden.model.registry import moe_layers
+    from moeharden.model.routing import mask_experts
+    from moeharden.tasks.encoding import answer_logits, encode
 
     empty = [t.name for t in tasks if not t.train]
     if empty:
@@ -446,8 +445,8 @@ def _recovery_term(model, base, batch, held, keep, recipe: EntangleRecipe, accel
     the updated sub-model on ``held`` (other examples) is back-propagated and its gradient — taken
     at the updated weights — is added at θ. θ is restored exactly afterwards.
     """
-    from moeharden.batching import answer_logits
-    from moeharden.routing import mask_experts
+    from moeharden.model.routing import mask_experts
+    from moeharden.tasks.encoding import answer_logits
 
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad.detach().clone() if p.grad is not None else None for p in params]
@@ -491,13 +490,13 @@ def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe
     Raises:
         CheckpointError, UnsupportedModelError, TaskError, ConfigFileError, UsageError.
     """
-    from moeharden.checkpoint import checkpoint_digest, load_model, load_tokenizer, resolve_checkpoint
     from moeharden.console import progress_bar
-    from moeharden.st_io import atomic_output_dir
-    from moeharden.tasks import load_tasks
+    from moeharden.io.shards import atomic_output_dir
+    from moeharden.model.checkpoint import checkpoint_digest, load_model, load_tokenizer, resolve_checkpoint
+    from moeharden.tasks.loading import load_tasks
 
     recipe = load_recipe(recipe_path, **(overrides or {}))
-    from moeharden.st_io import check_output_dir
+    from moeharden.io.shards import check_output_dir
 
     check_output_dir(out)          # fail now, not after minutes of work
     src = resolve_checkpoint(ckpt)

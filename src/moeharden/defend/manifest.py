@@ -27,7 +27,7 @@ def tensor_sha256(files) -> Iterator[tuple[str, str]]:
     """``(name, sha256 hex of the tensor's bytes)`` for every tensor, one shard file open at a time.
 
     Args:
-        files: a :class:`moeharden.st_io.CheckpointFiles`.
+        files: a :class:`moeharden.io.shards.CheckpointFiles`.
     """
     buf = bytearray(8 << 20)
     view = memoryview(buf)
@@ -94,7 +94,7 @@ def expert_matrices(files, spec, config, roles) -> dict[int, dict[int, list[tupl
 
 def fingerprints(files, spec, config, roles) -> dict[str, dict[str, list[float]]]:
     """``{layer: {expert: sketch}}`` for every routed expert (one fused tensor read at a time)."""
-    from moeharden.st_io import read_tensor
+    from moeharden.io.shards import read_tensor
 
     where = expert_matrices(files, spec, config, roles)
     cache: dict[str, torch.Tensor] = {}
@@ -157,13 +157,13 @@ def match_experts(original: dict[str, dict[str, list[float]]], suspect: dict[str
 def disk_groups(path: Path, files, spec, config, roles) -> dict[str, str]:
     """Policy group of every on-disk tensor, resolved through the registry.
 
-    Expert/router tensors come from :func:`moeharden.registry.classify_tensor`; the rest from the
-    registry's :func:`~moeharden.registry.parameter_groups` on a meta-device instance of the model
+    Expert/router tensors come from :func:`moeharden.model.registry.classify_tensor`; the rest from the
+    registry's :func:`~moeharden.model.registry.parameter_groups` on a meta-device instance of the model
     (no weights are loaded), matched by name.
     """
     from transformers import AutoModelForCausalLM
 
-    from moeharden.registry import parameter_groups
+    from moeharden.model.registry import parameter_groups
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moeharden.errors import TaskError
-from moeharden.tasks import Example, SplitSpec, Task, split_examples
+from moeharden.tasks.loading import Example, SplitSpec, Task, split_examples
 
 _KIND = {"multiple_choice": "multiple_choice", "loglikelihood": "generation",
          "generate_until": "generation", "loglikelihood_rolling": "perplexity"}
@@ -133,7 +133,7 @@ def load_lm_eval_tasks(names: Sequence[str], *, include: Sequence[Path] | None =
     Args:
         names: lm-eval task names (without the ``lm-eval:`` prefix).
         include: directories of local lm-eval task YAMLs (no ``!function``).
-        limit, seed: as in :func:`moeharden.tasks.load_tasks` (seed ``None`` = 0).
+        limit, seed: as in :func:`moeharden.tasks.loading.load_tasks` (seed ``None`` = 0).
         split: split sizes (default: attribution 128, evaluation the rest).
     Returns:
         Tasks of kind ``lm_eval``; ``metric`` is the task's first metric (``perplexity`` for any
@@ -181,11 +181,11 @@ def evaluate_lm_eval(model, tokenizer, task: Task, *, split: str = "evaluation",
     """Run lm-eval on ``task``'s split with the loaded model (``HFLM`` around the model object).
 
     Returns:
-        An :class:`moeharden.evaluate.EvalResult`; ``extra`` holds the harness's numeric results.
+        An :class:`moeharden.tasks.metrics.EvalResult`; ``extra`` holds the harness's numeric results.
     Raises:
         TaskError: lm-eval missing, empty split, or the harness reported no value for the metric.
     """
-    from moeharden.evaluate import EvalResult
+    from moeharden.tasks.metrics import EvalResult
 
     _import()
     from lm_eval import simple_evaluate

@@ -10,7 +10,7 @@ Where tasks come from (:func:`load_tasks` specs):
 * a preset name shipped in ``moeharden/data/presets/`` (``glue-sst2``, ``wikitext2``, ``xsum``, ...),
   optionally ``NAME=path/to/file`` to read a local copy instead of the Hub;
 * a task file ``path/to/tasks.yaml`` (all its tasks) or ``path/to/tasks.yaml#name`` (one task);
-* ``lm-eval:NAME`` — any lm-evaluation-harness task (optional extra, see :mod:`moeharden.lmeval`);
+* ``lm-eval:NAME`` — any lm-evaluation-harness task (optional extra, see :mod:`moeharden.tasks.lmeval`);
 * nothing: the checkpoint's own ``moeharden-tasks.yaml``.
 
 Each loaded :class:`Task` holds three disjoint, seeded splits of :class:`Example` rows:
@@ -233,7 +233,7 @@ class Task:
         attribution, evaluation, train: disjoint example lists.
         spec: the validated task entry (None for lm-eval tasks).
         source: where the task came from (preset, file path, ``lm-eval:NAME``).
-        lm_eval: bridge state for lm-eval tasks (see :mod:`moeharden.lmeval`), else None.
+        lm_eval: bridge state for lm-eval tasks (see :mod:`moeharden.tasks.lmeval`), else None.
     """
 
     name: str
@@ -591,7 +591,7 @@ def load_tasks(specs: Sequence[str] | None, *, checkpoint_dir: Path | None = Non
                    else (t, b, c, src) for t, b, c, src in entries]
     tasks = [materialise(t, base_dir=b, limit=limit, seed=seed, source=src, confine=c) for t, b, c, src in entries]
     if lm_names:
-        from moeharden.lmeval import load_lm_eval_tasks
+        from moeharden.tasks.lmeval import load_lm_eval_tasks
 
         tasks += load_lm_eval_tasks(lm_names, include=lm_eval_include, limit=limit, seed=seed)
     names = [t.name for t in tasks]

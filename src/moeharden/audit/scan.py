@@ -21,18 +21,17 @@ from typing import Any
 import torch
 
 from moeharden import __version__
-from moeharden.attribution import (
+from moeharden.attack.attribution import (
     ALL_METHODS,
     OBSERVED_METHODS,
     ablation_scores,
     contrastive_scores,
-    merge_stats,
     observed_scores,
-    stats_from_record,
+    routing_stats,
 )
+from moeharden.attack.sweep import default_keeps, headline, run_sweep
 from moeharden.console import progress_bar
 from moeharden.errors import UsageError
-from moeharden.sweep import default_keeps, headline, run_sweep
 
 SCHEMA = "moeharden.scan/1"
 SMALL_MODEL_PARAMS = 100_000_000
@@ -77,33 +76,10 @@ class ScanResult:
                 "paths": self.paths}
 
 
-def _batches(items: Sequence, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-@torch.no_grad()
-def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num_experts: int,
-                  batch_size: int = 32, max_length: int = 512):
-    """One pass over ``texts`` with the routing record (norms included); returns summed stats."""
-    from moeharden.routing import record_routing
-
-    total = None
-    device = next(model.parameters()).device
-    for chunk in _batches(list(texts), batch_size):
-        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with record_routing(model, norms=True, attention_mask=enc["attention_mask"]) as rec:
-            model(**enc)
-        st = stats_from_record(rec, layers, num_experts)
-        total = st if total is None else merge_stats(total, st)
-    return total
-
-
 def model_identity(path: Path, model, layer_info) -> dict[str, Any]:
     """Family, expert count, top-k, config hash and weights digest of a loaded checkpoint."""
-    from moeharden.checkpoint import checkpoint_digest, config_hash
-    from moeharden.registry import spec_for_config
+    from moeharden.model.checkpoint import checkpoint_digest, config_hash
+    from moeharden.model.registry import spec_for_config
 
     spec = spec_for_config(model.config)
     return {
@@ -116,9 +92,9 @@ def model_identity(path: Path, model, layer_info) -> dict[str, Any]:
 
 def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dict[str, Any]) -> dict[str, Any]:
     """Run attribution and the pruning sweep on a loaded model; returns the scan JSON document."""
-    from moeharden.evaluate import evaluate, task_loss
-    from moeharden.registry import moe_layers, routing_groups, valid_keep
-    from moeharden.routing import mask_experts
+    from moeharden.model.registry import moe_layers, routing_groups, valid_keep
+    from moeharden.model.routing import mask_experts
+    from moeharden.tasks.metrics import evaluate, task_loss
 
     settings.validate()
     info = moe_layers(model)
@@ -224,15 +200,15 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     Raises:
         CheckpointError, UnsupportedModelError, TaskError, UsageError.
     """
-    from moeharden.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from moeharden.registry import moe_layers
-    from moeharden.report import render_scan
-    from moeharden.st_io import atomic_output_dir
-    from moeharden.tasks import load_tasks
+    from moeharden.audit.report import render_scan
+    from moeharden.io.shards import atomic_output_dir
+    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from moeharden.model.registry import moe_layers
+    from moeharden.tasks.loading import load_tasks
 
     settings = settings or ScanSettings()
     settings.validate()
-    from moeharden.st_io import check_output_dir
+    from moeharden.io.shards import check_output_dir
 
     check_output_dir(out)          # fail now, not after minutes of work
     path = resolve_checkpoint(ckpt)
@@ -248,7 +224,7 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     data["timings"] = {"load": round(load_s, 3), **data["timings"]}
     n_params = sum(p.numel() for p in model.parameters())
     if settings.recover or (settings.recover is None and n_params <= SMALL_MODEL_PARAMS):
-        from moeharden.recover import recovery_for_scan
+        from moeharden.attack.realign import recovery_for_scan
 
         data.update(recovery_for_scan(model, tokenizer, task_objs, data, settings))
     with atomic_output_dir(out) as tmp:
