@@ -124,3 +124,30 @@ class PolicyViolation(IntegrityError):
     """A selective fine-tuning policy was broken (a frozen parameter trained or changed)."""
 
     title = "Policy violation"
+
+
+def validation_problems(err, *, label=None) -> list[str]:
+    """Every problem of a pydantic ``ValidationError`` as ``"path: message"`` lines (the one formatter).
+
+    Args:
+        err: a ``pydantic.ValidationError``.
+        label: optional ``label(loc) -> str | None`` adding a readable name after a list index
+            (e.g. a task's name after ``tasks[2]``).
+    Returns:
+        One line per problem; the location ``(top level)`` when the error is about the whole document.
+    """
+    lines = []
+    for e in err.errors():
+        path = ""
+        for i, part in enumerate(e["loc"]):
+            if isinstance(part, int):
+                path += f"[{part}]"
+                extra = label(e["loc"][:i + 1]) if label else None
+                path += f" ({extra})" if extra else ""
+            else:
+                path += ("." if path else "") + str(part)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in e:
+            msg += f" (got {e['input']!r:.60})"
+        lines.append(f"{path or '(top level)'}: {msg}")
+    return lines
