@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_lm import build_model, build_tokenizer  # noqa: E402
 
-from moeharden.tasks.loading import load_tasks  # noqa: E402
-from moeharden.tasks.metrics import choice_logprobs, encode_pairs, perplexity, perplexity_windows  # noqa: E402
+from moeharden.tasks.encoding import encode_pairs  # noqa: E402
+from moeharden.tasks.metrics import choice_logprobs, perplexity, perplexity_windows  # noqa: E402
+from moeharden.tasks.resolve import load_tasks  # noqa: E402
 
 
 def _timed(fn):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeharden.demo import build_demo_model
+from moeharden.demo.build import build_demo_model
 from moeharden.demo.synthetic import TASKS
 from moeharden.demo.train import evaluate_task
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moeharden.defend.entangle import EntangleRecipe, entangle_model, load_recipe
+from moeharden.defend.entangle.loop import entangle_model
+from moeharden.defend.entangle.recipe import EntangleRecipe, load_recipe
 from moeharden.model.checkpoint import load_model, load_tokenizer
 from moeharden.tasks.encoding import answer_logits, encode
-from moeharden.tasks.loading import load_tasks
+from moeharden.tasks.resolve import load_tasks
 
 
 def plain_steps(model, tok, tasks, steps: int, batch: int) -> float:
@@ -58,7 +59,7 @@ def main() -> None:
     if len(sys.argv) > 1:
         path = Path(sys.argv[1])
     else:
-        from moeharden.demo import build_demo_model
+        from moeharden.demo.build import build_demo_model
 
         path = build_demo_model(Path(tempfile.mkdtemp(prefix="moeharden-bench-")) / "model")
     tok = load_tokenizer(path)

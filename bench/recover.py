@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from moeharden.attack.attribution import keep_sets, observed_scores
-from moeharden.attack.realign import STRATEGIES, RecoverySettings, run_recovery, task_ops
-from moeharden.audit.scan import routing_stats
+from moeharden.attack.attribution import keep_sets, observed_scores, routing_stats
+from moeharden.attack.realign.run import RecoverySettings, run_recovery
+from moeharden.attack.realign.selection import STRATEGIES
+from moeharden.attack.realign.taskops import task_ops
 from moeharden.model.checkpoint import load_model, load_tokenizer
 from moeharden.model.registry import moe_layers
 from moeharden.model.routing import mask_experts
-from moeharden.tasks.loading import load_tasks
+from moeharden.tasks.resolve import load_tasks
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     if len(sys.argv) > 1:
         path = Path(sys.argv[1])
     else:
-        from moeharden.demo import build_demo_model
+        from moeharden.demo.build import build_demo_model
 
         path = build_demo_model(Path(tempfile.mkdtemp(prefix="moeharden-bench-")) / "model")
     model, tok = load_model(path), load_tokenizer(path)

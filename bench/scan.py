@@ -22,7 +22,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 CHILD_BASE = """
 import resource
-import torch, transformers, moeharden.audit.scan, moeharden.tasks.metrics, moeharden.tasks.loading, matplotlib.pyplot
+import torch, transformers, moeharden.audit.scan, moeharden.tasks.metrics, moeharden.tasks.resolve, matplotlib.pyplot
 from transformers import MixtralForCausalLM
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -31,10 +31,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def attribution_ratio(model_dir: Path) -> None:
     import torch
 
-    from moeharden.audit.scan import routing_stats
+    from moeharden.attack.attribution import routing_stats
     from moeharden.model.checkpoint import load_model, load_tokenizer
     from moeharden.model.registry import moe_layers
-    from moeharden.tasks.loading import load_tasks
+    from moeharden.tasks.resolve import load_tasks
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     tasks = load_tasks(None, checkpoint_dir=model_dir)
@@ -73,7 +73,7 @@ def main() -> None:
     if len(sys.argv) > 1:
         model_dir = Path(sys.argv[1])
     else:
-        from moeharden.demo import build_demo_model
+        from moeharden.demo.build import build_demo_model
 
         model_dir = build_demo_model(Path(tempfile.mkdtemp(prefix="moeharden-bench-")) / "model")
     weight_bytes = attribution_ratio(model_dir)

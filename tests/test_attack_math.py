@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moeharden.attack.attribution import RoutingStats, contrastive_scores, keep_sets
-from moeharden.attack.realign import entropy_scores, kcenter_greedy, labels_to_recover, margin_scores
+from moeharden.attack.realign.run import labels_to_recover
+from moeharden.attack.realign.selection import entropy_scores, kcenter_greedy, margin_scores
 from moeharden.attack.sweep import (
     above_chance_retained,
     default_keeps,
@@ -18,7 +19,6 @@ from moeharden.attack.sweep import (
     retained_fraction,
     run_sweep,
 )
-from moeharden.audit.gate import Gate, gate_rows
 
 
 def test_default_keeps_for_8_experts_top2():
@@ -78,26 +78,6 @@ def test_labels_to_recover_first_crossing():
     assert labels_to_recover([(0, 0.3), (16, 0.5)], 0.95) is None
 
 
-def _doc(full, sweep, ltr=None):
-    return {"model": {"num_experts": 8}, "tasks": [{"name": "t", "metric": "accuracy", "full": full, "chance": 0.5}],
-            "sweep": sweep, "labels_to_recover": ltr or {}, "recovery_settings": {"budget": 64, "rounds": 4}}
-
-
-def test_gate_rows_pass_and_fail():
-    base = _doc(1.0, [], {"t": {"random": 16.0, "entropy": 16.0}})
-    bad = _doc(0.97, [{"task": "t", "method": "reap", "keep": 2, "above_chance": 0.8, "retained": 0.9},
-                      {"task": "t", "method": "random", "keep": 4, "above_chance": 0.2, "retained": 0.6}],
-               {"t": {"random": 32.0, "entropy": None}})
-    rows = {(r["check"], r.get("keep")): r for r in gate_rows(Gate(), base, bad)}
-    assert not rows[("full_metric_fraction", None)]["pass"]          # 0.97 < 0.98
-    assert not rows[("worst_above_chance_retained", 2)]["pass"]       # 0.8 > 0.5
-    assert rows[("worst_above_chance_retained", 4)]["pass"]
-    assert not rows[("labels_to_recover", None)]["pass"]              # 32 < 5 x 16
-    good = _doc(0.99, [{"task": "t", "method": "reap", "keep": 2, "above_chance": 0.1, "retained": 0.55}],
-                {"t": {"random": None, "entropy": None}})
-    assert all(r["pass"] for r in gate_rows(Gate(), base, good))
-
-
 def test_run_sweep_random_control_and_cache():
     calls = []
 
@@ -116,3 +96,63 @@ def test_run_sweep_random_control_and_cache():
     assert rnd.seeds == (0, 1, 2) and rnd.metric == pytest.approx(0.5 + 0.1 * 4 / 8)
     h = headline(rows, 8)
     assert h["keep_25"]["keep"] == 2 and h["keep_50"]["keep"] == 4
+
+
+def test_run_sweep_rows_carry_intervals_and_conservative_retained():
+    def ev(keep):  # value and a hand-made interval, both growing with the experts kept
+        kept = sum(len(v) for v in keep.values())
+        v = 0.5 + 0.05 * kept
+        return v, v - 0.1, v + 0.05
+
+    scores = {"frequency": torch.arange(16.0).reshape(2, 8)}
+    rows, _ = run_sweep(task="t", metric="accuracy", full=0.9, chance=0.5, layers=[0, 1], num_experts=8,
+                        scores=scores, keeps=[8, 4], evaluate_masked=ev, random_seeds=(0, 1),
+                        full_interval=(0.8, 0.95))
+    r = next(r for r in rows if r.method == "frequency" and r.keep == 4)
+    assert (r.metric, r.pruned_lo, r.pruned_hi) == pytest.approx((0.9, 0.8, 0.95))
+    # the attacker's best end (0.95) over the full model's worst end (0.8), both above chance 0.5
+    assert r.above_chance_hi == pytest.approx((0.95 - 0.5) / (0.8 - 0.5))
+    assert r.retained_hi == pytest.approx(0.95 / 0.8)
+    assert r.above_chance == pytest.approx(1.0) and r.retained == pytest.approx(1.0)  # meanings kept
+    d = r.to_dict()
+    assert d["pruned_lo"] == pytest.approx(0.8) and d["above_chance_hi"] == pytest.approx(1.5)
+    full_row = next(r for r in rows if r.method == "random" and r.keep == 8)
+    assert (full_row.pruned_lo, full_row.pruned_hi) == (0.8, 0.95)
+    rnd = next(r for r in rows if r.method == "random" and r.keep == 4)
+    assert rnd.pruned_lo == pytest.approx(rnd.metric - 0.1) and rnd.pruned_hi == pytest.approx(rnd.metric + 0.05)
+
+
+def test_run_sweep_intervals_follow_metric_direction_and_floats_stay_as_before():
+    scores = {"frequency": torch.arange(16.0).reshape(2, 8)}
+    rows, _ = run_sweep(task="t", metric="perplexity", full=10.0, chance=None, layers=[0, 1], num_experts=8,
+                        scores=scores, keeps=[2], evaluate_masked=lambda keep: (20.0, 16.0, 25.0),
+                        random_seeds=(0,), full_interval=(9.0, 12.0))
+    r = rows[0]
+    # lower is better: the attacker's best end is the lowest perplexity (16), the full model's worst 12
+    assert r.retained == pytest.approx(0.5) and r.retained_hi == pytest.approx(12.0 / 16.0)
+    assert r.above_chance_hi is None
+    rows, _ = run_sweep(task="t", metric="accuracy", full=1.0, chance=0.5, layers=[0, 1], num_experts=8,
+                        scores=scores, keeps=[2], evaluate_masked=lambda keep: 0.75, random_seeds=(0,))
+    assert rows[0].to_dict() == {"task": "t", "method": "frequency", "keep": 2, "metric": 0.75, "retained": 0.75,
+                                 "above_chance": 0.5}
+
+
+def test_run_sweep_evaluates_extra_keepsets_like_a_method():
+    seen = []
+
+    def ev(keep):
+        seen.append(keep)
+        return 0.5 + 0.1 * sum(e for v in keep.values() for e in v) / 28
+
+    scores = {"frequency": torch.arange(16.0).reshape(2, 8)}
+    search = {2: {0: [1, 3], 1: [0, 2]}, 4: {0: [4, 5, 6, 7], 1: [4, 5, 6, 7]}}  # K = 4 equals frequency's
+    rows, used = run_sweep(task="t", metric="accuracy", full=1.0, chance=0.5, layers=[0, 1], num_experts=8,
+                           scores=scores, keeps=[8, 4, 2], evaluate_masked=ev, random_seeds=(0,),
+                           extra_keepsets={"search": search})
+    assert used["search"] == search
+    s2 = next(r for r in rows if r.method == "search" and r.keep == 2)
+    assert s2.metric == pytest.approx(0.5 + 0.1 * 6 / 28)
+    assert s2.retained == pytest.approx(s2.metric) and s2.above_chance == pytest.approx((s2.metric - 0.5) / 0.5)
+    assert {r.method for r in rows if r.keep == 8} == {"frequency", "search", "random"}
+    keys = [tuple(sorted((k, tuple(v)) for k, v in c.items())) for c in seen]
+    assert len(keys) == len(set(keys))  # search's K = 4 set is frequency's: evaluated once

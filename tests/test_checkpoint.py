@@ -1,4 +1,4 @@
-"""Checkpoint checks and loading, streaming safetensors IO, atomic output directories, keep-sets.
+"""Checkpoint checks and loading, streaming safetensors IO, keep-sets (atomic outputs: test_outputs.py).
 
 Corrupt files are built byte by byte (a header whose length passes the end of the file, data
 offsets past the end, shapes that disagree with offsets), so each check is seen to fire on the
@@ -18,15 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moeharden.errors import CheckpointError, InputError, KeepSetError, NetworkError, UnsupportedModelError
+from moeharden.io.outputs import atomic_output_dir
 from moeharden.io.shards import (
     INDEX_NAME,
-    OUTPUT_MARKER,
     CheckpointFiles,
-    ShardWriter,
-    atomic_output_dir,
-    iter_shard_tensors,
+    PlannedTensor,
     parse_size,
     read_tensor,
+    write_streaming_shards,
 )
 from moeharden.model.checkpoint import (
     checkpoint_digest,
@@ -193,7 +192,7 @@ def test_load_tokenizer_sets_a_pad_token(tmp_path):
         load_tokenizer(tmp_path / "nothing-here")
 
 
-# --------------------------------------------------------------------------- st_io
+# --------------------------------------------------------------------------- io.shards
 @pytest.mark.parametrize("text,expected", [
     ("2GB", 2 * 10**9), ("10MB", 10 * 10**6), ("20KB", 20_000), ("1GiB", 2**30), ("1.5MB", 1_500_000),
     ("300", 300), (4096, 4096), ("64kib", 65536),
@@ -211,18 +210,35 @@ def test_parse_size_rejects(bad):
 def test_checkpoint_files_index_and_positioned_reads(tiny_mixtral_ckpt):
     files = CheckpointFiles(tiny_mixtral_ckpt)
     weight_map = json.loads((tiny_mixtral_ckpt / INDEX_NAME).read_text())["weight_map"]
-    assert sorted(files.tensor_names) == sorted(weight_map)
+    assert sorted(files.tensors) == sorted(weight_map)
     assert len(files.shards) == len(set(weight_map.values())) > 2
-    for name in files.tensor_names:
-        assert files.shard_of(name).name == weight_map[name]
+    for name, info in files.tensors.items():
+        assert info.file.name == weight_map[name]
     for shard in files.shards:
         ref = load_file(str(shard))                      # safetensors' own reader
-        streamed = dict(iter_shard_tensors(shard))
-        assert streamed.keys() == ref.keys()
-        for name, t in ref.items():
-            info = files.tensors[name]
-            assert info.shape == tuple(t.shape)
-            assert torch.equal(streamed[name], t) and torch.equal(read_tensor(info), t)
+        with open(shard, "rb") as handle:
+            for name, t in ref.items():
+                info = files.tensors[name]
+                assert info.shape == tuple(t.shape)
+                assert torch.equal(read_tensor(info), t) and torch.equal(read_tensor(info, handle), t)
+
+
+@pytest.mark.parametrize("bad", ["../outside.safetensors", "/etc/x.safetensors", "sub/a.safetensors", 7])
+def test_index_naming_a_path_outside_the_checkpoint(tiny_mixtral_ckpt, tmp_path, bad):
+    ck = _copy(tiny_mixtral_ckpt, tmp_path / "ck")
+    index = json.loads((ck / INDEX_NAME).read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = bad
+    (ck / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a valid" if isinstance(bad, int) else "outside the checkpoint"):
+        CheckpointFiles(ck)
+
+
+def test_read_tensor_of_a_file_truncated_after_indexing(tmp_path):
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(tmp_path / "model.safetensors"))
+    info = CheckpointFiles(tmp_path).tensors["w"]
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="ends inside tensor"):
+        read_tensor(info)
 
 
 def _count_shards(sizes, cap):
@@ -236,14 +252,17 @@ def _count_shards(sizes, cap):
     return n
 
 
-def test_shard_writer_caps_names_indexes_and_round_trips(tmp_path):
+def _write_tensors(out, tensors, cap, metadata=None):
+    """``write_streaming_shards`` fed from in-memory tensors (float32, in dict order)."""
+    plan = [PlannedTensor(k, "F32", tuple(v.shape), v.numel() * 4) for k, v in tensors.items()]
+    return write_streaming_shards(out, plan, lambda p: tensors[p.name], cap, metadata)
+
+
+def test_streaming_writer_caps_names_indexes_and_round_trips(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate([100, 300, 50, 2000, 10, 10, 400])}
     cap = 1600                                            # bytes; float32 → 400 elements
-    w = ShardWriter(tmp_path, cap, metadata={"who": "test"})
-    for k, v in tensors.items():
-        w.add(k, v)
-    shards = w.close()
+    shards = _write_tensors(tmp_path, tensors, cap, metadata={"who": "test"})
     n = _count_shards([v.numel() * 4 for v in tensors.values()], cap)
     assert n == 5 and len(shards) == n     # [400+1200] [200] [8000] [40+40] [1600]
     assert [p.name for p in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -251,96 +270,51 @@ def test_shard_writer_caps_names_indexes_and_round_trips(tmp_path):
     assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in tensors.values())
     got = {}
     for p in shards:
-        with safe_open(str(p), "pt") as f:
+        with safe_open(str(p), "pt") as f:                # safetensors' own reader
             assert f.metadata() == {"format": "pt", "who": "test"}
             for k in f.keys():
                 assert index["weight_map"][k] == p.name
                 got[k] = f.get_tensor(k)
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
-    assert not list(tmp_path.glob(".shard-*"))
 
 
-def test_shard_writer_single_shard_has_no_index(tmp_path):
-    w = ShardWriter(tmp_path, parse_size("10MB"))
-    w.add("a", torch.ones(3))
-    assert [p.name for p in w.close()] == ["model.safetensors"]
+def test_streaming_writer_single_shard_has_no_index(tmp_path):
+    assert [p.name for p in _write_tensors(tmp_path, {"a": torch.ones(3)}, parse_size("10MB"))] == ["model.safetensors"]
     assert not (tmp_path / INDEX_NAME).exists()
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["a"], torch.ones(3))
+
+
+def test_streaming_writer_refuses_a_tensor_of_the_wrong_size(tmp_path):
+    plan = [PlannedTensor("a", "F32", (3,), 12)]
+    with pytest.raises(CheckpointError, match="planned 12"):
+        write_streaming_shards(tmp_path, plan, lambda p: torch.ones(4), 1 << 20)
 
 
 def test_rewritten_checkpoint_loads_with_transformers(tiny_mixtral_ckpt, tmp_path):
-    """Stream every shard through the writer into differently sized shards; the model is unchanged."""
+    """Stream every tensor as file-to-file byte ranges into differently sized shards; the model is unchanged."""
     from families import build_tiny
 
+    files = CheckpointFiles(tiny_mixtral_ckpt)
+    infos = sorted(files.tensors.values(), key=lambda i: (i.file.name, i.start))
+    plan = [PlannedTensor(i.name, i.dtype, i.shape, i.end - i.start) for i in infos]
+    handles = {p: open(p, "rb") for p in files.shards}
     out = tmp_path / "re"
-    with atomic_output_dir(out) as tmp:
-        w = ShardWriter(tmp, parse_size("25KB"))
-        for shard in CheckpointFiles(tiny_mixtral_ckpt).shards:
-            for name, t in iter_shard_tensors(shard):
-                w.add(name, t)
-        assert len(w.close()) > 2
-        shutil.copy(tiny_mixtral_ckpt / "config.json", tmp)
+
+    def produce(p):                                       # one byte range per tensor, copied by the kernel
+        info = files.tensors[p.name]
+        return [(handles[info.file], info.start, p.nbytes)]
+
+    try:
+        with atomic_output_dir(out) as tmp:
+            assert len(write_streaming_shards(tmp, plan, produce, parse_size("25KB"))) > 2
+            shutil.copy(tiny_mixtral_ckpt / "config.json", tmp)
+    finally:
+        for h in handles.values():
+            h.close()
     ref, _ = build_tiny("mixtral")
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(type(ref).from_pretrained(out)(input_ids=ids).logits, ref(input_ids=ids).logits)
-
-
-# --------------------------------------------------------------------------- atomic output
-def _leftovers(out):
-    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-
-
-@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
-def test_atomic_dir_failure_leaves_nothing(tmp_path, exc):
-    out = tmp_path / "out"
-    with pytest.raises(exc), atomic_output_dir(out) as tmp:
-        (tmp / "half.txt").write_text("partial")
-        raise exc()
-    assert not out.exists() and _leftovers(out) == []
-
-
-def test_atomic_dir_gets_ordinary_permissions(tmp_path):
-    import os
-
-    out, plain = tmp_path / "out", tmp_path / "plain"
-    plain.mkdir()
-    with atomic_output_dir(out):
-        pass
-    assert os.stat(out).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
-
-
-def test_atomic_dir_failure_keeps_the_previous_output(tmp_path):
-    out = tmp_path / "out"
-    with atomic_output_dir(out) as tmp:
-        (tmp / "a.txt").write_text("first")
-    assert (out / OUTPUT_MARKER).is_file()
-    with pytest.raises(RuntimeError), atomic_output_dir(out) as tmp:
-        (tmp / "a.txt").write_text("second")
-        raise RuntimeError
-    assert (out / "a.txt").read_text() == "first" and _leftovers(out) == []
-    with atomic_output_dir(out) as tmp:                    # an earlier output is replaced by default
-        (tmp / "b.txt").write_text("third")
-    assert not (out / "a.txt").exists() and (out / "b.txt").read_text() == "third" and _leftovers(out) == []
-    with pytest.raises(InputError, match="already holds"), atomic_output_dir(out, overwrite=False):
-        pass
-    assert (out / "b.txt").exists()
-
-
-def test_atomic_dir_never_replaces_foreign_data(tmp_path):
-    out = tmp_path / "precious"
-    out.mkdir()
-    (out / "thesis.tex").write_text("years of work")
-    with pytest.raises(InputError, match="not written by moeharden"), atomic_output_dir(out):
-        pass
-    assert (out / "thesis.tex").read_text() == "years of work" and _leftovers(out) == []
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with atomic_output_dir(empty) as tmp:
-        (tmp / "x").write_text("1")
-    assert (empty / "x").exists()
-    (tmp_path / "file").write_text("")
-    with pytest.raises(InputError, match="not a directory"), atomic_output_dir(tmp_path / "file"):
-        pass
 
 
 # --------------------------------------------------------------------------- keep-sets

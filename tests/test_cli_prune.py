@@ -164,7 +164,7 @@ def ckpt_with_task(tmp_path_factory):
 def test_prune_by_method_keeps_the_most_routed_experts(ckpt_with_task, tmp_path):
     """--method frequency keeps, per layer, the experts chosen most often on the task's attribution
     split; recomputed here from the router weights with plain hooks, one text at a time."""
-    from moeharden.tasks.loading import load_tasks
+    from moeharden.tasks.resolve import load_tasks
 
     ck, model = ckpt_with_task
     out = tmp_path / "out"

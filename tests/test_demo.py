@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from moeharden.demo import RECIPE_FILE_NAME, TASK_FILE_NAME, build_demo_model
 from moeharden.demo import synthetic as syn
+from moeharden.demo.build import RECIPE_FILE_NAME, build_demo_model
+from moeharden.demo.synthetic import TASK_FILE_NAME
 from moeharden.demo.train import build_tokenizer, evaluate_task, load_recipe
 from moeharden.errors import ConfigFileError
 
@@ -67,7 +68,7 @@ def test_generated_answers_are_right():
 
 
 def _check_task_file(path: Path) -> dict:
-    """Minimal check of the task-file schema of docs/CONTRACTS.md (moeharden.tasks.loading may not exist yet)."""
+    """Minimal check of the task-file schema of docs/CONTRACTS.md (independent of moeharden.tasks.spec)."""
     spec = yaml.safe_load(path.read_text())
     assert spec["version"] == 1
     names = [t["name"] for t in spec["tasks"]]
@@ -102,7 +103,7 @@ def test_task_file_validates(tmp_path):
     assert {t["name"]: t["chance"] for t in spec["tasks"]} == pytest.approx(
         {"sentiment": 0.5, "addition": 1 / 179, "reverse": 1 / 26**4}, rel=1e-2)
     try:
-        from moeharden.tasks.loading import load_tasks
+        from moeharden.tasks.resolve import load_tasks
     except ImportError:
         return
     tasks = load_tasks(None, checkpoint_dir=tmp_path)
@@ -168,7 +169,7 @@ def test_tiny_training_saves_a_loadable_checkpoint_and_reuses_cache(tmp_path, mo
 def test_cli_demo_json(tmp_path, monkeypatch, tiny_recipe):
     from typer.testing import CliRunner
 
-    import moeharden.demo as demo_mod
+    import moeharden.demo.pipeline as demo_mod
     from moeharden.cli import app
 
     monkeypatch.setenv("MOEHARDEN_CACHE", str(tmp_path / "cache"))
@@ -273,8 +274,8 @@ def test_demo_model_is_accurate_and_task_specialised(tmp_path):
         rand_retained = (sum(rand) / len(rand) - task.chance) / (full - task.chance)
         assert rand_retained < retained - 0.3, (name, rand, kept)
     try:  # the library's own task loader and evaluator agree (issue #3 modules, when present)
-        from moeharden.tasks.loading import load_tasks
         from moeharden.tasks.metrics import evaluate
+        from moeharden.tasks.resolve import load_tasks
     except ImportError:
         return
     for t in load_tasks(None, checkpoint_dir=out):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeharden import demo
-from moeharden.defend.entangle import EntangleRecipe, entangle_model, load_recipe, pruned_hinge
+from moeharden.defend.entangle.loop import entangle_model
+from moeharden.defend.entangle.losses import pruned_hinge
+from moeharden.defend.entangle.recipe import EntangleRecipe, load_recipe
+from moeharden.demo import build as demo
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +18,7 @@ def tiny_demo_path(tmp_path_factory):
 
 def _load(path):
     from moeharden.model.checkpoint import load_model, load_tokenizer
-    from moeharden.tasks.loading import load_tasks
+    from moeharden.tasks.resolve import load_tasks
 
     return load_model(path), load_tokenizer(path), load_tasks(None, checkpoint_dir=path, limit=32)
 
@@ -85,7 +87,7 @@ def test_recovery_term_matches_an_independent_computation(tiny_demo_path, update
     import torch.nn.functional as F
     from accelerate import Accelerator
 
-    from moeharden.defend.entangle import _recovery_term, kl_retain
+    from moeharden.defend.entangle.losses import kl_retain, simulated_recovery
     from moeharden.model.registry import moe_layers
     from moeharden.model.routing import mask_experts
     from moeharden.tasks.encoding import answer_logits, encode
@@ -102,7 +104,7 @@ def test_recovery_term_matches_an_independent_computation(tiny_demo_path, update
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.ones_like(p)                      # gradients already accumulated are kept
-    value = _recovery_term(model, model, batch, held, keep, recipe, Accelerator(cpu=True), 1, inner, full)
+    value = simulated_recovery(model, model, batch, held, keep, recipe, Accelerator(cpu=True), 1, inner, full)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} not restored"
 

@@ -8,18 +8,20 @@ import pytest
 import torch
 from tiny_lm import build_model, build_tokenizer
 
-from moeharden.tasks.loading import Example, SplitSpec, Task, TaskSpec
+from moeharden.tasks.encoding import encode_pairs
+from moeharden.tasks.examples import Example, Task
+from moeharden.tasks.intervals import mean_interval, perplexity_interval, wilson
 from moeharden.tasks.metrics import (
     choice_logprobs,
-    encode_pairs,
     evaluate,
     generate_greedy,
     normalized_perplexity,
     perplexity,
     perplexity_windows,
-    rouge_scores,
     task_loss,
 )
+from moeharden.tasks.rouge import rouge_scores
+from moeharden.tasks.spec import SplitSpec, TaskSpec
 
 torch.set_num_threads(1)
 
@@ -222,3 +224,63 @@ def test_normalized_perplexity_and_training_flag(lm):
     model.eval()
     direct = perplexity(model, tok, DOCS, window=16, stride=8)
     assert res.value == pytest.approx(direct["perplexity"]) and res.normalized(res.value) == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------- 95% intervals
+def test_accuracy_interval_is_wilson_on_the_recounted_correct(lm):
+    model, tok = lm
+    exs = _mc_examples()
+    lp = choice_logprobs(model, tok, exs, batch_size=2)
+    k = sum(int(lp[i].argmax()) == ex.label for i, ex in enumerate(exs))  # recount from the predictions
+    res = evaluate(model, tok, Task("mc", "multiple_choice", "accuracy", 0.5, exs[:1], exs, []), batch_size=3)
+    assert (res.lo, res.hi) == pytest.approx(wilson(k, len(exs)))
+    assert res.lo <= res.value <= res.hi
+    d = res.to_dict()
+    assert d["lo"] == res.lo and d["hi"] == res.hi and d["value"] == res.value
+
+
+def test_exact_match_and_rouge_intervals(lm):
+    model, tok = lm
+    prompts = ["He had", "the cat", "Answer:", "it 's", "Q:", "development"]
+    own = generate_greedy(model, tok, prompts, max_new_tokens=4, stop=(), batch_size=1)
+    exs = [Example("generation", p, o if i % 3 == 0 else "@@never@@ " + o, index=i)
+           for i, (p, o) in enumerate(zip(prompts, own, strict=True))]
+    spec = TaskSpec(name="gen", kind="generation", data={"path": "x.jsonl"}, prompt="{text}", target_field="t",
+                    max_new_tokens=4, stop=[], split=SplitSpec(attribution=1))
+    res = evaluate(model, tok, Task("gen", "generation", "exact_match", None, exs[:1], exs, [], spec))
+    assert res.value == pytest.approx(2 / 6)
+    assert (res.lo, res.hi) == pytest.approx(wilson(2, 6)) and res.lo <= res.value <= res.hi
+    spec_r = spec.model_copy(update={"metric": "rougeL"})
+    res = evaluate(model, tok, Task("gen", "generation", "rougeL", None, exs[:1], exs, [], spec_r))
+    per_example = [rouge_scores(o, ex.target)["rougeL"] for o, ex in zip(own, exs, strict=True)]
+    assert (res.lo, res.hi) == pytest.approx(mean_interval(per_example))
+    assert res.lo <= res.value <= res.hi and res.lo < res.hi
+
+
+def test_perplexity_interval_is_the_document_bootstrap(lm):
+    model, tok = lm
+    docs = []
+    for d in DOCS:  # each document fits one window: its summed nll is the model's own loss
+        ids = torch.tensor([_ids(tok, d)])
+        with torch.no_grad():
+            loss = float(model(input_ids=ids, labels=ids).loss)
+        docs.append((loss * (ids.shape[1] - 1), ids.shape[1] - 1))
+    r = perplexity(model, tok, DOCS, window=128, stride=64, batch_size=2)
+    assert [t for _, t in r["docs"]] == [t for _, t in docs]
+    assert [x for x, _ in r["docs"]] == pytest.approx([x for x, _ in docs], rel=1e-4)
+    spec = TaskSpec(name="ppl", kind="perplexity", data={"path": "x.txt"}, window=128, stride=64)
+    exs = [Example("perplexity", "", d, index=i) for i, d in enumerate(DOCS)]
+    res = evaluate(model, tok, Task("ppl", "perplexity", "perplexity", None, exs[:1], exs, [], spec))
+    lo, hi = perplexity_interval(docs)  # same (default) seed and resamples
+    assert res.lo == pytest.approx(lo, rel=1e-4) and res.hi == pytest.approx(hi, rel=1e-4)
+    assert res.lo <= res.value <= res.hi and res.lo < res.hi
+
+
+def test_lm_eval_intervals_are_wilson_for_proportions_only():
+    from moeharden.tasks.lmeval import proportion_interval
+
+    assert proportion_interval("acc", 0.75, 8) == pytest.approx(wilson(6, 8))
+    assert proportion_interval("acc_norm", 0.5, 10) == pytest.approx(wilson(5, 10))
+    assert proportion_interval("perplexity", 12.0, 10) == (None, None)
+    assert proportion_interval("acc", 0.5, 0) == (None, None)
+    assert proportion_interval("bleu", 0.3, 10) == (None, None)

@@ -13,8 +13,8 @@ import torch
 from tiny_lm import build_model, build_tokenizer
 
 from moeharden.errors import TaskError
-from moeharden.tasks.loading import load_tasks
 from moeharden.tasks.metrics import choice_logprobs, evaluate, task_loss
+from moeharden.tasks.resolve import load_tasks
 
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'moeharden[lm-eval]'")
 torch.set_num_threads(1)

@@ -140,7 +140,7 @@ def test_derivation_names_the_kept_experts_of_a_pruned_finetuned_model(family, t
     if family == "demo":                      # the embedded demo model's architecture and checkpoint layout
         from transformers import AutoModelForCausalLM
 
-        from moeharden.demo import build_demo_model
+        from moeharden.demo.build import build_demo_model
 
         build_demo_model(root / "src", steps=30)
         model = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32)
@@ -249,3 +249,28 @@ def test_policy_apply_limits_lora_to_allowed_groups_and_ranks():
     apply(head, policy)
     with pytest.raises(PolicyViolation, match="lm_head"):
         head(input_ids=ids)
+
+
+def test_relocking_carries_data_files_but_no_code_stale_integrity_files_or_outside_links(release, tmp_path):
+    """Lock a copy of the locked release that also holds custom code, a task file, and a model card
+    linked to a file outside the checkpoint: the new release keeps the data, rewrites the card from
+    nothing, replaces manifest and signature, and still verifies."""
+    src = tmp_path / "src"
+    shutil.copytree(release / "locked", src)
+    (src / "modeling_evil.py").write_text("import os\n")
+    (src / "moeharden-tasks.yaml").write_text("version: 1\ntasks: []\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET")
+    (src / "README.md").unlink()
+    (src / "README.md").symlink_to(secret)
+    out = tmp_path / "relocked"
+    res = runner.invoke(app, ["lock", str(src), "--policy", str(release / "policy.yaml"), "--key",
+                              str(release / "keys" / "moeharden.key"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "moeharden-tasks.yaml").read_text() == "version: 1\ntasks: []\n"
+    assert not (out / "modeling_evil.py").exists()
+    card = (out / "README.md").read_text()
+    assert "TOP SECRET" not in card and "moeharden-locked" in card
+    assert json.loads((out / "moeharden-manifest.json").read_text())["source"]["path"] == str(src)
+    res = _verify(out, release, "--json")
+    assert res.exit_code == 0, res.output

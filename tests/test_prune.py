@@ -16,7 +16,8 @@ from families import FAMILIES, build_tiny
 from safetensors import safe_open
 
 from moeharden.attack.prune import prune_checkpoint
-from moeharden.model.registry import moe_layers, valid_keep
+from moeharden.model.keepset import valid_keep
+from moeharden.model.registry import moe_layers
 from moeharden.model.routing import mask_experts, record_routing
 
 
@@ -108,7 +109,7 @@ def test_side_files_record_and_rerun(tiny_mixtral_ckpt, tmp_path):
 
     from tiny_lm import build_tokenizer
 
-    from moeharden.io.shards import OUTPUT_MARKER
+    from moeharden.io.outputs import OUTPUT_MARKER
     from moeharden.model.checkpoint import checkpoint_digest, load_tokenizer
 
     src = tmp_path / "src"

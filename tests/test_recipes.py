@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeharden.defend.entangle import EntangleRecipe, load_recipe, train_keeps
+from moeharden.defend.entangle.pools import train_keeps
+from moeharden.defend.entangle.recipe import EntangleRecipe, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -56,7 +57,7 @@ def test_recipe_begins_with_a_valid_command(path):
     import typer
 
     from moeharden.cli import app
-    from moeharden.tasks.loading import preset_names, preset_spec
+    from moeharden.tasks.resolve import preset_names, preset_spec
 
     text = path.read_text().splitlines()
     assert text[1].startswith("# Hardware: "), f"{path.name}: line 2 must say the hardware it expects"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeharden import demo
-from moeharden.attack.realign import RecoverySettings, run_recovery, select, task_ops
+from moeharden.attack.realign.run import RecoverySettings, run_recovery
+from moeharden.attack.realign.selection import select
+from moeharden.attack.realign.taskops import task_ops
+from moeharden.demo import build as demo
 from moeharden.model.registry import moe_layers
 from moeharden.model.routing import mask_experts
 
@@ -15,7 +17,7 @@ from moeharden.model.routing import mask_experts
 def tiny_demo(tmp_path_factory):
     """A demo-format checkpoint trained for a few steps (fast), loaded with its tasks."""
     from moeharden.model.checkpoint import load_model, load_tokenizer
-    from moeharden.tasks.loading import load_tasks
+    from moeharden.tasks.resolve import load_tasks
 
     d = tmp_path_factory.mktemp("demo")
     path = demo.build_demo_model(d / "model", steps=30)
@@ -117,11 +119,11 @@ def test_lora_mode_trains_adapters_and_unloads_them(tiny_demo):
             trained.update({n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n})
             return self.ops.metric(m)
 
-    from moeharden.attack.realign import _lora_targets
+    from moeharden.model.registry import lora_targets
 
     s = RecoverySettings(mode="lora", strategy="random", budget=8, rounds=2, steps_per_round=3, lr=1e-2)
     run_recovery(model, Spy(task_ops(tok, task)), task.train, s, mask=lambda: mask_experts(model, keep),
-                 lora_targets=_lora_targets(layers))
+                 lora_targets=lora_targets(layers))
     assert any(".experts." in n for n in trained), "LoRA should also adapt the fused expert tensors"
     assert any("q_proj" in n for n in trained)
     assert type(moe_layers(model)[0].experts) is experts_cls            # adapters unloaded
@@ -155,3 +157,37 @@ def test_prune_recover_writes_a_realigned_loadable_checkpoint(tmp_path):
     assert rec.config.num_local_experts == 2
     diffs = [not torch.equal(a, b) for a, b in zip(plain.parameters(), rec.parameters(), strict=True)]
     assert any(diffs)                                             # the re-aligned weights were saved
+
+
+def test_lora_mode_on_dbrx_adapts_its_fused_attention_and_restores_the_model():
+    """DBRX names its attention projections Wqkv/out_proj: LoRA mode must find them via the registry."""
+    from families import build_tiny
+
+    model, _ = build_tiny("dbrx")
+    keep = {li.layer: [0, 1, 2, 3] for li in moe_layers(model)}
+    gen = torch.Generator().manual_seed(0)
+    pool = [torch.randint(0, 64, (8,), generator=gen) for _ in range(12)]
+    trained = {}
+
+    class LMOps:                                       # language modelling on token ids: no task file needed
+        has_uncertainty = False
+
+        def loss(self, m, examples):
+            ids = torch.stack(list(examples))
+            return m(input_ids=ids, labels=ids).loss
+
+        def metric(self, m):
+            trained.update({n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n})
+            with torch.no_grad():
+                return -float(self.loss(m, pool))
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = RecoverySettings(mode="lora", strategy="random", budget=8, rounds=2, steps_per_round=3, lr=1e-2,
+                         batch_size=4)
+    run = run_recovery(model, LMOps(), pool, s, mask=lambda: mask_experts(model, keep))
+    assert run.labels_used == 8 and len(run.points) == 3
+    moved = [n for n, p in trained.items() if "lora_B" in n and p.abs().sum() > 0]   # lora_B starts at 0
+    assert any("Wqkv" in n for n in moved) and any("out_proj" in n for n in moved)
+    assert not any(".lora_" in n for n, _ in model.named_parameters())               # adapters unloaded
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])                                             # base weights untouched

@@ -15,19 +15,20 @@ from families import FAMILIES, build_tiny, tiny_config
 from safetensors import safe_open
 
 from moeharden.errors import KeepSetError, UnsupportedModelError
+from moeharden.model.disk import classify_tensor, pruned_config
+from moeharden.model.keepset import check_keep_counts, valid_keep
 from moeharden.model.registry import (
     FAMILIES as SPECS,
 )
 from moeharden.model.registry import (
-    check_keep_counts,
-    classify_tensor,
+    lora_targets,
     moe_layers,
     parameter_groups,
-    pruned_config,
     spec_for_config,
     supported_families,
-    valid_keep,
 )
+
+SPECS_BY_TYPE = {t: f for f in SPECS for t in f.model_types}
 
 
 def test_dense_model_is_refused_with_the_supported_list():
@@ -207,3 +208,45 @@ def test_parameter_groups_partition_the_model(family):
         assert any("shared_expert_gate" in n for n in groups["shared_experts"])
     with pytest.raises(UnsupportedModelError):
         parameter_groups(SPECS[0] if family != "mixtral" else SPECS[1], model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_cover_each_familys_attention_and_train_only_adapters(family):
+    """The registry's LoRA targets adapt every linear layer of every attention module — found here by
+    module type, not by name — and nothing outside attention but the fused expert tensors; one
+    training step then moves LoRA parameters only."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = build_tiny(family)
+    modules, params = lora_targets(model)
+    attention_linears = {f"{name}.{child}" for name, mod in model.named_modules()
+                         if "attention" in type(mod).__name__.lower()
+                         for child, sub in mod.named_children() if isinstance(sub, torch.nn.Linear)}
+    assert attention_linears, "no attention projection found by module type"
+    n_decoder = len(dict(model.named_modules())[SPECS_BY_TYPE[family].layers_path])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(modules),
+                                                  target_parameters=list(params) or None, lora_dropout=0.0))
+    adapted = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+               for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert attention_linears <= adapted                                   # every attention projection
+    others = adapted - attention_linears
+    assert all(".experts" in n for n in others), sorted(others)[:3]       # plus fused expert tensors only
+    assert len({n.split(".attention")[0].split(".self_attn")[0].split(".norm_attn_norm")[0]
+                for n in attention_linears}) == n_decoder                  # in every decoder layer
+    if family == "dbrx":
+        assert any(n.endswith("Wqkv") for n in adapted) and any(n.endswith("out_proj") for n in adapted)
+
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert all(p.requires_grad for p in lora)
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
+    opt = torch.optim.AdamW(lora, lr=1e-2)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any(n.endswith(("Wqkv.lora_B.default.weight", "q_proj.lora_B.default.weight",
+                           "q_b_proj.lora_B.default.weight", "qkv_proj.lora_B.default.weight"))
+               for n in changed)

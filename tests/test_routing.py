@@ -12,14 +12,9 @@ import torch
 import torch.nn.functional as F
 from families import FAMILIES, build_tiny
 
-from moeharden.model.registry import (
-    check_keep_counts,
-    moe_layers,
-    pruned_config,
-    routing_groups,
-    spec_for_config,
-    valid_keep,
-)
+from moeharden.model.disk import pruned_config
+from moeharden.model.keepset import check_keep_counts, valid_keep
+from moeharden.model.registry import moe_layers, routing_groups, spec_for_config
 from moeharden.model.routing import mask_experts, record_routing
 
 
@@ -164,7 +159,7 @@ def test_mask_never_selects_hidden_experts_and_changes_logits(tiny):
     with torch.no_grad(), record_routing(model, norms=False) as before:
         plain = model(input_ids=ids, attention_mask=mask).logits
     from moeharden.errors import KeepSetError
-    from moeharden.model.registry import check_keep_counts
+    from moeharden.model.keepset import check_keep_counts
 
     used = before.layers[layers[0].layer].indices.reshape(-1).bincount(minlength=8)
     hide: list[int] = []
@@ -188,7 +183,7 @@ def test_mask_never_selects_hidden_experts_and_changes_logits(tiny):
 
 
 def test_mask_below_top_k_caps_top_k(tiny):
-    from moeharden.model.registry import valid_keep
+    from moeharden.model.keepset import valid_keep
 
     _, model, cfg = tiny
     layers = moe_layers(model)

@@ -18,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def demo_scan(tmp_path_factory):
-    from moeharden.demo import build_demo_model
+    from moeharden.demo.build import build_demo_model
 
     root = tmp_path_factory.mktemp("scan")
     model = build_demo_model(root / "model")          # trained once per machine, then cached

@@ -12,16 +12,9 @@ import yaml
 from tiny_lm import build_model, build_tokenizer
 
 from moeharden.errors import EXIT_INPUT, TaskError
-from moeharden.tasks.loading import (
-    TASK_FILE_NAME,
-    load_tasks,
-    parse_task_file,
-    preset_names,
-    preset_spec,
-    read_task_file,
-    template_fields,
-)
 from moeharden.tasks.metrics import evaluate, task_loss
+from moeharden.tasks.resolve import load_tasks, preset_names, preset_spec
+from moeharden.tasks.spec import TASK_FILE_NAME, parse_task_file, read_task_file, template_fields
 
 torch.set_num_threads(1)
 

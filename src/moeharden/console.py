@@ -1,24 +1,23 @@
 """The single place that prints.
 
 Everything user-facing goes through :data:`console` (stderr, Rich) or :func:`emit_json` (stdout,
-plain JSON for pipelines). Library modules do not import this; the CLI and the progress helper do.
+plain JSON for pipelines), and only the CLI calls them. Library modules use :func:`progress_bar`
+alone, which draws nothing in JSON mode or without a terminal, so the library stays silent.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
 
-_state = {"json": False, "quiet": False}
-
-T = TypeVar("T")
+_state = {"json": False}
 
 
 def set_json_mode(enabled: bool) -> None:
@@ -27,6 +26,7 @@ def set_json_mode(enabled: bool) -> None:
 
 
 def json_mode() -> bool:
+    """Whether ``--json`` was given (results as JSON on stdout, no chatter)."""
     return _state["json"]
 
 
@@ -37,6 +37,7 @@ def emit_json(obj: Any) -> None:
 
 
 def info(message: str) -> None:
+    """Print one line of Rich markup to stderr, unless in JSON mode."""
     if not _state["json"]:
         console.print(message)
 
@@ -63,13 +64,3 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Any]:
             prog.update(task, advance=n, status=status)
 
         yield advance
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with progress_bar(description, total) as advance:
-        for item in items:
-            yield item
-            advance()

@@ -1,14 +1,14 @@
 """Typed errors raised by the library, and their exit codes.
 
 The library never prints and never calls ``sys.exit``: it raises one of these. The CLI maps each
-type to a one-paragraph message and an exit code in one place (``moeharden.cli``):
+type to a one-paragraph message and an exit code in one place (``moeharden.cli.handler``):
 
 ====  =======================================================================
 code  meaning
 ====  =======================================================================
 0     success
-1     verification failed (a gate row did not hold)
-2     usage error (bad option combination, command not available yet)
+1     verification failed (a gate row did not hold; a result, not an error)
+2     usage error (bad option combination, missing option)
 3     input error (bad checkpoint, task file, policy, keep-set, dataset)
 4     integrity error (signature, manifest, tensor hash)
 130   interrupted (Ctrl-C)
@@ -46,7 +46,7 @@ class MoehardenError(Exception):
 
 
 class UsageError(MoehardenError):
-    """Options that cannot be combined, a missing option, or a command not available yet."""
+    """Options that cannot be combined, or a missing option."""
 
     exit_code = EXIT_USAGE
     title = "Usage error"
@@ -94,17 +94,6 @@ class IntegrityError(MoehardenError):
 
     exit_code = EXIT_INTEGRITY
     title = "Integrity check failed"
-
-
-class VerificationFailed(MoehardenError):
-    """A release gate that did not hold. Carries the failing rows for display."""
-
-    exit_code = EXIT_VERIFY_FAILED
-    title = "Verification failed"
-
-    def __init__(self, message: str, *, hint: str | None = None, rows: list | None = None):
-        super().__init__(message, hint=hint)
-        self.rows = rows or []
 
 
 class NetworkError(MoehardenError):

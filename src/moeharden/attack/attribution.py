@@ -16,14 +16,15 @@ contrastive    routing rate on this task minus the rate on the other tasks (Stee
 ablation       rise in task loss when e alone is masked in its layer (loss-based; extra passes)
 =============  ==========================================================================
 
-All matrices are plain nested lists in reports; in memory they are ``torch.Tensor [L, E]`` keyed
-by the decoder-layer indices in :attr:`Attribution.layers`.
+All matrices are plain nested lists in reports; in memory they are ``torch.Tensor [L, E]`` whose
+rows follow the decoder-layer indices of :attr:`RoutingStats.layers`. Choosing a keep-set for one
+checkpoint and task from these scores is :mod:`moeharden.attack.keepsearch`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -153,11 +154,15 @@ def keep_sets(scores: torch.Tensor, layers: Sequence[int], keep: int, *,
     Ties break towards the lower expert id, so results are deterministic.
 
     Raises:
-        ValueError: ``keep`` outside ``1..E`` or an unknown ranking.
+        KeepSetError: ``keep`` outside ``1..E`` or not divisible by ``groups``.
+        ValueError: an unknown ranking (a programming error: callers pass a fixed choice).
     """
+    from moeharden.errors import KeepSetError
+
     L, E = scores.shape
     if not 1 <= keep <= E or keep % groups:
-        raise ValueError(f"keep must be in 1..{E} and divisible by {groups} groups, got {keep}")
+        raise KeepSetError(f"Cannot keep {keep} of {E} experts per layer in {groups} routing group(s).",
+                           hint=f"Keep between 1 and {E} experts, a multiple of {groups}.")
     s = scores.double()
     size, per = E // groups, keep // groups
     if ranking == "per_layer":
@@ -177,18 +182,6 @@ def keep_sets(scores: torch.Tensor, layers: Sequence[int], keep: int, *,
     for g in range(groups):
         ids += sorted(range(g * size, (g + 1) * size), key=lambda e: (-float(share[e]), e))[:per]
     return {layer: sorted(ids) for layer in layers}
-
-
-@dataclass
-class Attribution:
-    """Score matrices of every method for one task."""
-
-    task: str
-    layers: list[int]
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [L, E]
-
-    def to_dict(self) -> dict:
-        return {m: [[round(float(v), 6) for v in row] for row in t.tolist()] for m, t in self.scores.items()}
 
 
 def _batches(items: Sequence, size: int):

@@ -3,16 +3,18 @@
 ``verify_integrity`` checks the signature and every tensor hash and names each changed, missing
 or extra tensor; for a suspect derivative (fewer experts, fine-tuned) it matches each of its
 experts to the original's by fingerprint and reports the kept and removed experts per layer,
-and which changes break the policy.
+and which changes break the policy. The result is an
+:class:`~moeharden.audit.verdict.IntegrityReport`; ``ok`` is its verdict (the caller decides the
+exit code).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moeharden.defend.lock import MANIFEST_NAME, SCHEMA
+from moeharden.audit.documents import load_document
+from moeharden.audit.records import ManifestDocument
+from moeharden.audit.verdict import Derivation, IntegrityReport, SignatureCheck, TensorCheck
 from moeharden.errors import CheckpointError, IntegrityError
 
 
@@ -22,44 +24,26 @@ def _layout(path: Path):
     return checkpoint_layout(path)
 
 
-@dataclass
-class IntegrityResult:
-    """Everything the integrity check found; ``ok`` is False when anything failed."""
-
-    checkpoint: str
-    manifest: str
-    ok: bool = True
-    signature: dict = field(default_factory=dict)
-    tensors: dict = field(default_factory=dict)
-    derivation: dict | None = None
-    policy_violations: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _load_manifest(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
+def _load_manifest(path: Path) -> ManifestDocument:
+    if not Path(path).exists():
         raise IntegrityError(f"No moeharden manifest at {path}.",
-                             hint="Pass --manifest of the original release, or lock the checkpoint first.") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise IntegrityError(f"The manifest {path} is unreadable: {err}.") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise IntegrityError(f"{path} is not a moeharden manifest (schema {SCHEMA}).")
-    return data
+                             hint="Pass --manifest of the original release, or lock the checkpoint first.")
+    return load_document(path, ManifestDocument, error=IntegrityError)
 
 
-def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None = None,
-                     raise_on_fail: bool = True) -> IntegrityResult:
+def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None = None) -> IntegrityReport:
     """Check a checkpoint against its (or the original release's) signed manifest.
 
+    Args:
+        ckpt: the checkpoint directory.
+        pubkey: the release's public key (``KEYDIR/moeharden.pub``).
+        manifest: the manifest to check against (default: ``ckpt``'s own).
+    Returns:
+        what was found; ``ok`` is False when anything failed.
     Raises:
-        IntegrityError: with the :class:`IntegrityResult` as ``.result``, when anything fails
-            (if ``raise_on_fail``).
+        IntegrityError: no manifest, or one that is not a valid ``moeharden.manifest/1`` document.
     """
+    from moeharden.defend.lock import MANIFEST_NAME
     from moeharden.defend.manifest import fingerprints, match_experts, tensor_sha256
     from moeharden.defend.signing import SIGNATURE_NAME, verify_directory
     from moeharden.io.shards import CheckpointFiles
@@ -67,41 +51,41 @@ def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None =
     ckpt = Path(ckpt)
     man_path = Path(manifest) if manifest is not None else ckpt / MANIFEST_NAME
     man = _load_manifest(man_path)
-    res = IntegrityResult(str(ckpt), str(man_path))
+    res = IntegrityReport(checkpoint=str(ckpt), manifest=str(man_path))
     # 1. the signature: over the checkpoint itself when it carries one, else over the original
     #    release the manifest came from (it must be intact for the manifest to be trusted)
     signed_dir = ckpt if (ckpt / SIGNATURE_NAME).exists() else man_path.parent
     try:
         verify_directory(signed_dir, pubkey=pubkey)
-        res.signature = {"checked": str(signed_dir), "ok": True}
+        res.signature = SignatureCheck(checked=str(signed_dir), ok=True)
     except IntegrityError as err:
-        res.signature = {"checked": str(signed_dir), "ok": False, "error": err.message}
+        res.signature = SignatureCheck(checked=str(signed_dir), ok=False, error=err.message)
         res.problems.append(f"signature: {err.message}")
     # 2. tensor hashes
-    expected = man["tensors"]
+    expected = man.tensors
     try:
         files = CheckpointFiles(ckpt)
         actual = dict(tensor_sha256(files))
     except (CheckpointError, EOFError) as err:
         msg = getattr(err, "message", str(err))
-        bad_file = next((f for f in {t["file"] for t in expected.values()} if f in msg), None)
-        names = sorted(n for n, t in expected.items() if t["file"] == bad_file) if bad_file else sorted(expected)
-        res.tensors = {"checked": 0, "unreadable": msg, "changed": names, "missing": [], "extra": []}
+        bad_file = next((f for f in {t.file for t in expected.values()} if f in msg), None)
+        names = sorted(n for n, t in expected.items() if t.file == bad_file) if bad_file else sorted(expected)
+        res.tensors = TensorCheck(checked=0, unreadable=msg, changed=names, missing=[], extra=[])
         res.problems.append(f"unreadable weights ({msg}); tensors that cannot be checked: {', '.join(names[:8])}"
                             + (" …" if len(names) > 8 else ""))
         res.ok = False
-        return _finish(res, raise_on_fail)
-    changed = sorted(n for n in expected if n in actual and actual[n] != expected[n]["sha256"])
+        return res
+    changed = sorted(n for n in expected if n in actual and actual[n] != expected[n].sha256)
     missing = sorted(n for n in expected if n not in actual)
     extra = sorted(n for n in actual if n not in expected)
-    res.tensors = {"checked": len(actual), "changed": changed, "missing": missing, "extra": extra}
+    res.tensors = TensorCheck(checked=len(actual), changed=changed, missing=missing, extra=extra)
     derived = bool(missing or extra)
     if derived:
         # 3. a derivative: match its experts to the original's by fingerprint
         cfg, spec, E, files, roles, layers = _layout(ckpt)
-        res.derivation = {"layers": match_experts(man["fingerprints"]["experts"],
-                                                  fingerprints(files, spec, cfg, roles)),
-                          "num_experts": {"original": man["model"]["num_experts"], "suspect": E}}
+        res.derivation = Derivation.model_validate(
+            {"layers": match_experts(man.fingerprints.experts, fingerprints(files, spec, cfg, roles)),
+             "num_experts": {"original": man.model.num_experts, "suspect": E}})
         res.problems.append(f"structure differs from the release: {len(missing)} tensor(s) missing, "
                             f"{len(extra)} extra (a derivative; see derivation)")
     if changed:
@@ -114,17 +98,16 @@ def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None =
         groups = disk_groups(ckpt, files, spec, cfg, roles)
     res.policy_violations = _policy_violations(man, changed, groups, derived, res.derivation)
     res.ok = not res.problems
-    return _finish(res, raise_on_fail)
+    return res
 
 
-def _policy_violations(man: dict, changed: list[str], groups: dict[str, str], derived: bool,
-                       derivation: dict | None) -> list[str]:
+def _policy_violations(man: ManifestDocument, changed: list[str], groups: dict[str, str], derived: bool,
+                       derivation: Derivation | None) -> list[str]:
     """Which changes the release's policy forbids (tensor groups resolved through the registry)."""
-    pol = man.get("policy") or {}
-    rules = pol.get("groups", {})
+    rules = man.policy.groups if man.policy is not None else {}
     out = []
     if derived and rules.get("experts", "frozen") != "trainable":
-        removed = sum(len(v["removed"]) for v in (derivation or {}).get("layers", {}).values())
+        removed = sum(len(v.removed) for v in (derivation.layers.values() if derivation else ()))
         if removed:
             out.append(f"experts removed ({removed} across layers): the policy keeps experts {rules.get('experts', 'frozen')}")
     for n in changed:
@@ -132,11 +115,3 @@ def _policy_violations(man: dict, changed: list[str], groups: dict[str, str], de
         if rules.get(group, "frozen") == "frozen":
             out.append(f"{n} changed, but the policy keeps {group} frozen")
     return out
-
-
-def _finish(res: IntegrityResult, raise_on_fail: bool) -> IntegrityResult:
-    if not res.ok and raise_on_fail:
-        err = IntegrityError("; ".join(res.problems) + ".", hint="The checkpoint is not the signed release.")
-        err.result = res          # the CLI prints / emits the details before exiting 4
-        raise err
-    return res

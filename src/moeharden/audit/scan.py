@@ -5,12 +5,13 @@ pass per task over its calibration split records the real routing (with expert o
 and yields every observation-based score; the loss-based ``ablation`` score masks one expert at
 a time; then the pruning sweep evaluates each method's keep-set at every keep-count against a
 seeded random control. ``scan.json`` (schema ``moeharden.scan/1``) is the source of truth;
-``report.md`` and ``report.html`` are rendered from it.
+``report.md`` and ``report.html`` are rendered from it. The document is a
+:class:`~moeharden.audit.documents.ScanDocument`; the recovery sections come from the attack layer's
+re-alignment suite and are validated into typed sections here.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import time
 from collections.abc import Sequence
@@ -20,7 +21,6 @@ from typing import Any
 
 import torch
 
-from moeharden import __version__
 from moeharden.attack.attribution import (
     ALL_METHODS,
     OBSERVED_METHODS,
@@ -30,10 +30,19 @@ from moeharden.attack.attribution import (
     routing_stats,
 )
 from moeharden.attack.sweep import default_keeps, headline, run_sweep
+from moeharden.audit.documents import (
+    ModelIdentity,
+    RecoverySections,
+    ScanDocument,
+    ScanSettingsRecord,
+    SweepRecord,
+    TaskHeadline,
+    TaskRecord,
+    stamp,
+)
 from moeharden.console import progress_bar
 from moeharden.errors import UsageError
 
-SCHEMA = "moeharden.scan/1"
 SMALL_MODEL_PARAMS = 100_000_000
 
 
@@ -65,34 +74,45 @@ class ScanSettings:
 
 @dataclass
 class ScanResult:
-    """What `scan` returns: the JSON document and where it was written."""
+    """What `scan` returns: the scan document and where it was written."""
 
-    data: dict[str, Any]
+    data: ScanDocument
     out: Path | None = None
     paths: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out) if self.out else None, "headline": self.data.get("headline"),
-                "paths": self.paths}
+        return {"out": str(self.out) if self.out else None,
+                "headline": {k: v.to_json() for k, v in self.data.headline.items()}, "paths": self.paths}
 
 
-def model_identity(path: Path, model, layer_info) -> dict[str, Any]:
+def model_identity(path: Path, model, layer_info) -> ModelIdentity:
     """Family, expert count, top-k, config hash and weights digest of a loaded checkpoint."""
     from moeharden.model.checkpoint import checkpoint_digest, config_hash
     from moeharden.model.registry import spec_for_config
 
     spec = spec_for_config(model.config)
-    return {
-        "path": str(path), "name": Path(path).name, "family": spec.name,
-        "model_type": model.config.model_type, "num_experts": layer_info[0].num_experts,
-        "top_k": layer_info[0].top_k, "moe_layers": [li.layer for li in layer_info],
-        "config_sha256": config_hash(path), "safetensors_digest": checkpoint_digest(path),
-    }
+    return ModelIdentity(
+        path=str(path), name=Path(path).name, family=spec.name, model_type=model.config.model_type,
+        num_experts=layer_info[0].num_experts, top_k=layer_info[0].top_k,
+        moe_layers=[li.layer for li in layer_info], config_sha256=config_hash(path),
+        safetensors_digest=checkpoint_digest(path))
 
 
-def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dict[str, Any]) -> dict[str, Any]:
-    """Run attribution and the pruning sweep on a loaded model; returns the scan JSON document."""
-    from moeharden.model.registry import moe_layers, routing_groups, valid_keep
+def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: ModelIdentity) -> ScanDocument:
+    """Run attribution and the pruning sweep on a loaded model (no recovery sections).
+
+    Args:
+        model, tokenizer: the loaded checkpoint (masked, never copied).
+        tasks: loaded task objects.
+        settings: the scan's knobs.
+        identity: the checkpoint's identity (:func:`model_identity`).
+    Returns:
+        the scan document.
+    Raises:
+        UsageError: unknown methods or ranking, or keep-counts this model cannot be pruned to.
+    """
+    from moeharden.model.keepset import valid_keep
+    from moeharden.model.registry import moe_layers, routing_groups
     from moeharden.model.routing import mask_experts
     from moeharden.tasks.metrics import evaluate, task_loss
 
@@ -170,23 +190,27 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: dic
                     str(k): {str(layer): ids for layer, ids in ks.items()} for k, ks in per_k.items()}
     timings["sweep"] = time.perf_counter() - t0
 
-    return {
-        "schema": SCHEMA,
-        "tool": {"name": "moeharden", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": identity,
-        "settings": {"methods": list(settings.methods), "keeps": keeps, "ranking": settings.ranking,
-                     "limit": settings.limit, "seed": settings.seed, "random_seeds": settings.random_seeds},
-        "tasks": [{"name": t.name, "kind": t.kind, "metric": t.metric, "full": round(full[t.name], 6),
-                   "chance": t.chance, "n_attribution": len(t.attribution), "n_evaluation": len(t.evaluation)}
-                  for t in tasks],
-        "attribution": {m: {t.name: [[round(float(v), 6) for v in row] for row in scores[t.name][m].tolist()]
-                            for t in tasks if m in scores[t.name]} for m in settings.methods},
-        "keep_sets": keep_sets_used,
-        "sweep": [r.to_dict() for r in sweep_rows],
-        "headline": heads,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
+    return ScanDocument(
+        **stamp(), model=identity,
+        settings=ScanSettingsRecord(methods=list(settings.methods), keeps=keeps, ranking=settings.ranking,
+                                    limit=settings.limit, seed=settings.seed, random_seeds=settings.random_seeds),
+        tasks=[TaskRecord(name=t.name, kind=t.kind, metric=t.metric, full=round(full[t.name], 6), chance=t.chance,
+                          n_attribution=len(t.attribution), n_evaluation=len(t.evaluation)) for t in tasks],
+        # [L, E] score matrix per (method, task), rounded for the JSON
+        attribution={m: {t.name: [[round(float(v), 6) for v in row] for row in scores[t.name][m].tolist()]
+                         for t in tasks if m in scores[t.name]} for m in settings.methods},
+        keep_sets=keep_sets_used,
+        sweep=[SweepRecord.model_validate(r.to_dict()) for r in sweep_rows],
+        headline={name: TaskHeadline.model_validate(h) for name, h in heads.items()},
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def recovery_sections(model, tokenizer, tasks, doc: ScanDocument, settings: ScanSettings) -> RecoverySections:
+    """`scan --recover`: the attack layer's re-alignment suite on ``doc``, validated into typed sections."""
+    from moeharden.attack.realign.suite import recovery_for_scan
+
+    return RecoverySections.model_validate(recovery_for_scan(model, tokenizer, tasks, doc.to_json(), settings))
 
 
 def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: ScanSettings | None = None,
@@ -201,14 +225,14 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
         CheckpointError, UnsupportedModelError, TaskError, UsageError.
     """
     from moeharden.audit.report import render_scan
-    from moeharden.io.shards import atomic_output_dir
+    from moeharden.io.outputs import atomic_output_dir
     from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from moeharden.model.registry import moe_layers
-    from moeharden.tasks.loading import load_tasks
+    from moeharden.tasks.resolve import load_tasks
 
     settings = settings or ScanSettings()
     settings.validate()
-    from moeharden.io.shards import check_output_dir
+    from moeharden.io.outputs import check_output_dir
 
     check_output_dir(out)          # fail now, not after minutes of work
     path = resolve_checkpoint(ckpt)
@@ -220,16 +244,14 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     tokenizer = load_tokenizer(path)
     identity = model_identity(path, model, moe_layers(model))
     load_s = time.perf_counter() - t0
-    data = scan_model(model, tokenizer, task_objs, settings, identity=identity)
-    data["timings"] = {"load": round(load_s, 3), **data["timings"]}
+    doc = scan_model(model, tokenizer, task_objs, settings, identity=identity)
+    doc.timings = {"load": round(load_s, 3), **doc.timings}
     n_params = sum(p.numel() for p in model.parameters())
     if settings.recover or (settings.recover is None and n_params <= SMALL_MODEL_PARAMS):
-        from moeharden.attack.realign import recovery_for_scan
-
-        data.update(recovery_for_scan(model, tokenizer, task_objs, data, settings))
+        doc = doc.with_recovery(recovery_sections(model, tokenizer, task_objs, doc, settings))
     with atomic_output_dir(out) as tmp:
-        (tmp / "scan.json").write_text(json.dumps(data, indent=2) + "\n")
-        render_scan(data, tmp)
-    return ScanResult(data, Path(out), {"json": str(Path(out) / "scan.json"),
+        (tmp / "scan.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
+        render_scan(doc, tmp)
+    return ScanResult(doc, Path(out), {"json": str(Path(out) / "scan.json"),
                                         "markdown": str(Path(out) / "report.md"),
                                         "html": str(Path(out) / "report.html")})

@@ -1,135 +1,172 @@
-"""`moeharden verify --baseline`: re-attack a hardened checkpoint and check the release gate.
+"""`moeharden verify`: check a release's integrity, and with a baseline re-attack it and check the gate.
 
 The whole attack suite of ``scan`` is run again on the hardened model — every attribution method
 at every keep-count of the baseline, the random control, and the re-alignment attack with every
 mode and strategy at the baseline's budget, over ≥ 3 seeds — and compared with the baseline
 ``scan.json`` through the gate (:mod:`moeharden.audit.gate`). When the checkpoint carries a moeharden
-manifest, its signature and tensor hashes are checked too. ``verify.json`` (schema
-``moeharden.verify/1``) holds every gate row with its measured value, threshold and pass/fail.
+manifest, its signature and tensor hashes are checked too. ``verify.json`` is a
+:class:`~moeharden.audit.verdict.VerifyDocument` holding every gate row with its measured value,
+threshold and pass/fail. A failing gate is a result (``passed`` False), not an exception.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeharden import __version__
-from moeharden.errors import UsageError, VerificationFailed
+from moeharden.audit.documents import RecoverySections, ScanDocument, load_document, stamp
+from moeharden.audit.verdict import BaselineRef, GateRow, IntegrityReport, VerifyDocument
+from moeharden.errors import UsageError
 
-SCHEMA = "moeharden.verify/1"
 ALL_MODES = ("full", "router", "lora", "distill")
+MIN_SEEDS = 3
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """Knobs of `moeharden verify`. ``baseline`` None: integrity only (needs ``pubkey``)."""
+
+    baseline: Path | None = None        # the baseline scan.json: re-attack and check the gate
+    out: Path | None = None             # where verify.json and its report go (needed with baseline)
+    gate: Path | None = None            # gate YAML overriding data/gate-default.yaml
+    pubkey: Path | None = None
+    manifest: Path | None = None        # the original release's manifest (default: the checkpoint's own)
+    modes: tuple[str, ...] = ALL_MODES
+    recover_steps: int | None = None    # None: the baseline's steps per round
+    trust_remote_code: bool = False
 
 
 @dataclass
 class VerifyResult:
     """The verify.json document and where it was written."""
 
-    data: dict[str, Any]
+    data: VerifyDocument
     out: Path | None
 
     @property
     def passed(self) -> bool:
-        return bool(self.data["passed"])
+        return self.data.passed
 
-    def failing(self) -> list[dict]:
-        return [r for r in self.data["gate"] if not r["pass"]]
+    def failing(self) -> list[GateRow]:
+        return self.data.failing()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out) if self.out else None, "passed": self.passed, "gate": self.data["gate"],
-                "integrity": self.data.get("integrity")}
+        return {"out": str(self.out) if self.out else None, **self.data.summary()}
 
 
-def describe_row(r: dict) -> str:
+def describe_row(r: GateRow) -> str:
     """One human line for a gate row."""
-    where = f"task {r['task']}" if r.get("task") else "checkpoint"
-    extra = "".join(f", {k}={r[k]}" for k in ("keep", "attack") if r.get(k) is not None)
-    return f"{r['check']} ({where}{extra}): {r['value']} {r['op']} {r['threshold']}"
+    return r.describe()
 
 
-def verify_attacks(ckpt: str, baseline: Path, out: Path, *, gate_path: Path | None = None,
-                   pubkey: Path | None = None, manifest: Path | None = None, modes=ALL_MODES,
-                   recover_steps: int | None = None, trust_remote_code: bool = False,
-                   raise_on_fail: bool = True) -> VerifyResult:
-    """Re-attack ``ckpt``, compare with ``baseline`` (scan.json), write ``out/verify.json`` + report.
+def verify(ckpt: str, settings: VerifySettings) -> VerifyResult | IntegrityReport:
+    """What `moeharden verify` runs: the integrity check alone, or the re-attack with the gate.
 
+    Returns:
+        an :class:`IntegrityReport` without a baseline, else a :class:`VerifyResult`.
     Raises:
-        VerificationFailed: a gate row does not hold (after writing the outputs), if ``raise_on_fail``.
+        UsageError: neither ``pubkey`` nor ``baseline``, or ``baseline`` without ``out``.
         InputError, CheckpointError, ConfigFileError, IntegrityError.
     """
-    from moeharden.attack.realign import DEFAULT_SMALL_BUDGET, recovery_suite
-    from moeharden.audit.gate import gate_rows, load_gate
-    from moeharden.audit.report import load_report_json, render_verify
-    from moeharden.audit.scan import ScanSettings, model_identity, scan_model
-    from moeharden.io.shards import atomic_output_dir
-    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from moeharden.model.registry import moe_layers
-    from moeharden.tasks.loading import load_tasks
+    if settings.baseline is None:
+        if settings.pubkey is None:
+            raise UsageError("verify needs --pubkey (integrity) and/or --baseline with --out (re-attack).")
+        from moeharden.audit.integrity import verify_integrity
 
-    base = load_report_json(baseline, "moeharden.scan/")
-    from moeharden.io.shards import check_output_dir
+        return verify_integrity(Path(ckpt), pubkey=settings.pubkey, manifest=settings.manifest)
+    if settings.out is None:
+        raise UsageError("verify --baseline needs --out DIR for verify.json and its report.")
+    return verify_attacks(ckpt, settings.baseline, settings.out, settings=settings)
 
-    check_output_dir(out)          # fail now, not after minutes of work
-    gate = load_gate(gate_path)
-    path = resolve_checkpoint(ckpt)
-    integrity = None
-    man = manifest if manifest is not None else (path / "moeharden-manifest.json")
+
+def _integrity(path: Path, settings: VerifySettings) -> IntegrityReport | None:
+    man = settings.manifest if settings.manifest is not None else (path / "moeharden-manifest.json")
     if Path(man).exists():
-        if pubkey is None:
+        if settings.pubkey is None:
             raise UsageError("The checkpoint carries a moeharden manifest; pass --pubkey to check its signature.")
         from moeharden.audit.integrity import verify_integrity
 
-        integrity = verify_integrity(path, pubkey=pubkey, manifest=Path(man), raise_on_fail=False).to_dict()
-    elif manifest is not None:
-        raise UsageError(f"Manifest {manifest} does not exist.")
-    st = base["settings"]
-    settings = ScanSettings(methods=tuple(st["methods"]), keeps=tuple(st["keeps"]), ranking=st["ranking"],
-                            limit=st.get("limit"), seed=st.get("seed", 0),
-                            random_seeds=max(3, st.get("random_seeds", 3)))
-    tasks = load_tasks([t["name"] for t in base["tasks"]] if not _own_tasks(path, base) else None,
-                       checkpoint_dir=path, limit=settings.limit, seed=None)
+        return verify_integrity(path, pubkey=settings.pubkey, manifest=Path(man))
+    if settings.manifest is not None:
+        raise UsageError(f"Manifest {settings.manifest} does not exist.")
+    return None
+
+
+def _reattack_recovery(model, tokenizer, tasks, data: ScanDocument, base: ScanDocument,
+                       settings: VerifySettings) -> RecoverySections | None:
+    """The re-alignment attack at the baseline's settings (every mode), or None if the baseline ran none."""
+    from moeharden.attack.realign.suite import SuiteSettings, recovery_suite
+
+    rs = base.recovery_settings
+    if rs is None:
+        return None
+    suite = SuiteSettings(
+        modes=tuple(settings.modes), strategies=tuple(rs.strategies),
+        seeds=tuple(rs.seeds) if len(rs.seeds) >= MIN_SEEDS else tuple(range(MIN_SEEDS)),
+        budget=rs.budget, rounds=rs.rounds, steps_per_round=settings.recover_steps or rs.steps_per_round,
+        lr=rs.lr, target_fraction=rs.target_fraction, keeps=rs.keeps)
+    return RecoverySections.model_validate(recovery_suite(model, tokenizer, tasks, data.to_json(), suite))
+
+
+def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySettings | None = None) -> VerifyResult:
+    """Re-attack ``ckpt``, compare with ``baseline`` (scan.json), write ``out/verify.json`` + report.
+
+    Args:
+        ckpt: the hardened checkpoint (local directory or Hub id).
+        baseline: the baseline ``scan.json``.
+        out: output directory (written atomically).
+        settings: gate file, public key, manifest, modes, steps (``baseline``/``out`` fields are ignored).
+    Returns:
+        the result; ``passed`` is False when a gate row does not hold (the outputs are written either way).
+    Raises:
+        InputError (an invalid baseline), CheckpointError, ConfigFileError, IntegrityError, UsageError.
+    """
+    from moeharden.audit.gate import gate_rows, load_gate
+    from moeharden.audit.report import render_verify
+    from moeharden.audit.scan import ScanSettings, model_identity, scan_model
+    from moeharden.io.outputs import atomic_output_dir, check_output_dir
+    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from moeharden.model.registry import moe_layers
+    from moeharden.tasks.resolve import load_tasks
+
+    settings = settings or VerifySettings()
+    base = load_document(baseline, ScanDocument)
+    check_output_dir(out)          # fail now, not after minutes of work
+    gate = load_gate(settings.gate)
+    path = resolve_checkpoint(ckpt)
+    integrity = _integrity(path, settings)
+    st = base.settings
+    scan_settings = ScanSettings(methods=tuple(st.methods), keeps=tuple(st.keeps), ranking=st.ranking,
+                                 limit=st.limit, seed=st.seed, random_seeds=max(MIN_SEEDS, st.random_seeds))
+    tasks = load_tasks([t.name for t in base.tasks] if not _own_tasks(path, base) else None,
+                       checkpoint_dir=path, limit=scan_settings.limit, seed=None)
     t0 = time.perf_counter()
-    model = load_model(path, trust_remote_code=trust_remote_code)
+    model = load_model(path, trust_remote_code=settings.trust_remote_code)
     tokenizer = load_tokenizer(path)
     identity = model_identity(path, model, moe_layers(model))
-    data = scan_model(model, tokenizer, tasks, settings, identity=identity)
-    rs = base.get("recovery_settings")
-    if rs:
-        data.update(recovery_suite(
-            model, tokenizer, tasks, data, modes=modes, strategies=tuple(rs["strategies"]),
-            seeds=tuple(rs["seeds"]) if len(rs["seeds"]) >= 3 else (0, 1, 2),
-            budget=rs.get("budget", DEFAULT_SMALL_BUDGET), rounds=rs.get("rounds", 4),
-            steps_per_round=recover_steps or rs.get("steps_per_round", 30), lr=rs.get("lr", 3e-4),
-            target_fraction=rs.get("target_fraction", 0.95), keeps=rs.get("keeps")))
+    data = scan_model(model, tokenizer, tasks, scan_settings, identity=identity)
+    sections = _reattack_recovery(model, tokenizer, tasks, data, base, settings)
+    if sections is not None:
+        data = data.with_recovery(sections)
     rows = gate_rows(gate, base, data, integrity=integrity)
-    doc = {
-        "schema": SCHEMA, "tool": {"name": "moeharden", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": identity, "baseline": {"path": str(baseline), "model": base.get("model")},
-        "gate_settings": gate.model_dump(), "gate": rows, "passed": all(r["pass"] for r in rows),
-        "integrity": integrity, "attack": data, "seconds": round(time.perf_counter() - t0, 2),
-    }
+    doc = VerifyDocument(**stamp(), checkpoint=identity, baseline=BaselineRef(path=str(baseline), model=base.model),
+                         gate_settings=gate, gate=rows, passed=all(r.passed for r in rows), integrity=integrity,
+                         attack=data, seconds=round(time.perf_counter() - t0, 2))
     with atomic_output_dir(out) as tmp:
-        (tmp / "verify.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (tmp / "verify.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_verify(base, doc, tmp)
-    result = VerifyResult(doc, Path(out))
-    if raise_on_fail and not result.passed:
-        raise VerificationFailed(
-            f"{len(result.failing())} of {len(rows)} gate rows failed; see {Path(out) / 'verify.json'}.",
-            hint="The hardened model is still prunable or lost quality; the gate is not loosened to pass.",
-            rows=[describe_row(r) for r in result.failing()])
-    return result
+    return VerifyResult(doc, Path(out))
 
 
-def _own_tasks(path: Path, base: dict) -> bool:
+def _own_tasks(path: Path, base: ScanDocument) -> bool:
     """True when the baseline's tasks are the checkpoint's own task file (e.g. the demo model)."""
     f = path / "moeharden-tasks.yaml"
     if not f.exists():
         return False
-    from moeharden.tasks.loading import read_task_file
+    from moeharden.tasks.spec import read_task_file
 
     names = {t.name for t in read_task_file(f).tasks}
-    return {t["name"] for t in base["tasks"]} <= names
+    return {t.name for t in base.tasks} <= names

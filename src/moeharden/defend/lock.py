@@ -1,23 +1,17 @@
-"""`moeharden lock`: put the selective fine-tuning policy into the release and sign it; and the
-integrity half of `moeharden verify`.
+"""`moeharden lock`: put the selective fine-tuning policy into the release and sign it.
 
 ``lock`` writes the checkpoint with the policy in (a) every safetensors file's metadata (shards
 rewritten by streaming: header first, tensor bytes copied file to file), (b) ``config.json``
 under ``moeharden``, (c) the model card ``README.md`` (YAML front matter and a readable
 section), and (d) ``moeharden-manifest.json`` (tool version, policy, sha256 of every tensor, a
 fingerprint of every expert). Then the whole directory, manifest included, is signed with OpenSSF
-model signing (``model.sig``). The output is written atomically.
-
-``verify_integrity`` checks the signature and every tensor hash and names each changed, missing
-or extra tensor; for a suspect derivative (fewer experts, fine-tuned) it matches each of its
-experts to the original's by fingerprint and reports the kept and removed experts per layer,
-and which changes break the policy.
+model signing (``model.sig``). The output is written atomically. Checking a locked copy is
+:mod:`moeharden.audit.integrity`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +19,10 @@ from typing import Any
 import yaml
 
 from moeharden import __version__
-from moeharden.errors import ConfigFileError
+from moeharden.errors import ConfigFileError, InputError, UsageError
 
 MANIFEST_NAME = "moeharden-manifest.json"
 SCHEMA = "moeharden.manifest/1"
-
-
-def _layout(path: Path):
-    from moeharden.model.checkpoint import checkpoint_layout
-
-    return checkpoint_layout(path)
 
 
 def _front_matter(text: str) -> tuple[dict, str]:
@@ -76,9 +64,9 @@ def model_card(existing: str, policy, name: str) -> str:
 def build_manifest(path: Path, policy) -> dict[str, Any]:
     """The manifest of a checkpoint directory (tensor hashes, expert fingerprints, policy)."""
     from moeharden.defend.manifest import fingerprints, tensor_sha256
-    from moeharden.model.checkpoint import config_hash
+    from moeharden.model.checkpoint import checkpoint_layout, config_hash
 
-    cfg, spec, E, files, roles, layers = _layout(path)
+    cfg, spec, E, files, roles, layers = checkpoint_layout(path)
     tensors = {name: {"file": files.tensors[name].file.name, "dtype": files.tensors[name].dtype,
                       "shape": list(files.tensors[name].shape), "sha256": h}
                for name, h in tensor_sha256(files)}
@@ -103,8 +91,19 @@ class LockResult:
         return asdict(self)
 
 
-def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, keyless: bool = False) -> LockResult:
+def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, keyless: bool = False,
+                    trust_remote_code: bool = False) -> LockResult:
     """Lock ``ckpt`` with ``policy`` into ``out`` (see the module docstring), atomically.
+
+    Args:
+        ckpt: checkpoint directory or Hub repo id.
+        policy: the policy YAML.
+        key: private key from ``moeharden lock keygen`` (or ``None`` with ``keyless``).
+        out: output directory (replaced only under :func:`moeharden.io.outputs.check_output_dir`'s rules).
+        keyless: sign with sigstore instead of a key.
+        trust_remote_code: also download and carry the checkpoint's custom code (``*.py``).
+    Returns:
+        :class:`LockResult`.
 
     Raises:
         ConfigFileError: invalid policy, or a policy group that matches no tensor.
@@ -113,27 +112,18 @@ def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, key
     from moeharden.defend.manifest import disk_groups
     from moeharden.defend.policy import load_policy
     from moeharden.defend.signing import sign_directory
-    from moeharden.io.shards import (
-        INDEX_NAME,
-        PlannedTensor,
-        atomic_output_dir,
-        check_output_dir,
-        write_streaming_shards,
-    )
-    from moeharden.model.checkpoint import resolve_checkpoint
+    from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.shards import INDEX_NAME, PlannedTensor, write_streaming_shards
+    from moeharden.model.checkpoint import checkpoint_layout, resolve_checkpoint
 
     pol = load_policy(policy)
     check_output_dir(out)
     if key is None and not keyless:
-        from moeharden.errors import UsageError
-
         raise UsageError("lock needs --key KEYDIR/moeharden.key (from `moeharden lock keygen`) or --keyless.")
     if key is not None and not Path(key).is_file():
-        from moeharden.errors import InputError
-
         raise InputError(f"Private key {key} does not exist.", hint="Create one with `moeharden lock keygen --out KEYDIR`.")
-    src = resolve_checkpoint(ckpt)
-    cfg, spec, E, files, roles, layers = _layout(src)
+    src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
+    cfg, spec, E, files, roles, layers = checkpoint_layout(src)
     groups = disk_groups(src, files, spec, cfg, roles)
     present = set(groups.values())
     empty = [g for g in pol.groups if g not in present]
@@ -151,17 +141,15 @@ def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, key
                 written = write_streaming_shards(tmp, plan, lambda p, r=ranges: r[p.name],
                                                  max_shard_bytes=1 << 62, metadata=meta)
             written[0].rename(tmp / shard.name)
-        if (src / INDEX_NAME).exists():
-            shutil.copy2(src / INDEX_NAME, tmp / INDEX_NAME)
-        for item in src.iterdir():
-            if item.name in ("config.json", "README.md", MANIFEST_NAME, "model.sig", INDEX_NAME) or \
-                    item.suffix == ".safetensors" or item.name.startswith("."):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        if (src / INDEX_NAME).exists():             # same shard names, so the source index still holds
+            (tmp / INDEX_NAME).write_bytes((src / INDEX_NAME).read_bytes())
+        # the source's manifest and signature are never carried (SIDE_FILE_SKIP); its model card is,
+        # and is then rewritten from the copy (read from tmp: a symlink leaving the checkpoint was not copied)
+        copy_side_files(src, tmp, trust_remote_code=trust_remote_code)
         config = json.loads((src / "config.json").read_text())
         config["moeharden"] = {**(config.get("moeharden") or {}), "version": __version__, "policy": pol.to_json()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        readme = (src / "README.md").read_text() if (src / "README.md").exists() else ""
+        readme = (tmp / "README.md").read_text() if (tmp / "README.md").exists() else ""
         (tmp / "README.md").write_text(model_card(readme, pol, Path(str(ckpt)).name))
         manifest = build_manifest(tmp, pol)
         manifest["source"] = {"path": str(ckpt)}

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from moeharden.errors import CheckpointError
+
 SKETCH_DIM = 32
 _SEED = 20251119
 
@@ -28,6 +30,10 @@ def tensor_sha256(files) -> Iterator[tuple[str, str]]:
 
     Args:
         files: a :class:`moeharden.io.shards.CheckpointFiles`.
+    Returns:
+        An iterator over the tensors, shard by shard in file order.
+    Raises:
+        CheckpointError: a shard ends inside a tensor (truncated or changed since it was indexed).
     """
     buf = bytearray(8 << 20)
     view = memoryview(buf)
@@ -43,7 +49,8 @@ def tensor_sha256(files) -> Iterator[tuple[str, str]]:
                 while left:
                     n = f.readinto(view[:min(left, len(buf))])
                     if not n:
-                        raise EOFError(f"{shard.name} ends inside tensor {info.name}")
+                        raise CheckpointError(f"{shard.name} ends inside tensor {info.name}: it was truncated "
+                                              "or changed while being hashed.")
                     h.update(view[:n])
                     left -= n
                 yield info.name, h.hexdigest()
@@ -66,14 +73,13 @@ def sketch_matrix(w: torch.Tensor) -> torch.Tensor:
     return _gauss((SKETCH_DIM, a), "out") @ resp / (a ** 0.5)   # [SKETCH_DIM]
 
 
-def expert_matrices(files, spec, config, roles) -> dict[int, dict[int, list[tuple[str, Any]]]]:
+def expert_matrices(files, roles) -> dict[int, dict[int, list[tuple[str, Any]]]]:
     """Where each expert's weights are: ``{layer: {expert: [(key, (info, role, index)), ...]}}``.
 
     ``key`` identifies the matrix within the expert (a per-expert tensor's name suffix, or a fused
     tensor's name), so the same matrix of two checkpoints of one family is compared.
     """
     out: dict[int, dict[int, list]] = {}
-    E = None
     for name, role in roles.items():
         if role is None or role.kind != "expert":
             continue
@@ -83,12 +89,10 @@ def expert_matrices(files, spec, config, roles) -> dict[int, dict[int, list[tupl
             out.setdefault(role.layer, {}).setdefault(role.expert, []).append((key, (info, role, None)))
         else:
             per = role.rows_per_expert
-            n = info.shape[role.axis] // per
-            E = n
+            n = info.shape[role.axis] // per                   # experts fused along role.axis
             key = name.rsplit(".", 1)[-1] if ".experts." not in name else name.split(".experts.", 1)[-1]
             for e in range(n):
                 out.setdefault(role.layer, {}).setdefault(e, []).append((key, (info, role, e)))
-    del E
     return out
 
 
@@ -96,7 +100,7 @@ def fingerprints(files, spec, config, roles) -> dict[str, dict[str, list[float]]
     """``{layer: {expert: sketch}}`` for every routed expert (one fused tensor read at a time)."""
     from moeharden.io.shards import read_tensor
 
-    where = expert_matrices(files, spec, config, roles)
+    where = expert_matrices(files, roles)
     cache: dict[str, torch.Tensor] = {}
     out: dict[str, dict[str, list[float]]] = {}
     for layer in sorted(where):
@@ -157,7 +161,7 @@ def match_experts(original: dict[str, dict[str, list[float]]], suspect: dict[str
 def disk_groups(path: Path, files, spec, config, roles) -> dict[str, str]:
     """Policy group of every on-disk tensor, resolved through the registry.
 
-    Expert/router tensors come from :func:`moeharden.model.registry.classify_tensor`; the rest from the
+    Expert/router tensors come from :func:`moeharden.model.disk.classify_tensor`; the rest from the
     registry's :func:`~moeharden.model.registry.parameter_groups` on a meta-device instance of the model
     (no weights are loaded), matched by name.
     """

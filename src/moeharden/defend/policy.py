@@ -30,13 +30,15 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moeharden.errors import ConfigFileError, PolicyViolation
+from moeharden.errors import ConfigFileError, PolicyViolation, validation_problems
 from moeharden.model.registry import GROUPS
 
 _LORA = re.compile(r"^\s*lora\s*\(\s*max_rank\s*:\s*(\d+)\s*\)\s*$")
 
 
 class LoraRule(BaseModel):
+    """The ``{lora: {max_rank: N}}`` form of a LoRA rule."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     max_rank: int = Field(gt=0)
 
@@ -49,6 +51,7 @@ class Rule(BaseModel):
     max_rank: int | None = None
 
     def describe(self) -> str:
+        """The rule as written in a policy file (``frozen``, ``trainable``, ``lora(max_rank: N)``)."""
         return f"lora(max_rank: {self.max_rank})" if self.mode == "lora" else self.mode
 
 
@@ -84,9 +87,11 @@ class Policy(BaseModel):
         return out
 
     def rule(self, group: str) -> Rule:
+        """The rule of ``group`` (a group the policy leaves out is ``frozen``)."""
         return self.groups.get(group, Rule(mode="frozen"))
 
     def to_json(self) -> dict:
+        """The policy as recorded in a manifest: rules in their written form, groups sorted."""
         return {"version": self.version, "license": self.license, "permitted_uses": self.permitted_uses,
                 "contact": self.contact, "groups": {g: r.describe() for g, r in sorted(self.groups.items())}}
 
@@ -102,7 +107,7 @@ def parse_policy(raw: Any, where: str = "policy") -> Policy:
     try:
         return Policy(**raw)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors()]
+        lines = validation_problems(err)
         raise ConfigFileError(f"{where} has {len(lines)} problem(s): " + "; ".join(lines),
                               hint=f"Groups are {', '.join(GROUPS)}; rules are frozen, trainable or "
                                    "lora(max_rank: N). See docs/policy.md.") from None

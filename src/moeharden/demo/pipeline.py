@@ -1,6 +1,7 @@
 """The demo pipeline: embedded model → scan → entangle → lock → verify → before/after report.
 
-This is what ``moeharden demo --out DIR`` runs on a fresh machine. Layout of ``DIR``::
+This is what ``moeharden demo --out DIR`` runs on a fresh machine (:func:`run_demo`; the model
+comes from :func:`moeharden.demo.build.build_demo_model`). Layout of ``DIR``::
 
     DIR/model/        the embedded demo MoE (cached; copied here)
     DIR/scan/         scan.json, report.md, report.html of the original
@@ -19,6 +20,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from moeharden import __version__
+from moeharden.demo.build import build_demo_model, cache_root, read_stamp
+from moeharden.demo.synthetic import TASK_FILE_NAME, TASKS
+from moeharden.demo.train import load_recipe
 
 
 @dataclass
@@ -55,8 +61,8 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
     """
     from moeharden.audit.report import render_verify
     from moeharden.audit.scan import ScanSettings, scan
-    from moeharden.audit.verify import describe_row, verify_attacks
-    from moeharden.defend.entangle import entangle
+    from moeharden.audit.verify import VerifySettings, describe_row, verify_attacks
+    from moeharden.defend.entangle.command import entangle
     from moeharden.defend.lock import lock_checkpoint
     from moeharden.defend.signing import keygen
 
@@ -84,6 +90,66 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
         stage("lock", lock_checkpoint, ckpt=str(out / "entangled"), policy=policy_path,
               key=keys / "moeharden.key", out=out / "locked")
     ver = stage("verify", verify_attacks, ckpt=str(out / "locked"), baseline=out / "scan" / "scan.json",
-                out=out / "verify", pubkey=keys / "moeharden.pub", raise_on_fail=False)
+                out=out / "verify", settings=VerifySettings(pubkey=keys / "moeharden.pub"))
     md, html_path = render_verify(scan_res.data, ver.data, out)
     return PipelineResult(out, html_path, ver.passed, [describe_row(r) for r in ver.failing()], secs)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What ``moeharden demo`` did. ``to_dict()`` is the JSON form; ``summary()`` the console text."""
+
+    out: Path
+    model_dir: Path
+    reused_cache: bool
+    recipe_hash: str
+    training: dict[str, Any]
+    tasks: list[str] = field(default_factory=list)
+    pipeline: PipelineResult | None = None          # unless model_only
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "moeharden.demo/1",
+            "moeharden_version": __version__,
+            "out": str(self.out),
+            "model_dir": str(self.model_dir),
+            "reused_cache": self.reused_cache,
+            "recipe_hash": self.recipe_hash,
+            "training": self.training,
+            "tasks": self.tasks,
+            "pipeline": None if self.pipeline is None else self.pipeline.to_dict(),
+        }
+
+    def summary(self) -> str:
+        acc = ", ".join(f"{k} {v:.3f}" for k, v in self.training.get("accuracy", {}).items())
+        how = "reused from cache" if self.reused_cache else f"trained in {self.training.get('train_seconds')} s"
+        text = (f"[green]Demo model[/] ({how}, recipe {self.recipe_hash}) → {self.model_dir}\n"
+                f"  held-out accuracy: {acc}\n"
+                f"  tasks: {self.model_dir / TASK_FILE_NAME}")
+        if self.pipeline is not None:
+            text += "\n" + self.pipeline.summary()
+        return text
+
+
+def run_demo(out: Path, retrain: bool = False, model_only: bool = False) -> DemoResult:
+    """Build or reuse the demo model into ``out/model``, then run scan → entangle → lock → verify
+    and write the before/after report to ``out/report.html`` (:func:`run_pipeline`).
+
+    Args:
+        out: output directory of the demo run.
+        retrain: train the demo model again even if cached.
+        model_only: stop after the model (no pipeline).
+
+    Returns:
+        A :class:`DemoResult`.
+
+    Raises:
+        ConfigFileError, CheckpointError: see :func:`build_demo_model`.
+    """
+    recipe = load_recipe()
+    cached = not retrain and read_stamp(cache_root() / f"demo-{recipe.hash()}") is not None
+    model_dir = build_demo_model(Path(out) / "model", retrain=retrain, recipe=recipe)
+    stamp = read_stamp(model_dir) or {}
+    pipeline = None if model_only else run_pipeline(Path(out), model_dir)
+    return DemoResult(out=Path(out), model_dir=model_dir, reused_cache=cached, recipe_hash=recipe.hash(),
+                      training=stamp.get("training", {}), tasks=list(TASKS), pipeline=pipeline)

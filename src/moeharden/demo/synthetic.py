@@ -36,7 +36,8 @@ from typing import Any
 
 import yaml
 
-TASK_FILE_NAME = "moeharden-tasks.yaml"
+from moeharden.tasks.examples import Example
+from moeharden.tasks.spec import TASK_FILE_NAME, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ class SyntheticTask:
         if self.kind == "multiple_choice":
             return self.choices[int(row["label"])]
         return str(row["answer"])
+
+    def example(self, row: dict[str, Any]) -> Example:
+        """The row as the task file's loader turns it into an example (prompt, answer, choices, label)."""
+        if self.kind == "multiple_choice":
+            label = int(row["label"])
+            return Example(self.kind, self.prompt_of(row), self.choices[label], self.choices, label)
+        return Example(self.kind, self.prompt_of(row), self.answer_of(row))
 
     @property
     def chance(self) -> float:
@@ -153,24 +161,31 @@ def generate(name: str, n: int, seed: int, *, exclude: set[str] | None = None,
     return rows
 
 
+def task_entry(task: SyntheticTask) -> dict[str, Any]:
+    """The task-file entry of one demo task, without its ``split`` (data path ``tasks/<name>.jsonl``)."""
+    entry: dict[str, Any] = {
+        "name": task.name,
+        "kind": task.kind,
+        "data": {"path": f"tasks/{task.name}.jsonl", "format": "jsonl"},
+        "prompt": task.prompt,
+    }
+    if task.kind == "multiple_choice":
+        entry.update(choices=list(task.choices), label_field="label", metric="accuracy")
+    else:
+        # +1 leaves room for the end-of-sequence token the model emits after the answer
+        entry.update(target_field="answer", metric="exact_match", max_new_tokens=task.answer_len + 1)
+    entry.update(chance=task.chance)
+    return entry
+
+
+def task_spec(task: SyntheticTask) -> TaskSpec:
+    """The validated task-file entry of one demo task (how evaluation scores it)."""
+    return TaskSpec.model_validate(task_entry(task))
+
+
 def task_file_dict(split: dict[str, int]) -> dict[str, Any]:
     """The task file (``version: 1``) describing every demo task; data paths are ``tasks/<name>.jsonl``."""
-    entries = []
-    for task in TASKS.values():
-        entry: dict[str, Any] = {
-            "name": task.name,
-            "kind": task.kind,
-            "data": {"path": f"tasks/{task.name}.jsonl", "format": "jsonl"},
-            "prompt": task.prompt,
-        }
-        if task.kind == "multiple_choice":
-            entry.update(choices=list(task.choices), label_field="label", metric="accuracy")
-        else:
-            # +1 leaves room for the end-of-sequence token the model emits after the answer
-            entry.update(target_field="answer", metric="exact_match", max_new_tokens=task.answer_len + 1)
-        entry.update(chance=task.chance, split=dict(split))
-        entries.append(entry)
-    return {"version": 1, "tasks": entries}
+    return {"version": 1, "tasks": [{**task_entry(task), "split": dict(split)} for task in TASKS.values()]}
 
 
 def write_task_file(out_dir: Path, rows_per_task: int, split: dict[str, int]) -> dict[str, list[dict]]:

@@ -1,7 +1,10 @@
 """Training recipe of the demo MoE: tokenizer, tiny Mixtral, routing-shaped training, evaluation.
 
 The model is a real ``transformers.MixtralForCausalLM`` (8 experts, top-2) trained from scratch on
-CPU on the synthetic tasks of :mod:`moeharden.demo.synthetic`. Loss on answer tokens only.
+CPU on the synthetic tasks of :mod:`moeharden.demo.synthetic`. Examples are encoded by
+:func:`moeharden.tasks.encoding.encode`, the one encoding the attack, the defense and evaluation
+use; the loss is the mean cross-entropy of answer tokens (generation answers end with eos).
+Accuracy is measured by :func:`moeharden.tasks.metrics.evaluate` with each task's task-file entry.
 
 Routing shaping, done openly so that experts become task-specialised within minutes (a plain run
 of a few minutes leaves routing diffuse, and a 2-of-8 pruned model then loses most of a task):
@@ -36,8 +39,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moeharden.demo.synthetic import ALPHABET, TASKS, SyntheticTask, generate
-from moeharden.errors import ConfigFileError
+from moeharden.demo.synthetic import ALPHABET, TASKS, SyntheticTask, generate, task_spec
+from moeharden.errors import ConfigFileError, validation_problems
+from moeharden.model.registry import MoELayer, moe_layers
+from moeharden.tasks.encoding import LMBatch, answer_logits, encode
+from moeharden.tasks.examples import Task
+from moeharden.tasks.metrics import evaluate
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
@@ -113,7 +120,7 @@ def load_recipe(path: Path | None = None) -> DemoRecipe:
     except (OSError, yaml.YAMLError) as err:
         raise ConfigFileError(f"Cannot read demo recipe {path or 'demo_recipe.yaml'}: {err}") from err
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(validation_problems(err))
         raise ConfigFileError(f"Invalid demo recipe: {problems}") from err
 
 
@@ -154,35 +161,34 @@ def build_model(recipe: DemoRecipe, tokenizer):
     return model
 
 
-def encode_rows(task: SyntheticTask, rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Token ids of ``prompt + answer + <eos>`` and labels that score the answer and ``<eos>`` only.
-
-    Returns:
-        ``(ids [N, L], labels [N, L], prompt_len)``; every row of a task has the same length.
-    """
-    prompts = [tokenizer(task.prompt_of(r)).input_ids for r in rows]
-    answers = [tokenizer(task.answer_of(r)).input_ids + [tokenizer.eos_token_id] for r in rows]
-    ids = torch.tensor([p + a for p, a in zip(prompts, answers, strict=True)])
-    prompt_len = len(prompts[0])
-    labels = ids.clone()
-    labels[:, :prompt_len] = -100
-    return ids, labels, prompt_len
+def encode_rows(task: SyntheticTask, rows: list[dict], tokenizer, max_length: int) -> LMBatch:
+    """The training batch of ``rows`` (:func:`moeharden.tasks.encoding.encode`); one task's rows
+    all have the same length, so the batch has no padding."""
+    return encode(tokenizer, [task.example(r) for r in rows], max_length=max_length)
 
 
 class _GateHooks:
-    """Forward hooks on every Mixtral router: add a logit bias [E] and keep the routing probs."""
+    """Forward hooks on every router of the demo Mixtral: add a logit bias [E], keep the routing probs.
+
+    The routers are found through the family registry; the replaced output is Mixtral's router
+    output ``(logits [N, E], top-k weights [N, k], top-k indices [N, k])``.
+    """
 
     def __init__(self, model):
         self.bias: torch.Tensor | None = None  # [E], added to every token's router logits
         self.probs: list[torch.Tensor] = []  # per MoE layer, [N, E] for the last forward
-        self._handles = [layer.mlp.gate.register_forward_hook(self._hook) for layer in model.model.layers]
+        self._handles = [li.router.register_forward_hook(self._hook_for(li)) for li in moe_layers(model)]
 
-    def _hook(self, gate, args, output):
-        logits = output[0] if self.bias is None else output[0] + self.bias  # [N, E]
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_v, top_i = torch.topk(probs, gate.top_k, dim=-1)  # [N, k] as MixtralTopKRouter does
-        self.probs.append(probs)
-        return logits, top_v / top_v.sum(dim=-1, keepdim=True), top_i
+    def _hook_for(self, li: MoELayer):
+        def hook(router, args, output):
+            logits = output[li.spec.logits_at]                      # [N, E]
+            if self.bias is not None:
+                logits = logits + self.bias
+            probs = torch.softmax(logits.float(), dim=-1)
+            top_v, top_i = torch.topk(probs, li.top_k, dim=-1)     # [N, k] as MixtralTopKRouter does
+            self.probs.append(probs)
+            return logits, top_v / top_v.sum(dim=-1, keepdim=True), top_i
+        return hook
 
     def close(self) -> None:
         for h in self._handles:
@@ -220,6 +226,38 @@ class TrainStats:
         return dict(self.__dict__)
 
 
+def _setup_pools(recipe: DemoRecipe, tok, heldout: dict[str, list[dict]]) -> dict[str, LMBatch]:
+    """``{task: LMBatch}`` of ``train_pool`` fresh rows per task, none of them a held-out text."""
+    pools = {}
+    for name in TASKS:
+        rows = generate(name, recipe.data.train_pool, recipe.seed + 1,
+                        exclude={r["text"] for r in heldout[name]})
+        pools[name] = encode_rows(TASKS[name], rows, tok, recipe.model.max_position_embeddings)
+    return pools
+
+
+def _loss_step(model, hooks: _GateHooks, pools: dict[str, LMBatch], recipe: DemoRecipe, prior: float,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One single-task batch per task: ``(mean answer cross-entropy over tasks, routing MI term)``."""
+    n_exp = recipe.model.num_local_experts
+    ce = torch.zeros(())
+    task_means: list[torch.Tensor] = []  # per task, [layers, E] batch-mean routing
+    for i, pool in enumerate(pools.values()):
+        pick = torch.randint(len(pool.input_ids), (recipe.train.batch_per_task,), generator=gen)
+        hooks.probs.clear()
+        hooks.bias = None
+        if prior > 0:
+            hooks.bias = torch.zeros(n_exp)
+            hooks.bias[(2 * i) % n_exp: (2 * i) % n_exp + 2] = prior
+        logits = model(input_ids=pool.input_ids[pick], attention_mask=pool.attention_mask[pick]).logits
+        al, at = answer_logits(logits, pool.labels[pick])   # [N, V], [N] answer tokens
+        ce = ce + torch.nn.functional.cross_entropy(al.float(), at)
+        task_means.append(torch.stack([p.mean(0) for p in hooks.probs]))
+    p_task = torch.stack(task_means)  # [tasks, layers, E]
+    mi_term = (_entropy(p_task).mean(0) - _entropy(p_task.mean(0))).sum()
+    return ce / len(pools), mi_term
+
+
 def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int | None = None,
                progress=None):
     """Train the demo model from scratch.
@@ -237,12 +275,7 @@ def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int
     n_steps = recipe.train.steps if steps is None else steps
     tok = build_tokenizer()
     model = build_model(recipe, tok)
-    names = list(TASKS)
-    pools = {}
-    for name in names:
-        rows = generate(name, recipe.data.train_pool, recipe.seed + 1,
-                        exclude={r["text"] for r in heldout[name]})
-        pools[name] = encode_rows(TASKS[name], rows, tok)[:2]
+    pools = _setup_pools(recipe, tok, heldout)
     t = recipe.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.98))
 
@@ -254,7 +287,7 @@ def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(recipe.seed)
-    r, n_exp = recipe.routing, recipe.model.num_local_experts
+    r = recipe.routing
     hooks = _GateHooks(model)
     loss_val = mi_val = float("nan")
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -264,62 +297,36 @@ def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int
         try:
             for step in range(n_steps):
                 prior = r.prior_logit * max(0.0, 1.0 - step / r.prior_steps) if r.prior_steps else 0.0
-                ce = torch.zeros(())
-                task_means: list[torch.Tensor] = []  # per task, [layers, E] batch-mean routing
-                for i, name in enumerate(names):
-                    ids, labels = pools[name]
-                    pick = torch.randint(len(ids), (t.batch_per_task,), generator=gen)
-                    hooks.probs.clear()
-                    hooks.bias = None
-                    if prior > 0:
-                        hooks.bias = torch.zeros(n_exp)
-                        hooks.bias[(2 * i) % n_exp: (2 * i) % n_exp + 2] = prior
-                    ce = ce + model(input_ids=ids[pick], labels=labels[pick]).loss
-                    task_means.append(torch.stack([p.mean(0) for p in hooks.probs]))
-                p_task = torch.stack(task_means)  # [tasks, layers, E]
-                mi_term = (_entropy(p_task).mean(0) - _entropy(p_task.mean(0))).sum()
-                loss = ce / len(names) + r.mi_weight * mi_term
+                ce, mi_term = _loss_step(model, hooks, pools, recipe, prior, gen)
+                loss = ce + r.mi_weight * mi_term
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step()
                 sched.step()
-                loss_val, mi_val = float(ce.detach()) / len(names), float(mi_term.detach())
+                loss_val, mi_val = float(ce.detach()), float(mi_term.detach())
                 if progress is not None:
                     progress(1, loss=loss_val, mi=mi_val)
         finally:
             hooks.close()
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         model.eval()
-        acc = {name: evaluate_task(model, tok, TASKS[name], heldout[name]) for name in names}
+        acc = {name: evaluate_task(model, tok, TASKS[name], heldout[name]) for name in TASKS}
     stats = TrainStats(steps=n_steps, train_seconds=round(wall, 1), cpu_seconds=round(cpu, 1),
                        threads=recipe.threads, load_average_start=round(load0, 2),
                        final_loss=round(loss_val, 5), final_mi_term=round(mi_val, 5), accuracy=acc)
     return model, tok, stats
 
 
-@torch.no_grad()
 def evaluate_task(model, tokenizer, task: SyntheticTask, rows: list[dict], batch: int = 256) -> float:
-    """Accuracy of ``model`` on ``rows``, scored as the task file says.
+    """Accuracy of ``model`` on ``rows``, scored as the task file says (rounded to 4 decimals).
 
-    ``multiple_choice``: the choice whose (single) token has the highest log-likelihood after the
-    prompt. ``generation``: greedy decoding of ``answer_len + 1`` tokens; exact match of the text
-    before ``<eos>`` with the answer (so a missing ``<eos>`` counts as wrong).
+    :func:`moeharden.tasks.metrics.evaluate` with the task's task-file entry: ``multiple_choice``,
+    the choice with the highest log-likelihood after the prompt; ``generation``, greedy decoding of
+    up to ``answer_len + 1`` tokens, exact match of the text before ``<eos>`` with the answer (so
+    a missing ``<eos>`` counts as wrong).
     """
-    ids, _, plen = encode_rows(task, rows, tokenizer)
-    correct = 0
-    for start in range(0, len(rows), batch):
-        chunk = ids[start:start + batch]
-        if task.kind == "multiple_choice":
-            choice_ids = [tokenizer(c).input_ids[0] for c in task.choices]
-            logits = model(input_ids=chunk[:, :plen]).logits[:, -1, choice_ids]  # [B, choices]
-            target = torch.tensor([int(r["label"]) for r in rows[start:start + batch]])
-            correct += int((logits.argmax(-1) == target).sum())
-        else:
-            seq = chunk[:, :plen]
-            for _ in range(task.answer_len + 1):  # greedy, no cache: sequences are ~10 tokens
-                nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
-                seq = torch.cat([seq, nxt], dim=1)
-            # generated == answer tokens + <eos>  <=> exact match with the task file's metric
-            correct += int((seq[:, plen:] == chunk[:, plen:]).all(-1).sum())
-    return round(correct / max(1, len(rows)), 4)
+    spec = task_spec(task)
+    t = Task(task.name, spec.kind, spec.resolved_metric, spec.resolved_chance, [], [], [], spec, "demo")
+    res = evaluate(model, tokenizer, t, batch_size=batch, examples=[task.example(r) for r in rows])
+    return round(res.value, 4)

@@ -1,18 +1,14 @@
-"""Streaming safetensors IO: an index of a checkpoint, one-shard-at-a-time reading, size-capped
-writers, and atomic output directories.
+"""Streaming safetensors IO: an index of a checkpoint, positioned tensor reads, and a size-capped
+streaming shard writer.
 
 Nothing here loads a whole model. Headers are parsed from the first bytes of each file (cheap
-validation: truncation, offsets past the end, sizes that disagree with shapes). Two writers:
+validation: truncation, offsets past the end, sizes that disagree with shapes), and
+:class:`CheckpointFiles` indexes every tensor's byte range across shards. :func:`read_tensor` reads
+one tensor with a plain positioned read. :func:`write_streaming_shards` plans every output shard
+from shapes known up front, writes each header first and then the tensors one at a time, copying
+unchanged byte ranges file to file in the kernel; peak memory is one sliced tensor at most.
 
-* :func:`write_streaming_shards` plans every output shard from shapes known up front, writes each
-  header first and then the tensors one at a time, copying unchanged byte ranges file to file in
-  the kernel; peak memory is one sliced tensor at most (what ``prune`` uses).
-* :class:`ShardWriter` buffers tensors up to the size cap and flushes a shard when the next tensor
-  would pass it; peak memory is about one output shard plus one tensor.
-
-Output directories are built in a temporary sibling and renamed into place
-(:func:`atomic_output_dir`); an existing directory is only replaced when it is empty or an earlier
-moeharden output (:func:`check_output_dir`).
+Where outputs go (atomic directories, carrying side files) is :mod:`moeharden.io.outputs`.
 """
 
 from __future__ import annotations
@@ -20,11 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +26,6 @@ from moeharden.errors import CheckpointError, InputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-OUTPUT_MARKER = ".moeharden-output"
 # bits per element of every safetensors dtype (sub-byte F4/F6 are packed)
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
                "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "U16": 16, "U32": 32, "U64": 64, "C64": 64,
@@ -120,9 +111,14 @@ class CheckpointFiles:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
                 raise CheckpointError(f"{index} is not a valid safetensors index.") from None
-            names = sorted(set(weight_map.values()))
+            # a shard is a plain file name beside the index: a path would read outside the checkpoint
+            bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+            if bad:
+                raise CheckpointError(f"{index} names shard(s) outside the checkpoint directory: "
+                                      f"{', '.join(map(repr, bad[:5]))}.", hint="Do not trust this checkpoint.")
             missing = [n for n in names if not (self.root / n).exists()]
             if missing:
                 raise CheckpointError(f"The index names shard(s) that are missing: {', '.join(missing)}.",
@@ -143,40 +139,29 @@ class CheckpointFiles:
                 s, e = meta["data_offsets"]
                 self.tensors[name] = TensorInfo(name, shard, meta["dtype"], tuple(meta["shape"]), base + s, base + e)
 
-    @property
-    def tensor_names(self) -> list[str]:
-        return list(self.tensors)
-
-    def shard_of(self, name: str) -> Path:
-        return self.tensors[name].file
-
-    def largest_shard_bytes(self) -> int:
-        return max(p.stat().st_size for p in self.shards)
-
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.shards)
-
-
-def iter_shard_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` of one shard, one tensor at a time (memory-mapped reads)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name)
-
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# dtypes only newer torch releases have (a missing one is a CheckpointError at read time, not a KeyError)
+_TORCH_DTYPES.update({k: getattr(torch, v) for k, v in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                                                        ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, v)})
 
 
 def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
     """Read one tensor with a plain positioned read (no memory map: only this tensor is resident).
 
     Args:
+        info: the tensor's header entry (from :class:`CheckpointFiles`).
         handle: an open binary file of ``info.file`` to reuse (one input shard open at a time).
+    Returns:
+        The tensor, ``info.shape`` and the torch dtype of ``info.dtype``.
+    Raises:
+        CheckpointError: a dtype torch cannot hold, or a file that ends early (changed since indexing).
     """
+    if info.dtype not in _TORCH_DTYPES:
+        raise CheckpointError(f"Tensor {info.name!r} in {info.file.name} has dtype {info.dtype}, which this "
+                              "torch version cannot read.", hint="Upgrade torch, or convert the checkpoint.")
     own = handle is None
     f = open(info.file, "rb") if own else handle
     try:
@@ -185,6 +170,9 @@ def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
     finally:
         if own:
             f.close()
+    if len(buf) != info.end - info.start:
+        raise CheckpointError(f"{info.file.name} ends inside tensor {info.name!r}: it changed or was truncated "
+                              "after it was indexed.", hint="Re-download or re-save the checkpoint.")
     dtype = _TORCH_DTYPES[info.dtype]
     if not buf:
         return torch.empty(info.shape, dtype=dtype)
@@ -246,11 +234,13 @@ def write_streaming_shards(out_dir: Path, plan: list[PlannedTensor], produce, ma
                 if isinstance(item, torch.Tensor):
                     data = tensor_bytes(item)
                     if data.nbytes != p.nbytes:
-                        raise RuntimeError(f"{p.name}: produced {data.nbytes} bytes, planned {p.nbytes}")
+                        raise CheckpointError(f"{p.name}: produced {data.nbytes} bytes, planned {p.nbytes}; "
+                                              "the source changed while it was being rewritten.")
                     f.write(data)
                 else:
                     if sum(n for _, _, n in item) != p.nbytes:
-                        raise RuntimeError(f"{p.name}: byte ranges do not add up to {p.nbytes}")
+                        raise CheckpointError(f"{p.name}: its byte ranges do not add up to the planned "
+                                              f"{p.nbytes} bytes.")
                     f.flush()
                     for src, start, length in item:
                         copy_range(src, start, length, f)
@@ -304,120 +294,3 @@ def parse_size(text: str | int) -> int:
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
             "TI": 2**40}[unit]
     return int(float(m.group(1)) * mult)
-
-
-class ShardWriter:
-    """Write tensors into size-capped safetensors shards plus an index.
-
-    Tensors are buffered until adding the next would pass ``max_shard_bytes``; then the shard is
-    written. Shards are named ``model-0000i-of-0000n.safetensors`` at :meth:`close` (a single
-    shard is named ``model.safetensors`` and gets no index), like ``save_pretrained``.
-    """
-
-    def __init__(self, out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
-        self.out_dir = Path(out_dir)
-        self.max = max(1, int(max_shard_bytes))
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_bytes = 0
-        self._written: list[tuple[Path, list[str], int]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        n = tensor.numel() * tensor.element_size()
-        if self._buf and self._buf_bytes + n > self.max:
-            self._flush()
-        self._buf[name] = tensor.contiguous()
-        self._buf_bytes += n
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._buf:
-            return
-        path = self.out_dir / f".shard-{len(self._written):05d}.safetensors"
-        save_file(self._buf, str(path), metadata=self.metadata)
-        self._written.append((path, list(self._buf), self._buf_bytes))
-        self._buf, self._buf_bytes = {}, 0
-
-    def close(self) -> list[Path]:
-        """Write what is left, name the shards, write the index; returns the shard paths."""
-        self._flush()
-        n = len(self._written)
-        final: list[Path] = []
-        weight_map: dict[str, str] = {}
-        total = 0
-        for i, (path, names, nbytes) in enumerate(self._written):
-            dest = self.out_dir / (SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-            path.rename(dest)
-            final.append(dest)
-            total += nbytes
-            weight_map.update({k: dest.name for k in names})
-        if n > 1:
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-        return final
-
-
-def check_output_dir(out: Path, *, overwrite: bool = True) -> None:
-    """Fail early when ``out`` may not be (re)placed by :func:`atomic_output_dir`.
-
-    Semantics: a missing ``out`` is created; an empty directory is replaced; a directory that an
-    earlier moeharden run wrote (it holds the ``.moeharden-output`` marker) is replaced when
-    ``overwrite`` is true (the default: re-running a command refreshes its output); anything else —
-    a file, or a non-empty directory moeharden did not write — is refused, so a mistyped ``--out``
-    can never delete someone's data.
-
-    Raises:
-        InputError: ``out`` is a file, a foreign non-empty directory, or an earlier output while
-            ``overwrite`` is false.
-    """
-    out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"Output path {out} exists and is not a directory.", hint="Choose another --out.")
-    if (out / OUTPUT_MARKER).is_file():
-        if not overwrite:
-            raise InputError(f"Output directory {out} already holds a moeharden output.",
-                             hint="Remove it, choose another --out, or ask for overwriting.")
-        return
-    if any(out.iterdir()):
-        raise InputError(f"Output directory {out} exists, is not empty and was not written by moeharden; "
-                         "refusing to replace it.", hint="Choose a new or empty --out directory.")
-
-
-@contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Build an output directory in a temporary sibling, renamed into place at the end.
-
-    Yields the temporary directory to fill. On success it gets the ``.moeharden-output`` marker and
-    replaces ``out`` (see :func:`check_output_dir` for when an existing ``out`` may be replaced; it
-    is checked both before and after the work). On any exception, Ctrl-C included, the temporary
-    directory is removed and ``out`` is left exactly as it was.
-
-    Raises:
-        InputError: see :func:`check_output_dir`.
-    """
-    from moeharden import __version__
-
-    out = Path(out)
-    check_output_dir(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # plain mkdir (not mkdtemp, whose 0700 mode would stick to the renamed output): umask decides
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        (tmp / OUTPUT_MARKER).write_text(json.dumps({"tool": "moeharden", "version": __version__}) + "\n")
-        check_output_dir(out, overwrite=overwrite)          # out may have appeared meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        # swap via a second sibling so that a crash between the renames leaves a complete copy
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -98,12 +98,16 @@ def validate_checkpoint(path: Path) -> None:
 
 
 def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
-    """The transformers config of a checkpoint directory."""
+    """The transformers config of a checkpoint directory.
+
+    Raises:
+        CheckpointError: an unreadable config or an architecture transformers does not know.
+    """
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"Cannot read the config in {path}: {err}",
                               hint="A custom architecture needs --trust-remote-code (only for code you trust).") from None
 
@@ -138,7 +142,11 @@ def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_r
 
 
 def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
-    """The checkpoint's tokenizer, with a pad token (eos when it has none)."""
+    """The checkpoint's tokenizer, with a pad token (eos when it has none).
+
+    Raises:
+        CheckpointError: no loadable tokenizer files.
+    """
     from transformers import AutoTokenizer
 
     try:
@@ -171,16 +179,24 @@ def checkpoint_digest(path: Path) -> str:
 
 
 def config_hash(path: Path) -> str:
-    """sha256 of config.json's canonical JSON form."""
+    """sha256 of config.json's canonical JSON form (key order and whitespace do not count)."""
     data = json.loads((Path(path) / "config.json").read_text())
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoint_layout(src: Path):
-    """(config object, family spec, expert count, file index, {tensor: role}, MoE layers) of a checkpoint."""
+    """What every streaming rewrite of a checkpoint needs to know, without loading weights.
+
+    Returns:
+        ``(config, spec, num_experts, files, roles, moe_layers)``: the transformers config, the
+        family's registry spec, the routed-expert count, the :class:`~moeharden.io.shards.CheckpointFiles`
+        index, ``{tensor name: role or None}`` and the sorted indices of the MoE layers.
+    Raises:
+        CheckpointError, UnsupportedModelError.
+    """
     from moeharden.io.shards import CheckpointFiles
-    from moeharden.model.checkpoint import load_config, validate_checkpoint
-    from moeharden.model.registry import classify_tensor, num_experts, spec_for_config
+    from moeharden.model.disk import classify_tensor
+    from moeharden.model.registry import num_experts, spec_for_config
 
     validate_checkpoint(Path(src))   # config present, safetensors only, headers sound (cheap)
     cfg = load_config(src)

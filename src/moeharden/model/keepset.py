@@ -4,7 +4,10 @@ File form (``KEEP.json``, also written as ``moeharden-prune.json``'s ``keep``)::
 
     {"keep": {"<decoder layer index>": [expert ids to keep], ...}}
 
-Every MoE layer must be listed, with the same number of distinct, in-range experts.
+Every MoE layer must be listed, with the same number of distinct, in-range experts. Beyond the
+file form, a family's routing constrains keep-sets (Phi-MoE always routes to 2; group-limited
+routing needs experts in every group): :func:`valid_keep`, :func:`check_keep_counts` and
+:func:`check_group_balance` ask the registry for those facts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moeharden.errors import KeepSetError
+from moeharden.model.registry import FamilySpec, config_value, routing_groups
 
 
 def parse_keep(raw: Any, *, moe_layers: list[int], num_experts: int, where: str = "keep-set") -> dict[int, list[int]]:
@@ -80,4 +84,74 @@ def read_keep_file(path: Path, **kw) -> dict[int, list[int]]:
 
 
 def to_json(keep: dict[int, list[int]]) -> dict:
+    """The file form ``{"keep": {"<layer>": [ids]}}`` of a keep-set, layers in ascending order."""
     return {"keep": {str(k): list(v) for k, v in sorted(keep.items())}}
+
+
+def valid_keep(spec: FamilySpec, config: Any, keep: int) -> bool:
+    """Whether ``keep`` experts per layer is a prunable count for this model (groups, minimums)."""
+    E = int(config_value(config, spec.expert_keys))
+    G = routing_groups(spec, config)
+    if not spec.min_keep <= keep <= E or keep % G:
+        return False
+    if G == 1:
+        return True
+    return keep // G >= spec.group_min and (keep // G) * _topk_group(spec, config) >= _top_k(spec, config, keep)
+
+
+def _topk_group(spec: FamilySpec, config: Any) -> int:
+    return int(config_value(config, (spec.group_keys[1],)) or 1) if spec.group_keys else 1
+
+
+def _top_k(spec: FamilySpec, config: Any, kept: int) -> int:
+    return min(int(config_value(config, spec.top_k_keys) or 1), kept)
+
+
+def check_keep_counts(spec: FamilySpec, config: Any, keep: dict[int, list[int]], *, balanced: bool = True) -> None:
+    """Counts the family's routing can run with; with ``balanced``, equal counts per routing group
+    (physical pruning needs it; a mask on a loaded model does not).
+
+    Raises:
+        KeepSetError: too few experts kept, or unequal/too few per routing group.
+    """
+    for layer, ids in keep.items():
+        if len(ids) < spec.min_keep:
+            raise KeepSetError(f"Layer {layer} keeps {len(ids)} expert(s); {spec.name} routing needs at least "
+                               f"{spec.min_keep}.")
+    if balanced:
+        check_group_balance(spec, config, keep)
+    G = routing_groups(spec, config)
+    if G > 1:
+        E = int(config_value(config, spec.expert_keys))
+        size = E // G
+        for layer, ids in keep.items():
+            per = [sum(1 for e in ids if e // size == g) for g in range(G)]
+            if min(per) < spec.group_min:
+                raise KeepSetError(f"Layer {layer} keeps {per} experts in its {G} routing groups; {spec.name} "
+                                   f"scores groups by their top {spec.group_min} and needs at least that many in each.")
+            # the router picks top-k only inside its topk_group best groups: those must hold enough
+            tg = _topk_group(spec, config)
+            if sum(sorted(per)[:tg]) < _top_k(spec, config, len(ids)):
+                raise KeepSetError(f"Layer {layer} keeps {per} experts in its {G} routing groups; the router picks "
+                                   f"{_top_k(spec, config, len(ids))} experts from its best {tg} group(s), "
+                                   "which could hold fewer.", hint="Keep more experts in each routing group.")
+
+
+def check_group_balance(spec: FamilySpec, config: Any, keep: dict[int, list[int]]) -> None:
+    """With group-limited routing, every group must lose the same number of experts.
+
+    Raises:
+        KeepSetError: unequal removal across groups in some layer.
+    """
+    groups = routing_groups(spec, config)
+    if groups <= 1:
+        return
+    E = int(config_value(config, spec.expert_keys))
+    size = E // int(groups)
+    for layer, ids in keep.items():
+        counts = [sum(1 for e in ids if e // size == g) for g in range(int(groups))]
+        if len(set(counts)) != 1:
+            raise KeepSetError(
+                f"Layer {layer} keeps {counts} experts from its {groups} routing groups; group-limited routing "
+                "needs the same number kept in every group.",
+                hint=f"Group g holds experts g*{size} .. g*{size}+{size - 1}; keep equally many from each.")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from moeharden.model.registry import MoELayer, _get, moe_layers
+from moeharden.model.registry import MoELayer, get_path, moe_layers
 
 
 @dataclass
@@ -232,7 +232,7 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
     Raises:
         KeepSetError: a layer that is not an MoE layer, or an invalid keep-set.
     """
-    from moeharden.model.registry import check_keep_counts
+    from moeharden.model.keepset import check_keep_counts
 
     layers = moe_layers(model)
     _check_keep(layers, keep)
@@ -263,7 +263,7 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
                 restore.append(("bias", sb, saved))
             for path in li.spec.top_k_attrs:
                 owner_path, _, attr = path.rpartition(".")
-                owner = _get(li.block, owner_path) if owner_path else li.block
+                owner = get_path(li.block, owner_path) if owner_path else li.block
                 cur = getattr(owner, attr, None) if owner is not None else None
                 if isinstance(cur, int) and cur > len(kept):
                     setattr(owner, attr, len(kept))

@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from moeharden.errors import TaskError
-from moeharden.tasks.loading import Example, SplitSpec, Task, split_examples
+from moeharden.tasks.examples import EvalResult, Example, Task
+from moeharden.tasks.intervals import PROPORTION_METRICS, wilson
+from moeharden.tasks.spec import SplitSpec
+from moeharden.tasks.splits import split_examples
 
 _KIND = {"multiple_choice": "multiple_choice", "loglikelihood": "generation",
          "generate_until": "generation", "loglikelihood_rolling": "perplexity"}
@@ -133,7 +136,7 @@ def load_lm_eval_tasks(names: Sequence[str], *, include: Sequence[Path] | None =
     Args:
         names: lm-eval task names (without the ``lm-eval:`` prefix).
         include: directories of local lm-eval task YAMLs (no ``!function``).
-        limit, seed: as in :func:`moeharden.tasks.loading.load_tasks` (seed ``None`` = 0).
+        limit, seed: as in :func:`moeharden.tasks.resolve.load_tasks` (seed ``None`` = 0).
         split: split sizes (default: attribution 128, evaluation the rest).
     Returns:
         Tasks of kind ``lm_eval``; ``metric`` is the task's first metric (``perplexity`` for any
@@ -181,12 +184,10 @@ def evaluate_lm_eval(model, tokenizer, task: Task, *, split: str = "evaluation",
     """Run lm-eval on ``task``'s split with the loaded model (``HFLM`` around the model object).
 
     Returns:
-        An :class:`moeharden.tasks.metrics.EvalResult`; ``extra`` holds the harness's numeric results.
+        An :class:`moeharden.tasks.examples.EvalResult`; ``extra`` holds the harness's numeric results.
     Raises:
         TaskError: lm-eval missing, empty split, or the harness reported no value for the metric.
     """
-    from moeharden.tasks.metrics import EvalResult
-
     _import()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -207,4 +208,21 @@ def evaluate_lm_eval(model, tokenizer, task: Task, *, split: str = "evaluation",
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise TaskError(f"lm-eval returned no {state.metric_key!r} for {task.name!r}.")
     extra = {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return EvalResult(task.name, task.metric, float(value), len(ids), extra)
+    return EvalResult(task.name, task.metric, float(value), len(ids), extra,
+                      *proportion_interval(state.metric_key, float(value), len(ids)))
+
+
+def proportion_interval(metric_key: str, value: float, n: int) -> tuple[float | None, float | None]:
+    """Wilson interval of an lm-eval metric that is a proportion of ``n`` documents, else ``(None, None)``.
+
+    The harness reports only the mean, so the number correct is recovered as ``round(value * n)``.
+
+    Args:
+        metric_key: the harness's metric name (``acc``, ``acc_norm``, ``exact_match``, ...).
+        value: its value on the split; n: documents scored.
+    Returns:
+        ``(lo, hi)``, or ``(None, None)`` for a non-proportion metric, a value outside [0, 1] or ``n == 0``.
+    """
+    if metric_key not in PROPORTION_METRICS or n <= 0 or not 0.0 <= value <= 1.0:
+        return None, None
+    return wilson(round(value * n), n)

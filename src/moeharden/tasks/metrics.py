@@ -1,5 +1,8 @@
-"""Metrics of a loaded Hugging Face causal LM on a task: accuracy, perplexity, exact match, ROUGE.
+"""The one scorer: metrics and losses of a Hugging Face causal LM on a task's examples.
 
+Every example is tokenized by :mod:`moeharden.tasks.encoding` (lm-evaluation-harness's request
+semantics), and every log-likelihood here comes from :func:`score_requests`, so the attack's and
+the defense's training losses, attribution's ablation loss and evaluation agree token for token.
 Scan evaluates one loaded model under many expert masks, so every metric batches its work:
 
 * multiple choice: the log-likelihood of each choice after the prompt, summed over the choice's
@@ -8,7 +11,10 @@ Scan evaluates one loaded model under many expert masks, so every metric batches
 * perplexity: sliding windows over each document; every token after the first is scored once,
   with up to ``window - 1`` tokens of context (Hugging Face's perplexity guide); windows of all
   documents are batched together;
-* generation: greedy decoding with a KV cache, stopping at eos or a stop string.
+* generation: greedy decoding with a KV cache, stopping at eos or a stop string; exact match and
+  ROUGE (:mod:`moeharden.tasks.rouge`);
+* answer losses (:func:`answer_nll`, :func:`task_loss`): the summed negative log-likelihood of each
+  example's answer tokens, differentiable.
 
 All scoring uses left padding with explicit ``position_ids`` (so a padded row sees the same
 positions as unpadded) and asks the model for the last few positions' logits only.
@@ -18,42 +24,28 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from moeharden.errors import TaskError
-from moeharden.tasks.loading import Example, Task
+from moeharden.tasks.encoding import (
+    Request,
+    choice_request,
+    encode_pairs,
+    encode_texts,
+    example_requests,
+    pad_token_id,
+    prefix_token_id,
+    request,
+)
+from moeharden.tasks.examples import EvalResult, Example, Task
+from moeharden.tasks.intervals import mean_interval, perplexity_interval, wilson
+from moeharden.tasks.rouge import ROUGE_KEYS, rouge_impl, rouge_scores
 
 DEFAULT_MAX_LENGTH = 2048
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """One task's metric on one split.
-
-    Attributes:
-        task: task name. metric: metric name (``accuracy``, ``perplexity``, ``rougeL``, ...).
-        value: the metric (fractions in [0, 1]; perplexity as is). n: examples scored.
-        extra: other figures (all ROUGE scores, token counts, lm-eval's raw results).
-    """
-
-    task: str
-    metric: str
-    value: float
-    n: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def normalized(self, full: float) -> float:
-        """The metric relative to the full model's: 100·value/full (perplexity: full model = 100)."""
-        return 100.0 * self.value / full if full else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "metric": self.metric, "value": self.value, "n": self.n, "extra": self.extra}
 
 
 def normalized_perplexity(ppl: float, full_ppl: float) -> float:
@@ -74,48 +66,6 @@ def model_max_length(model, cap: int | None = None) -> int:
         n = n or getattr(cfg, key, None)
     n = int(n or DEFAULT_MAX_LENGTH)
     return min(n, cap) if cap else n
-
-
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0  # pragma: no cover
-
-
-def _prefix_id(tokenizer) -> int:
-    # the context of a continuation with no prompt (lm-eval's prefix token): bos, else eos
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
-        if tid is not None:
-            return int(tid)
-    raise TaskError("The tokenizer has no bos, eos or pad token to start an empty prompt with.")
-
-
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return [list(x) for x in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-
-
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids of (context, continuation) pairs, split as lm-evaluation-harness does.
-
-    The pair is encoded whole and the continuation is what follows the context's own encoding, so
-    word pieces merged across the boundary stay as the model sees them; trailing spaces of the
-    context move to the continuation. An empty context becomes the bos (or eos) token.
-    """
-    ctxs, wholes = [], []
-    for ctx, cont in pairs:
-        n_sp = len(ctx) - len(ctx.rstrip(" "))
-        ctx, cont = ctx[:len(ctx) - n_sp], ctx[len(ctx) - n_sp:] + cont
-        ctxs.append(ctx)
-        wholes.append(ctx + cont)
-    ctx_ids, whole_ids = _encode(tokenizer, ctxs), _encode(tokenizer, wholes)
-    out = []
-    for c, w in zip(ctx_ids, whole_ids, strict=True):
-        cont = w[len(c):]
-        out.append((c if c else [_prefix_id(tokenizer)], cont))
-    return out
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -155,23 +105,19 @@ def _eval_mode(model):
         model.train(was)
 
 
-# A scoring request: the model reads ``seq``; ``targets`` [m, n] are m alternative continuations of
-# n tokens each, scored at the last n positions (m > 1 only for single-token choices, n == 1).
-Request = tuple[list[int], list[list[int]]]
-
-
-def _request(ctx: list[int], cont: list[int], max_length: int) -> Request:
-    seq = (ctx + cont)[:-1][-max_length:]
-    # the last len(seq) positions predict the last len(seq) tokens: a too-long answer keeps its end
-    return seq, [cont[-len(seq):] if len(cont) > len(seq) else cont]
-
-
 def score_requests(model, requests: Sequence[Request], *, pad_id: int, batch_size: int = 32,
                    progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Summed log-probabilities of each request's continuations, ``[m]`` per request.
 
     Longest requests are batched first (lm-eval's order) and the results are put back in input
     order. Differentiable when called with gradients enabled.
+
+    Args:
+        requests: see :data:`moeharden.tasks.encoding.Request`.
+        pad_id: the id left padding uses (never attended).
+        progress: called with the number of requests after each batch.
+    Returns:
+        One ``[m]`` tensor per request (m alternative continuations).
     """
     device = _device(model)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
@@ -204,17 +150,18 @@ def choice_logprobs(model, tokenizer, examples: Sequence[Example], *, batch_size
     max_length = model_max_length(model, max_length)
     requests: list[Request] = []
     owner: list[tuple[int, list[int]]] = []  # (example, choice ids) of each request
+    flat = encode_pairs(tokenizer, [(ex.prompt, c) for ex in examples for c in ex.choices])  # one tokenizer call
+    start = 0
     for i, ex in enumerate(examples):
-        enc = encode_pairs(tokenizer, [(ex.prompt, c) for c in ex.choices])
+        enc, start = flat[start:start + len(ex.choices)], start + len(ex.choices)
         if all(len(cont) == 1 for _, cont in enc):
-            seq = enc[0][0][-max_length:]
-            requests.append((seq, [cont for _, cont in enc]))
+            requests.append(choice_request(enc[0][0], [cont for _, cont in enc], max_length))
             owner.append((i, list(range(len(enc)))))
         else:
             for j, (ctx, cont) in enumerate(enc):
-                requests.append(_request(ctx, cont, max_length))
+                requests.append(request(ctx, cont, max_length))
                 owner.append((i, [j]))
-    scores = score_requests(model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    scores = score_requests(model, requests, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
     C = max((len(ex.choices) for ex in examples), default=0)
     out = torch.full((len(examples), C), float("-inf"))
     for (i, js), s in zip(owner, scores, strict=True):
@@ -259,23 +206,35 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, window: int | None = N
         window: tokens per forward (default: the model's position limit, at most 2048).
         stride: new tokens scored per window (default ``window // 2``).
     Returns:
-        ``{"perplexity", "nll" (summed, nats), "tokens" (scored)}``.
+        ``{"perplexity", "nll" (summed, nats), "tokens" (scored), "docs"}``; ``docs`` lists
+        ``(summed nll, tokens scored)`` of every document with a token to score, in input order
+        (what :func:`moeharden.tasks.intervals.perplexity_interval` resamples).
+    Raises:
+        TaskError: no document has 2 tokens, or an invalid window/stride.
     """
     window = window or model_max_length(model, DEFAULT_MAX_LENGTH)
     window = min(window, model_max_length(model) + 1)  # reads window - 1 tokens
     stride = stride or max(1, window // 2)
     stride = min(stride, window - 1)
     requests: list[Request] = []
-    for ids in _encode(tokenizer, texts):
+    doc_of: list[int] = []  # the document each window belongs to
+    for d, ids in enumerate(encode_texts(tokenizer, texts)):
         for begin, end, n in perplexity_windows(len(ids), window, stride):
             requests.append((ids[begin:end - 1], [ids[end - n:end]]))
+            doc_of.append(d)
     if not requests:
         raise TaskError("Perplexity needs documents of at least 2 tokens; every document is shorter.")
     with torch.no_grad():
-        scores = score_requests(model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size)
-    nll = -float(sum(float(s.sum()) for s in scores))
-    tokens = sum(len(r[1][0]) for r in requests)
-    return {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens}
+        scores = score_requests(model, requests, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
+    per_doc: dict[int, list[float]] = {}  # document -> [summed nll, tokens]
+    for d, r, sc in zip(doc_of, requests, scores, strict=True):
+        acc = per_doc.setdefault(d, [0.0, 0])
+        acc[0] -= float(sc.sum())
+        acc[1] += len(r[1][0])
+    docs = [(nll_d, int(t)) for nll_d, t in (per_doc[d] for d in sorted(per_doc))]
+    nll = sum(x for x, _ in docs)
+    tokens = sum(t for _, t in docs)
+    return {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens, "docs": docs}
 
 
 # --------------------------------------------------------------------------- generation
@@ -289,12 +248,12 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     device = _device(model)
     eos = tokenizer.eos_token_id
     budget = max(1, model_max_length(model, max_length) - max_new_tokens)
-    enc = [ids[-budget:] or [_prefix_id(tokenizer)] for ids in _encode(tokenizer, prompts)]
+    enc = [ids[-budget:] or [prefix_token_id(tokenizer)] for ids in encode_texts(tokenizer, prompts)]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     texts: list[str] = [""] * len(enc)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        ids, mask, pos = _left_pad([enc[i] for i in idx], _pad_id(tokenizer), device)
+        ids, mask, pos = _left_pad([enc[i] for i in idx], pad_token_id(tokenizer), device)
         kw = {"logits_to_keep": 1} if _keeps_logits(model) else {}
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         new = [[] for _ in idx]
@@ -323,76 +282,6 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     return texts
 
 
-def _tokens(text: str) -> list[str]:
-    # rouge-score's tokenizer without stemming: lowercase, non-alphanumerics split words
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
-    if overlap == 0 or n_pred == 0 or n_ref == 0:
-        return 0.0
-    p, r = overlap / n_pred, overlap / n_ref
-    return 2 * p * r / (p + r)
-
-
-def _ngram_f1(pred: list[str], ref: list[str], n: int) -> float:
-    from collections import Counter
-
-    pc = Counter(tuple(pred[i:i + n]) for i in range(len(pred) - n + 1))
-    rc = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
-    return _f1(sum((pc & rc).values()), sum(pc.values()), sum(rc.values()))
-
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_scores(prediction: str, reference: str, *, impl: str = "auto") -> dict[str, float]:
-    """ROUGE-1/2/L F1 of one prediction against one reference.
-
-    Args:
-        impl: ``rouge_score`` (Google's package, Porter stemming), ``builtin`` (same tokenizer,
-            no stemming) or ``auto`` (the package when installed).
-    Returns:
-        ``{"rouge1", "rouge2", "rougeL"}`` in [0, 1].
-    """
-    if impl in ("auto", "rouge_score"):
-        try:
-            from rouge_score import rouge_scorer
-        except ImportError:
-            if impl == "rouge_score":
-                raise TaskError("rouge-score is not installed.", hint="pip install 'moeharden[rouge]'") from None
-        else:
-            sc = _scorer(rouge_scorer).score(reference, prediction)
-            return {k: float(v.fmeasure) for k, v in sc.items()}
-    p, r = _tokens(prediction), _tokens(reference)
-    return {"rouge1": _ngram_f1(p, r, 1), "rouge2": _ngram_f1(p, r, 2),
-            "rougeL": _f1(_lcs(p, r), len(p), len(r))}
-
-
-_SCORER: list[Any] = []
-
-
-def _scorer(rouge_scorer):
-    if not _SCORER:
-        _SCORER.append(rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True))
-    return _SCORER[0]
-
-
-def _rouge_impl() -> str:
-    try:
-        import rouge_score  # noqa: F401
-    except ImportError:
-        return "builtin"
-    return "rouge_score"
-
-
 # --------------------------------------------------------------------------- tasks
 def evaluate(model, tokenizer, task: Task, *, split: str = "evaluation", batch_size: int = 32,
              examples: Sequence[Example] | None = None) -> EvalResult:
@@ -402,7 +291,9 @@ def evaluate(model, tokenizer, task: Task, *, split: str = "evaluation", batch_s
         split: ``evaluation`` (default), ``attribution`` or ``train``.
         examples: score these instead of a split.
     Returns:
-        An :class:`EvalResult` (generation: all ROUGE scores and exact match in ``extra``).
+        An :class:`EvalResult` with its 95% interval ``lo``/``hi``: Wilson on the number correct
+        for accuracy and exact match, a bootstrap over examples for ROUGE and over documents for
+        perplexity (generation: all ROUGE scores and exact match in ``extra``).
     Raises:
         TaskError: the split is empty, or the task is of an unknown kind.
     """
@@ -417,26 +308,55 @@ def evaluate(model, tokenizer, task: Task, *, split: str = "evaluation", batch_s
     max_length = spec.max_length if spec is not None else None
     with _eval_mode(model), torch.no_grad():
         if task.kind == "multiple_choice":
-            acc, _ = multiple_choice_accuracy(model, tokenizer, exs, batch_size=batch_size, max_length=max_length)
-            return EvalResult(task.name, task.metric, acc, len(exs))
+            acc, lp = multiple_choice_accuracy(model, tokenizer, exs, batch_size=batch_size, max_length=max_length)
+            correct = int((lp.argmax(-1) == torch.tensor([ex.label for ex in exs])).sum())
+            return EvalResult(task.name, task.metric, acc, len(exs), {}, *wilson(correct, len(exs)))
         if task.kind == "perplexity":
             r = perplexity(model, tokenizer, [ex.target for ex in exs], window=spec.window if spec else None,
                            stride=spec.stride if spec else None, batch_size=max(1, batch_size // 8))
             return EvalResult(task.name, task.metric, r["perplexity"], len(exs),
-                              {"nll": r["nll"], "tokens": r["tokens"]})
+                              {"nll": r["nll"], "tokens": r["tokens"]}, *perplexity_interval(r["docs"]))
         if task.kind == "generation":
             preds = generate_greedy(model, tokenizer, [ex.prompt for ex in exs],
                                     max_new_tokens=spec.max_new_tokens if spec else 32,
                                     stop=tuple(spec.stop) if spec else ("\n",), batch_size=batch_size,
                                     max_length=max_length)
-            em = sum(p.strip() == ex.target.strip() for p, ex in zip(preds, exs, strict=True)) / len(exs)
-            extra: dict[str, Any] = {"exact_match": em}
+            hits = sum(p.strip() == ex.target.strip() for p, ex in zip(preds, exs, strict=True))
+            extra: dict[str, Any] = {"exact_match": hits / len(exs)}
+            lo, hi = wilson(hits, len(exs))
             if task.metric.startswith("rouge"):
                 rs = [rouge_scores(p, ex.target) for p, ex in zip(preds, exs, strict=True)]
-                extra.update({k: sum(r[k] for r in rs) / len(rs) for k in ("rouge1", "rouge2", "rougeL")})
-                extra["rouge_impl"] = _rouge_impl()
-            return EvalResult(task.name, task.metric, float(extra[task.metric]), len(exs), extra)
+                extra.update({k: sum(r[k] for r in rs) / len(rs) for k in ROUGE_KEYS})
+                extra["rouge_impl"] = rouge_impl()
+                if task.metric in ROUGE_KEYS:  # a bootstrap over the per-example F1 scores
+                    lo, hi = mean_interval([r[task.metric] for r in rs])
+            return EvalResult(task.name, task.metric, float(extra[task.metric]), len(exs), extra, lo, hi)
     raise TaskError(f"Task {task.name!r} has unknown kind {task.kind!r}.")
+
+
+# --------------------------------------------------------------------------- answer losses
+def answer_nll(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 16,
+               max_length: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Summed negative log-likelihood of each example's answer tokens, and how many there are.
+
+    The answer is what :func:`moeharden.tasks.encoding.example_pairs` scores: the labelled choice,
+    the target followed by eos, or a document's tokens after its first. It equals the summed
+    cross-entropy of the example's row in an :func:`moeharden.tasks.encoding.encode` batch.
+
+    Args:
+        max_length: tokens of prompt + answer (default: the model's position limit).
+    Returns:
+        ``(nll [N], n_tokens)``; an example with no token to score has nll 0 and 0 tokens.
+        Differentiable when called with gradients enabled.
+    """
+    max_length = model_max_length(model, max_length)
+    reqs = example_requests(tokenizer, examples, max_length=max_length)
+    live = [i for i, r in enumerate(reqs) if r is not None]
+    scores = score_requests(model, [reqs[i] for i in live], pad_id=pad_token_id(tokenizer), batch_size=batch_size)
+    nll = torch.zeros(len(examples), device=_device(model))
+    if live:
+        nll = nll.index_put((torch.tensor(live, device=nll.device),), -torch.cat(scores))
+    return nll, [len(r[1][0]) if r is not None else 0 for r in reqs]
 
 
 def task_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 16,
@@ -455,23 +375,7 @@ def task_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int 
     """
     if not examples:
         raise TaskError("task_loss needs at least one example.")
-    max_length = model_max_length(model, max_length)
-    eos = tokenizer.eos_token_id
-    requests: list[Request] = []
-    docs = [ex for ex in examples if ex.kind == "perplexity"]
-    for ids in _encode(tokenizer, [ex.target for ex in docs]):
-        if len(ids) >= 2:
-            ids = ids[:max_length + 1]
-            requests.append((ids[:-1], [ids[1:]]))
-    others = [ex for ex in examples if ex.kind != "perplexity"]
-    for ex, (ctx, cont) in zip(others, encode_pairs(tokenizer, [(ex.prompt, ex.target) for ex in others]),
-                               strict=True):
-        if ex.kind == "generation" and eos is not None:
-            cont = cont + [int(eos)]
-        if cont:
-            requests.append(_request(ctx, cont, max_length))
-    if not requests:
+    nll, counts = answer_nll(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
+    if not sum(counts):
         raise TaskError("task_loss: no example has an answer token to score.")
-    scores = score_requests(model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size)
-    n_tokens = sum(len(r[1][0]) for r in requests)
-    return -torch.stack([s.sum() for s in scores]).sum() / n_tokens
+    return nll.sum() / sum(counts)

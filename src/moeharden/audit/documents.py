@@ -1,0 +1,293 @@
+"""The typed report documents: ``scan.json`` and ``verify.json`` (and the gate they are judged by).
+
+Every report is a pydantic model with a versioned ``schema`` string; producers in :mod:`moeharden.audit`
+build these models, consumers (gate, verify, report, the CLI) read their attributes, and reading one
+from disk validates it (:func:`load_document`): a wrong or hostile JSON is an :class:`InputError`
+(exit 3) with a one-paragraph message, never a ``KeyError``. The on-disk field names are those of the
+JSON files; ``docs/report-fields.md`` is generated from these models (``moeharden schema --markdown``).
+The side documents of other commands (prune record, entangle.json, manifest) are in
+:mod:`moeharden.audit.records`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+from moeharden import __version__
+from moeharden.errors import InputError, MoehardenError, validation_problems
+
+SCAN_SCHEMA = "moeharden.scan/1"
+VERIFY_SCHEMA = "moeharden.verify/1"
+MAX_PROBLEMS_SHOWN = 8
+
+
+class Record(BaseModel):
+    """Base of every document part: unknown keys are errors; some optional keys are left out when None."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        data = handler(self)
+        for key in self.omit_if_none:
+            if key in data and data[key] is None:
+                del data[key]
+        return data
+
+    def to_json(self) -> dict[str, Any]:
+        """The on-disk JSON object (field names as in the file)."""
+        return self.model_dump(by_alias=True)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ToolInfo(Record):
+    """The tool that wrote a document."""
+
+    name: Literal["moeharden"] = Field(description="Always `moeharden`.")
+    version: str = Field(description="The moeharden version that wrote the document.")
+
+
+def stamp() -> dict[str, Any]:
+    """``tool`` and ``created`` of a document written now (producers pass ``**stamp()``)."""
+    return {"tool": ToolInfo(name="moeharden", version=__version__), "created": _now()}
+
+
+class ModelIdentity(Record):
+    """Identity of a loaded checkpoint."""
+
+    path: str = Field(description="The resolved local checkpoint directory.")
+    name: str = Field(description="The directory's name.")
+    family: str = Field(description="Registry family name (e.g. `Mixtral`, `Qwen3-MoE`).")
+    model_type: str = Field(description="`config.json`'s `model_type`.")
+    num_experts: int = Field(ge=1, description="Routed experts per MoE layer (E).")
+    top_k: int = Field(ge=1, description="Experts selected per token (k).")
+    moe_layers: list[int] = Field(description="Decoder-layer indices of the MoE layers (dense layers are absent).")
+    config_sha256: str = Field(description="sha256 of `config.json` in canonical form (sorted keys).")
+    safetensors_digest: str = Field(description="sha256 over each safetensors file's name, size and header "
+                                                "(layout, not tensor data; the `lock` manifest hashes the data).")
+
+
+class ScanSettingsRecord(Record):
+    """How a scan ran."""
+
+    methods: list[str] = Field(description="Attribution methods run.")
+    keeps: list[int] = Field(description="Keep-counts swept, descending.")
+    ranking: Literal["per_layer", "global"] = Field(description="Keep-set ranking: per layer or global.")
+    limit: int | None = Field(description="Examples per task split (seeded sample), or null for all.")
+    seed: int = Field(description="First seed of the random-keep control.")
+    random_seeds: int = Field(ge=1, description="How many random keep-sets per K.")
+
+
+class TaskRecord(Record):
+    """One task of a scan and the full model's score on it."""
+
+    name: str = Field(description="Task name.")
+    kind: str = Field(description="`multiple_choice`, `generation`, `perplexity` or `lm_eval`.")
+    metric: str = Field(description="`accuracy`, `exact_match`, `rouge1`, `rouge2`, `rougeL`, `perplexity`, "
+                                    "or lm-eval's.")
+    full: float = Field(description="The full model's metric on the evaluation split.")
+    chance: float | None = Field(description="Metric of a random guesser, or null.")
+    n_attribution: int = Field(ge=0, description="Attribution (calibration) split size used.")
+    n_evaluation: int = Field(ge=0, description="Evaluation split size used.")
+
+
+class SweepRecord(Record):
+    """One evaluated (task, method, K) cell of the pruning sweep."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"seeds", "std"})
+    task: str = Field(description="Task name.")
+    method: str = Field(description="An attribution method, or `random` (the control).")
+    keep: int = Field(ge=1, description="Experts kept per MoE layer (K).")
+    metric: float = Field(description="The masked model's metric (for `random`: the mean over the seeds).")
+    retained: float = Field(description="Pruned ÷ full (perplexity: full ÷ pruned); 1.0 at K = E.")
+    above_chance: float | None = Field(description="(pruned − chance) ÷ (full − chance), or null without a "
+                                                   "chance level.")
+    seeds: list[int] | None = Field(None, description="`random` rows only: the seeds of the random keep-sets.")
+    std: float | None = Field(None, description="`random` rows only: sample standard deviation of the metric.")
+
+
+class HeadlinePoint(Record):
+    """The best non-random attacker at one target keep fraction."""
+
+    keep: int | None = Field(description="The largest swept K ≤ the target fraction of E, or null when none.")
+    retained: float | None = Field(description="That attacker's retained fraction, or null.")
+    method: str | None = Field(description="That attacker's method, or null.")
+    above_chance: float | None = Field(None, description="That attacker's above-chance retained, or null.")
+
+
+class TaskHeadline(Record):
+    """The headline of one task: the best attacker at 25% and 50% of experts kept."""
+
+    keep_25: HeadlinePoint = Field(description="At the largest swept K ≤ E/4.")
+    keep_50: HeadlinePoint = Field(description="At the largest swept K ≤ E/2.")
+
+
+class RecoveryRow(Record):
+    """One point of a re-alignment learning curve."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"unlabeled"})
+    task: str = Field(description="Task name.")
+    keep: int = Field(ge=1, description="Experts kept per layer of the attacked pruned model.")
+    mode: Literal["full", "router", "lora", "distill"] = Field(description="What the attacker trains.")
+    strategy: str = Field(description="`random`, `entropy`, `margin`, `kcenter`; `distill` for that mode.")
+    seed: int = Field(description="Seed of the run.")
+    labels: int = Field(ge=0, description="Labels bought so far (0 for distill).")
+    metric: float = Field(description="The metric after this round.")
+    unlabeled: int | None = Field(None, description="Distill rows only: unlabeled prompts used.")
+
+
+class RecoverySettingsRecord(Record):
+    """How the re-alignment attack ran."""
+
+    modes: list[str] = Field(description="Modes run (`full`, `router`, `lora`, `distill`).")
+    strategies: list[str] = Field(description="Label-selection strategies run.")
+    seeds: list[int] = Field(description="Seeds of every (mode, strategy).")
+    budget: int = Field(ge=1, description="Label cap of each run.")
+    rounds: int = Field(ge=1, description="Select → train rounds per run.")
+    steps_per_round: int = Field(ge=0, description="Optimiser steps per round.")
+    lr: float = Field(description="Learning rate.")
+    target_fraction: float = Field(gt=0, description="Recovery target: this fraction of the full metric.")
+    keeps: dict[str, list[int]] = Field(description="`{task: [K]}` keep-counts attacked.")
+    labels_axis: str = Field(description="A note on the x-axis of the curves.")
+
+
+class RecoverySaving(Record):
+    """Labels an active strategy saves against random selection."""
+
+    best_active: str = Field(description="The active strategy that needed the fewest labels.")
+    labels: float = Field(description="Its labels to recover.")
+    random: float | None = Field(description="Random selection's labels to recover, or null.")
+    saving_vs_random: float | None = Field(description="1 − best ÷ random, or null.")
+
+
+class RecoveryTiming(Record):
+    """Seconds spent in the re-alignment attack."""
+
+    select: float = Field(description="Seconds spent selecting labels.")
+    train: float = Field(description="Seconds spent training.")
+
+
+class RecoverySections(Record):
+    """The recovery sections of a scan, as the attack layer's recovery suite returns them."""
+
+    recovery: list[RecoveryRow] = Field(description="One row per learning-curve point.")
+    labels_to_recover: dict[str, dict[str, float | None]] = Field(
+        description="`{task: {strategy: labels}}`: labels needed to reach `target_fraction` of the full model "
+                    "at the first keep-count in `recovery_settings.keeps`, mean over seeds; null unless every "
+                    "seed got there within the budget. Counted for the first mode run and for `distill`.")
+    recovery_saving: dict[str, RecoverySaving] = Field(
+        description="`{task: saving}`, present for a task when an active strategy recovered.")
+    recovery_settings: RecoverySettingsRecord = Field(description="How the attack ran.")
+    recovery_timing: RecoveryTiming = Field(description="Seconds selecting and training.")
+
+
+class ScanDocument(Record):
+    """`scan.json`: how much of each task survives when a thief keeps only the experts it uses."""
+
+    SCHEMA: ClassVar[str] = SCAN_SCHEMA
+    omit_if_none: ClassVar[frozenset[str]] = frozenset(
+        {"recovery", "labels_to_recover", "recovery_saving", "recovery_settings", "recovery_timing"})
+    schema_id: Literal["moeharden.scan/1"] = Field(SCAN_SCHEMA, alias="schema", description="`moeharden.scan/1`.")
+    tool: ToolInfo = Field(description="The tool that wrote it.")
+    created: str = Field(description="UTC time, ISO 8601, seconds.")
+    model: ModelIdentity = Field(description="The checkpoint's identity.")
+    settings: ScanSettingsRecord = Field(description="How the scan ran.")
+    tasks: list[TaskRecord] = Field(description="One entry per task.")
+    attribution: dict[str, dict[str, list[list[float]]]] = Field(
+        description="`{method: {task: [[score per expert] per MoE layer]}}`: the [L, E] score matrix of every "
+                    "method, rows in the order of `model.moe_layers`.")
+    keep_sets: dict[str, dict[str, dict[str, dict[str, list[int]]]]] = Field(
+        description="`{method: {task: {\"<K>\": {\"<layer>\": [expert ids]}}}}`: the experts each method keeps "
+                    "at each swept K < E (the inner object is a `KEEP.json`'s `keep` for `moeharden prune`).")
+    sweep: list[SweepRecord] = Field(description="One row per (task, method, K).")
+    headline: dict[str, TaskHeadline] = Field(description="`{task: headline}`.")
+    timings: dict[str, float] = Field(description="Seconds per stage: `load`, `full_eval`, `attribution_pass`, "
+                                                  "`ablation` (when that method ran), `sweep`.")
+    recovery: list[RecoveryRow] | None = Field(None, description="Re-alignment attack (present when it ran): "
+                                                                 "one row per learning-curve point.")
+    labels_to_recover: dict[str, dict[str, float | None]] | None = Field(
+        None, description="Present when the attack ran: see the recovery sections.")
+    recovery_saving: dict[str, RecoverySaving] | None = Field(None, description="Present when the attack ran.")
+    recovery_settings: RecoverySettingsRecord | None = Field(None, description="Present when the attack ran.")
+    recovery_timing: RecoveryTiming | None = Field(None, description="Present when the attack ran.")
+
+    def with_recovery(self, sections: RecoverySections) -> ScanDocument:
+        """This document with the recovery sections set (a copy, validated)."""
+        return ScanDocument.model_validate({**self.to_json(), **sections.to_json()})
+
+    def task(self, name: str) -> TaskRecord | None:
+        """The task entry called ``name``, or None."""
+        return next((t for t in self.tasks if t.name == name), None)
+
+
+D = TypeVar("D", bound=Record)
+
+
+def parse_document(raw: Any, kind: type[D], *, where: str, error: type[MoehardenError] = InputError) -> D:
+    """Validate a decoded JSON value as a document of type ``kind`` (which has a ``SCHEMA``).
+
+    Raises:
+        InputError (or ``error``): not an object, a different schema, or invalid fields (listed).
+    """
+    expected = kind.SCHEMA  # type: ignore[attr-defined]
+    if not isinstance(raw, dict):
+        raise error(f"{where} holds a JSON {type(raw).__name__}, not a {expected} document.",
+                    hint="Point at the JSON written by the matching moeharden command.")
+    schema = raw.get("schema")
+    if schema != expected:
+        raise error(f"{where} has schema {str(schema)[:60]!r}, expected {expected!r}.",
+                    hint="Point at the JSON written by the matching moeharden command.")
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as err:
+        problems = validation_problems(err)
+        shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN]) + ("; …" if len(problems) > MAX_PROBLEMS_SHOWN else "")
+        raise error(f"{where} is not a valid {expected} document ({len(problems)} problem(s)): {shown}.",
+                    hint="Re-create it with the moeharden command that writes it; it may be damaged or edited.") \
+            from None
+    except RecursionError:
+        raise error(f"{where} nests too deeply to be a {expected} document.") from None
+
+
+def load_document(path: Path, kind: type[D], *, error: type[MoehardenError] = InputError) -> D:
+    """Read and validate a report JSON from disk.
+
+    Args:
+        path: the JSON file.
+        kind: the document model (e.g. :class:`ScanDocument`).
+        error: the error type to raise (``IntegrityError`` for manifests).
+    Returns:
+        the validated document.
+    Raises:
+        InputError (or ``error``): missing file, a directory, unreadable or non-UTF-8 bytes, invalid or
+        too deeply nested JSON, a different schema, or fields of the wrong type.
+    """
+    path = Path(path)
+    expected = kind.SCHEMA  # type: ignore[attr-defined]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"Report file {path} does not exist.",
+                    hint=f"Pass the {expected} JSON written by the matching moeharden command.") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not a {expected} JSON file.",
+                    hint="Point at the JSON file inside it (e.g. DIR/scan.json).") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"Could not read {path}: {err}.") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}).",
+                    hint=f"Pass the {expected} JSON written by the matching moeharden command.") from None
+    except RecursionError:
+        raise error(f"{path} nests too deeply to be a {expected} document.") from None
+    return parse_document(raw, kind, where=str(path), error=error)

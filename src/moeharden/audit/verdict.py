@@ -1,0 +1,165 @@
+"""The typed verdict documents: the release gate, its rows, the integrity check and ``verify.json``.
+
+``verify.json`` (schema ``moeharden.verify/1``) holds the gate in force, every gate row with its
+measured value, threshold and pass/fail, the manifest check and the full re-attack (a
+:class:`~moeharden.audit.documents.ScanDocument`). Built by :mod:`moeharden.audit.verify`, read by
+the report and the CLI; reading one from disk validates it (:func:`moeharden.audit.documents.load_document`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moeharden.audit.documents import ModelIdentity, Record, ScanDocument, ToolInfo
+
+VERIFY_SCHEMA = "moeharden.verify/1"
+
+
+class Gate(BaseModel):
+    """Thresholds of the release gate (`data/gate-default.yaml`, overridden by `verify --gate FILE`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    version: Literal[1] = Field(1, description="Gate file format version.")
+    full_metric_min_fraction: float = Field(
+        0.98, gt=0, le=1.5, description="The hardened full model keeps at least this fraction of the baseline's "
+                                        "metric, on every task.")
+    max_above_chance_retained: float = Field(
+        0.5, ge=0, le=1, description="Worst case over every attack (all attribution methods and the random "
+                                     "control) of (pruned − chance) ÷ (full − chance), at every K ≤ "
+                                     "`max_keep_fraction` · E.")
+    max_keep_fraction: float = Field(0.5, gt=0, lt=1, description="Keep-counts up to this fraction of E are gated.")
+    min_labels_factor: float = Field(
+        5.0, ge=1, description="The re-alignment attack needs at least this many times the baseline's labels "
+                               "(floored at one round's labels, budget ÷ rounds), or fails to recover.")
+    require_manifest: bool = Field(False, description="Fail when the checkpoint carries no moeharden manifest.")
+
+
+CHECKS = Literal["full_metric_fraction", "worst_above_chance_retained", "labels_to_recover",
+                 "manifest_integrity", "manifest_present", "task_in_baseline"]
+
+
+class GateRow(Record):
+    """One gate row: a measured value, its threshold, and whether it holds."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset(
+        {"hardened_full", "baseline_full", "keep", "attack", "baseline_labels", "note"})
+    check: CHECKS = Field(description=(
+        "`full_metric_fraction`: hardened full ÷ baseline full (perplexity: baseline ÷ hardened), `>=`; "
+        "`worst_above_chance_retained`: max over every method and the random control of above-chance retained "
+        "at one K ≤ `max_keep_fraction`·E, `<=`; `labels_to_recover`: fewest labels any strategy needed on the "
+        "hardened model, or null when none recovered (then the row passes), `>= or not recovered`; "
+        "`manifest_integrity`: the manifest check's `ok`, `==`; `manifest_present`: false (only with "
+        "`require_manifest` and no manifest); `task_in_baseline`: false, the task is missing from the baseline."))
+    task: str | None = Field(description="Task name; null for checkpoint-wide rows.")
+    value: bool | float | None = Field(description="The measured value.")
+    threshold: bool | float = Field(description="The threshold it is compared with.")
+    op: str = Field(description="How value is compared with threshold.")
+    passed: bool = Field(alias="pass", description="Whether the row holds.")
+    hardened_full: float | None = Field(None, description="`full_metric_fraction`: the hardened full metric.")
+    baseline_full: float | None = Field(None, description="`full_metric_fraction`: the baseline full metric.")
+    keep: int | None = Field(None, description="`worst_above_chance_retained`: the keep-count K.")
+    attack: str | None = Field(None, description="The method (or recovery strategy) that did best.")
+    baseline_labels: float | None = Field(None, description="`labels_to_recover`: the baseline's fewest labels.")
+    note: str | None = Field(None, description="`labels_to_recover`: why there is no value.")
+
+    def describe(self) -> str:
+        """One human line for the row."""
+        where = f"task {self.task}" if self.task else "checkpoint"
+        extra = "".join(f", {k}={v}" for k, v in (("keep", self.keep), ("attack", self.attack)) if v is not None)
+        return f"{self.check} ({where}{extra}): {self.value} {self.op} {self.threshold}"
+
+
+class SignatureCheck(Record):
+    """The signature half of the integrity check."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"error"})
+    checked: str = Field(description="The directory whose signature was checked (the checkpoint, or the release "
+                                     "the manifest came from).")
+    ok: bool = Field(description="Whether the signature verified.")
+    error: str | None = Field(None, description="Why it did not.")
+
+
+class TensorCheck(Record):
+    """The tensor-hash half of the integrity check."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"unreadable"})
+    checked: int = Field(ge=0, description="Tensors hashed.")
+    changed: list[str] = Field(description="Tensors whose sha256 differs from the manifest.")
+    missing: list[str] = Field(description="Tensors in the manifest but not in the checkpoint.")
+    extra: list[str] = Field(description="Tensors in the checkpoint but not in the manifest.")
+    unreadable: str | None = Field(None, description="Why the weights could not be read.")
+
+
+class LayerDerivation(Record):
+    """How one MoE layer of a derivative maps to the original's experts."""
+
+    kept: list[int] = Field(description="Original expert ids kept.")
+    removed: list[int] = Field(description="Original expert ids removed.")
+    mapping: dict[str, int | None] = Field(description="`{suspect id: original id or null}`.")
+    cosine: dict[str, float] = Field(description="`{suspect id: fingerprint cosine}`.")
+
+
+class ExpertCounts(Record):
+    """Routed experts per layer before and after."""
+
+    original: int = Field(description="In the signed release.")
+    suspect: int = Field(description="In the checked checkpoint.")
+
+
+class Derivation(Record):
+    """A derivative's experts matched to the release's by fingerprint."""
+
+    layers: dict[str, LayerDerivation] = Field(description="`{layer: match}`.")
+    num_experts: ExpertCounts = Field(description="Experts per layer, original and suspect.")
+
+
+class IntegrityReport(Record):
+    """What `verify --pubkey` found: a checkpoint against its signed manifest; `ok` is false when anything failed."""
+
+    checkpoint: str = Field(description="The checked checkpoint.")
+    manifest: str = Field(description="The manifest it was checked against.")
+    ok: bool = Field(True, description="The verdict: nothing failed.")
+    signature: SignatureCheck | None = Field(None, description="The signature check.")
+    tensors: TensorCheck | None = Field(None, description="The tensor-hash check.")
+    derivation: Derivation | None = Field(None, description="For a derivative (tensors missing or extra): its "
+                                                            "experts matched to the original's.")
+    policy_violations: list[str] = Field(default_factory=list, description="Changes the release's policy forbids.")
+    problems: list[str] = Field(default_factory=list, description="Everything that failed, one line each.")
+
+
+class BaselineRef(Record):
+    """The baseline a verify run compared against."""
+
+    path: str = Field(description="The baseline `scan.json`.")
+    model: ModelIdentity = Field(description="Its model identity.")
+
+
+class VerifyDocument(Record):
+    """`verify.json`: the re-attack of a hardened checkpoint and the release gate."""
+
+    SCHEMA: ClassVar[str] = VERIFY_SCHEMA
+    schema_id: Literal["moeharden.verify/1"] = Field(VERIFY_SCHEMA, alias="schema",
+                                                     description="`moeharden.verify/1`.")
+    tool: ToolInfo = Field(description="The tool that wrote it.")
+    created: str = Field(description="UTC time, ISO 8601, seconds.")
+    checkpoint: ModelIdentity = Field(description="Identity of the verified checkpoint.")
+    baseline: BaselineRef = Field(description="The baseline scan.")
+    gate_settings: Gate = Field(description="The gate in force.")
+    gate: list[GateRow] = Field(description="The gate rows.")
+    passed: bool = Field(description="Every row passed (exit 0; otherwise exit 1).")
+    integrity: IntegrityReport | None = Field(description="The manifest/signature check when the checkpoint "
+                                                          "carries `moeharden-manifest.json`, else null.")
+    attack: ScanDocument = Field(description="The full re-attack of the hardened checkpoint: a scan document "
+                                             "(recovery sections run with every mode).")
+    seconds: float = Field(ge=0, description="Wall time of the re-attack.")
+
+    def failing(self) -> list[GateRow]:
+        """The rows that do not hold."""
+        return [r for r in self.gate if not r.passed]
+
+    def summary(self) -> dict[str, Any]:
+        """The short JSON the CLI emits."""
+        return {"passed": self.passed, "gate": [r.to_json() for r in self.gate],
+                "integrity": None if self.integrity is None else self.integrity.to_json()}

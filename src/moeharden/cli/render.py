@@ -1,0 +1,69 @@
+"""How the CLI renders library results for people (Rich tables and lines on stderr).
+
+Every function takes a typed result and prints it; every user-supplied string (paths, task names,
+tensor names, messages read from files) goes through :func:`~moeharden.cli.handler.esc`.
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from moeharden import console as ui
+from moeharden.cli.handler import esc
+
+
+def _f(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def scan_headline(result) -> None:
+    """The best attacker per task of a :class:`~moeharden.audit.scan.ScanResult`."""
+    doc = result.data
+    table = Table(title="Best attacker per task (retained fraction of the full model)")
+    for col in ("task", "full", "keep@25%", "retained", "method", "keep@50%", "retained", "method"):
+        table.add_column(col)
+    for t in doc.tasks:
+        h = doc.headline.get(t.name)
+        if h is None:
+            continue
+        q, half = h.keep_25, h.keep_50
+        table.add_row(esc(t.name), f"{t.full:.3f}", esc(q.keep), _f(q.retained), esc(q.method),
+                      esc(half.keep), _f(half.retained), esc(half.method))
+    ui.console.print(table)
+    ui.console.print(f"Report: {esc(result.paths['html'])}")
+
+
+def gate(result) -> None:
+    """The gate table of a :class:`~moeharden.audit.verify.VerifyResult`, then its failing rows."""
+    table = Table(title=f"Release gate: {'PASSED' if result.passed else 'FAILED'}")
+    for col in ("check", "task", "keep", "value", "threshold", "result"):
+        table.add_column(col)
+    for r in result.data.gate:
+        table.add_row(r.check, esc(r.task or "—"), esc(r.keep or "—"), esc(r.value), f"{r.op} {r.threshold}",
+                      "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+    ui.console.print(table)
+    ui.console.print(f"verify.json and report: {esc(result.out)}")
+    for r in result.failing():
+        ui.console.print(f"  [red]FAIL[/] {esc(r.describe())}")
+
+
+def integrity(res) -> None:
+    """An :class:`~moeharden.audit.verdict.IntegrityReport`: signature, tensors, derivation, policy."""
+    sig = res.signature
+    if sig is not None:
+        ui.console.print(f"signature ({esc(sig.checked)}): " + ("[green]ok[/]" if sig.ok else
+                                                                 f"[red]FAILED[/] {esc(sig.error or '')}"))
+    t = res.tensors
+    if t is not None:
+        ui.console.print(f"tensors checked: {t.checked}; changed {len(t.changed)}, missing {len(t.missing)}, "
+                         f"extra {len(t.extra)}")
+        for n in t.changed[:20]:
+            ui.console.print(f"  [red]changed[/] {esc(n)}")
+    if res.derivation:
+        ui.console.print("derivative of the release — kept original experts per layer:")
+        for layer, d in sorted(res.derivation.layers.items(), key=lambda x: int(x[0])):
+            ui.console.print(f"  layer {esc(layer)}: kept {d.kept}  removed {d.removed}")
+    for v in res.policy_violations:
+        ui.console.print(f"  [red]policy[/] {esc(v)}")
+    ui.console.print("[green]Intact: matches the signed release.[/]" if res.ok else
+                     "[red]Integrity check failed.[/]")

@@ -1,0 +1,219 @@
+"""The entangled training loop: retrain a MoE so that pruning its experts fails sharply.
+
+Objective per step, on one single-task batch of every task (terms in :mod:`.losses`):
+
+    L = λ_T · L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread [+ λ_rec · ℓ(θ'_S)]
+
+* ``L_task``: cross-entropy of the answers under the full model.
+* ``KL``: keeps the released model's output distribution close to the original's (all positions).
+* ``ℓ(θ_S)`` is **bounded**, never raw negative cross-entropy (cheap to undo): multiple choice:
+  ``ln C − H(p_S over the choices)`` (0 when the pruned model is at chance; no reward for
+  answering wrongly, which would leak the task by inversion); generation / LM: per-token
+  ``relu(τ − CE_S)`` with τ = tau_token. The pruned sub-model is never trained to do the task.
+* S is drawn from the pools of :mod:`.pools`: attribution-picked keep-sets (recomputed every
+  ``recompute_every`` steps as routing moves), random subsets at keep-ratios 1/8..3/4, and
+  adversarially searched keep-sets (the attacker's best choice on a batch).
+* ``L_spread``: per-task load balance, on single-task batches: Σ_layers (E·Σ_e p̄_e² − 1), where p̄
+  is the task's mean routing distribution (softmax of router logits); 0 when uniform.
+* optional TAR-style first-order simulated recovery: ``recovery_steps`` attacker steps on the
+  pruned sub-model (on labels — cross-entropy — or, like the ``distill`` attack, on the full
+  model's outputs; plain SGD or sign steps, which is what Adam's early steps are), then ℓ of
+  the updated sub-model on a *different* batch after every step; the mean of those gradients
+  is added at θ (first order). Keep-sets for it come from the attribution and adversarial
+  pools at keep ≤ ``recovery_keep_max`` · E — the attacker's choices.
+
+Checkpoints every ``checkpoint_every`` steps (:mod:`.resume`) allow ``--resume``; per-step
+randomness is derived from (seed, step), so a resumed run gives the same weights as an
+uninterrupted one. The loop is split as setup (:func:`_setup`) / one task's micro-batch
+(:func:`_task_unit`) / one optimizer step (:func:`_train_step`) / the loop (:func:`entangle_model`).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeharden.defend.entangle.losses import (
+    RouterTap,
+    kl_retain,
+    pruned_hinge,
+    simulated_recovery,
+    spread_loss,
+)
+from moeharden.defend.entangle.pools import refresh_pools, sample_keepset, train_keeps
+from moeharden.defend.entangle.recipe import EntangleRecipe
+from moeharden.defend.entangle.resume import has_checkpoint, load_checkpoint, save_checkpoint
+from moeharden.errors import InputError
+from moeharden.model.registry import moe_layers
+from moeharden.model.routing import mask_experts
+from moeharden.tasks.encoding import answer_logits, encode
+
+
+@dataclass
+class _Trainer:
+    """Everything one entangle run holds: the models, optimizer, pools and loss history."""
+
+    recipe: EntangleRecipe
+    tokenizer: Any
+    tasks: list
+    accel: Any
+    model: Any               # accelerate-prepared (what forward and backward go through)
+    base: Any                # the unwrapped module (what masks and checkpoints act on)
+    teacher: Any             # frozen copy of the original: the KL target
+    opt: Any
+    sched: Any
+    info: list               # moe_layers(base)
+    layers: list[int]
+    num_experts: int
+    keeps: list[int]
+    attr_pool: dict = field(default_factory=dict)
+    adv_pool: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def _step_rng(seed: int, step: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + step)
+
+
+def _setup(model, tokenizer, tasks, recipe: EntangleRecipe) -> _Trainer:
+    """Freeze a teacher copy, make every float parameter trainable, build optimizer and schedule."""
+    from accelerate import Accelerator
+
+    accel = Accelerator(mixed_precision=recipe.mixed_precision, cpu=not torch.cuda.is_available())
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(p.is_floating_point())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
+                            weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: max(0.0, 1.0 - s / recipe.steps)) if recipe.lr_schedule == "linear" else (lambda s: 1.0))
+    model, opt = accel.prepare(model, opt)
+    base = accel.unwrap_model(model)
+    teacher.to(accel.device)
+    info = moe_layers(base)
+    E = info[0].num_experts
+    return _Trainer(recipe, tokenizer, list(tasks), accel, model, base, teacher, opt, sched, info,
+                    [li.layer for li in info], E, train_keeps(E, recipe.keep_ratios))
+
+
+def _resume(tr: _Trainer, latest: Path) -> int:
+    """Load the latest checkpoint into ``tr``; returns the step to continue from."""
+    state = load_checkpoint(latest, tr.base, tr.opt)
+    with warnings.catch_warnings():   # replaying the schedule before any optimizer step is intended
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(state["step"]):   # the schedule is a pure function of the step
+            tr.sched.step()
+    tr.history, tr.attr_pool, tr.adv_pool = state["history"], state["attr_pool"], state["adv_pool"]
+    return state["step"]
+
+
+def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, float], n_units: int) -> None:
+    """Forward/backward every term on one batch of task ``t``; gradients accumulate, ``logs`` add up."""
+    r, accel, model, device = tr.recipe, tr.accel, tr.model, tr.accel.device
+    ex = rng.sample(t.train, min(r.batch_size, len(t.train)))
+    batch = encode(tr.tokenizer, ex).to(device)
+    with torch.no_grad():
+        t_logits = tr.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    with RouterTap(tr.info) as tap, accel.autocast():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits   # [B, T, V]
+        al, at = answer_logits(logits, batch.labels)
+        l_task = F.cross_entropy(al.float(), at)
+        l_ret = kl_retain(logits, t_logits, batch.attention_mask)
+        l_spr = spread_loss(tap.inputs, batch.attention_mask)
+        loss = r.lambda_task * l_task + r.lambda_retain * l_ret + r.lambda_spread * l_spr
+    accel.backward(loss / n_units)
+    attr, adv = tr.attr_pool.get(t.name, []), tr.adv_pool.get(t.name, [])
+    l_prune = 0.0
+    for _ in range(r.subsets_per_step):
+        _, keep = sample_keepset(rng, r, attr, adv, tr.layers, tr.num_experts, tr.keeps)
+        with mask_experts(tr.base, keep), accel.autocast():
+            lp = pruned_hinge(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                              batch, r)
+        accel.backward(r.lambda_prune * lp / (r.subsets_per_step * n_units))
+        l_prune += float(lp.detach()) / r.subsets_per_step
+    if r.recovery_term and step % r.recovery_every == 0 and (r.recovery_tasks is None or t.name in r.recovery_tasks):
+        pool = [ks for ks in attr + adv if len(ks[tr.layers[0]]) <= r.recovery_keep_max * tr.num_experts]
+        if pool:
+            keep = rng.choice(pool)
+            held = encode(tr.tokenizer, rng.sample(t.train, min(r.batch_size, len(t.train)))).to(device)
+            inner = r.recovery_inner[step // r.recovery_every % len(r.recovery_inner)]
+            logs["recovery"] += simulated_recovery(model, tr.base, batch, held, keep, r, accel, n_units, inner,
+                                                   logits.detach()) / n_units
+    logs["task"] += float(l_task.detach()) / n_units
+    logs["retain"] += float(l_ret.detach()) / n_units
+    logs["spread"] += float(l_spr.detach()) / n_units
+    logs["prune"] += l_prune / n_units
+
+
+def _train_step(tr: _Trainer, step: int) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` batches of every task; returns the mean losses."""
+    r, accel = tr.recipe, tr.accel
+    # each process of a multi-GPU run draws its own batches (process 0 = the single-process run)
+    rng = _step_rng(r.seed + 7919 * accel.process_index, step)
+    torch.manual_seed(r.seed * 1_000_003 + step)
+    if step % r.recompute_every == 0 or not tr.attr_pool:
+        tr.base.eval()
+        tr.attr_pool, tr.adv_pool = refresh_pools(tr.base, tr.tokenizer, tr.tasks, tr.layers, tr.num_experts,
+                                                  tr.keeps, r, rng, accel.device)
+        tr.model.train()
+    logs = {"task": 0.0, "retain": 0.0, "spread": 0.0, "prune": 0.0}
+    if r.recovery_term:
+        logs["recovery"] = 0.0
+    n_units = len(tr.tasks) * r.grad_accum      # micro-batches whose gradients one step sums
+    for t in [t for _ in range(r.grad_accum) for t in tr.tasks]:
+        _task_unit(tr, t, step, rng, logs, n_units)
+    if r.grad_clip:
+        accel.clip_grad_norm_(tr.model.parameters(), r.grad_clip)
+    tr.opt.step()
+    tr.sched.step()
+    tr.opt.zero_grad(set_to_none=True)
+    return logs
+
+
+def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir: Path | None = None,
+                   resume: bool = False, stop_after: int | None = None, progress=None) -> tuple[list[dict], int]:
+    """Train ``model`` in place with the entanglement objective; returns (loss history, steps done).
+
+    Args:
+        model: a loaded model of a supported MoE family.
+        tokenizer: its tokenizer.
+        tasks: loaded tasks (their ``train`` split is the training data, ``attribution`` the
+            calibration for keep-set pools).
+        recipe: the training knobs.
+        ckpt_dir: where resumable checkpoints go (``None`` = no checkpoints).
+        resume: continue from the checkpoint in ``ckpt_dir`` when there is one.
+        stop_after: stop (with a checkpoint) after this many steps in total, as an interruption would.
+        progress: called as ``progress(1, **losses)`` after every step.
+    Returns:
+        ``(history, steps done)``; history holds one ``{"step", loss terms...}`` row per step.
+    Raises:
+        InputError: a task without training examples. UnsupportedModelError.
+    """
+    empty = [t.name for t in tasks if not t.train]
+    if empty:
+        raise InputError(f"Task(s) {', '.join(empty)} have no training examples; entangle needs a train split.")
+    tr = _setup(model, tokenizer, tasks, recipe)
+    latest = ckpt_dir / "latest" if ckpt_dir is not None else None
+    start = _resume(tr, latest) if resume and latest is not None and has_checkpoint(latest) else 0
+    end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
+    for step in range(start, end):
+        logs = _train_step(tr, step)
+        tr.history.append({"step": step + 1, **{k: round(v, 5) for k, v in logs.items()}})
+        if progress is not None:
+            progress(1, **logs)
+        done = step + 1
+        if latest is not None and tr.accel.is_main_process and (done % recipe.checkpoint_every == 0 or done == end):
+            save_checkpoint(latest, tr.base, tr.opt, {"step": done, "history": tr.history,
+                                                      "attr_pool": tr.attr_pool, "adv_pool": tr.adv_pool})
+    tr.model.eval()
+    return tr.history, max(end, start)

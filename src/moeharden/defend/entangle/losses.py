@@ -1,0 +1,145 @@
+"""The terms of the entanglement objective, each a function of logits or router inputs.
+
+    L = λ_T · L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread [+ λ_rec · ℓ(θ'_S)]
+
+:func:`kl_retain` is the KL term, :func:`pruned_hinge` the bounded ℓ of a pruned sub-model,
+:func:`spread_loss` the per-task load balance (router inputs captured by :class:`RouterTap`),
+and :func:`simulated_recovery` the optional TAR-style first-order simulated-recovery term. The
+task term is the plain answer cross-entropy of :mod:`moeharden.tasks.encoding`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeharden.defend.entangle.recipe import EntangleRecipe
+from moeharden.model.routing import mask_experts
+from moeharden.tasks.encoding import answer_logits, choice_logprobs
+
+
+def kl_retain(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over non-pad positions of KL(teacher ‖ student); logits ``[B, T, V]``, mask ``[B, T]``."""
+    lt = torch.log_softmax(teacher.float(), -1)
+    ls = torch.log_softmax(student.float(), -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)            # [B, T]
+    m = mask.float()
+    return (kl * m).sum() / m.sum().clamp(min=1)
+
+
+def pruned_hinge(logits: torch.Tensor, batch, recipe: EntangleRecipe) -> torch.Tensor:
+    """Bounded anti-task term for a pruned sub-model's logits ``[B, T, V]``.
+
+    Multiple choice (``batch.choice_ids`` set): ``ln C − H(p over the choices)``; otherwise per
+    answer token ``relu(τ − CE)`` with τ = ``recipe.tau_token``. Both are 0 once the sub-model is
+    at chance / past τ, so the pruned model is never trained to answer wrongly.
+    """
+    if batch.choice_ids is not None:
+        # multiple choice: push the distribution over the choices to uniform (maximum entropy).
+        # Bounded (0 at uniform) and, unlike a hinge on the correct choice's CE, it gives no
+        # incentive to answer *wrongly* — a below-chance model leaks the task by inversion.
+        lp = torch.log_softmax(choice_logprobs(logits, batch), -1)      # [B, C]
+        ent = -(lp.exp() * lp).sum(-1)
+        return (math.log(lp.shape[1]) - ent).mean()
+    al, at = answer_logits(logits, batch.labels)
+    ce = F.cross_entropy(al.float(), at, reduction="none")       # [N] per answer token
+    return F.relu(recipe.tau_token - ce).mean()
+
+
+def spread_loss(router_inputs: Sequence[tuple[torch.Tensor, Any]], mask: torch.Tensor) -> torch.Tensor:
+    """Σ_layers (E·Σ_e p̄_e² − 1) over one single-task batch (0 when routing is uniform).
+
+    Args:
+        router_inputs: per MoE layer, (router input ``[B·T, H]`` with grad, MoELayer).
+        mask: ``[B, T]`` attention mask (padding excluded).
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    keep = mask.reshape(-1).bool()
+    for x, li in router_inputs:
+        logits = F.linear(x.reshape(-1, x.shape[-1])[keep], li.router_weight, li.router_bias)
+        pbar = torch.softmax(logits.float(), -1).mean(0)          # [E]
+        total = total + (pbar.numel() * (pbar ** 2).sum() - 1.0)
+    return total
+
+
+class RouterTap:
+    """Context manager capturing each router's input (with grad) during a forward pass.
+
+    Args:
+        layers: the model's :func:`moeharden.model.registry.moe_layers`; ``inputs`` collects
+            ``(router input, MoELayer)`` pairs in call order.
+    """
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.inputs: list[tuple[torch.Tensor, Any]] = []
+        self.handles = []
+
+    def __enter__(self):
+        for li in self.layers:
+            def pre(module, args, kwargs, li=li):
+                x = args[0] if args else next(iter(kwargs.values()))
+                self.inputs.append((x, li))
+            self.handles.append(li.router.register_forward_pre_hook(pre, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+
+def simulated_recovery(model, base, batch, held, keep, recipe: EntangleRecipe, accel, n_units: int, inner: str,
+                       full_logits: torch.Tensor) -> float:
+    """TAR-style first-order term: simulate the attacker re-aligning the pruned model, penalise what it recovers.
+
+    ``recovery_steps`` attacker steps on ``batch`` (``inner`` = "labels": cross-entropy of the
+    answers; "distill": KL from the full model's outputs, no labels); after each, the bounded ℓ of
+    the updated sub-model on ``held`` (other examples) is back-propagated and its gradient — taken
+    at the updated weights — is added at θ. θ is restored exactly afterwards, and gradients
+    already accumulated in ``.grad`` are kept.
+
+    Args:
+        model: the (accelerate-prepared) model being trained; base: its unwrapped module (masked).
+        batch, held: :class:`moeharden.tasks.encoding.LMBatch` es (attacker data, evaluation data).
+        keep: the keep-set ``{layer: expert ids}`` of the sub-model.
+        accel: the Accelerator; n_units: micro-batches one optimizer step sums (gradient scale).
+        full_logits: ``[B, T, V]`` the full model's logits on ``batch`` (for ``distill``).
+    Returns:
+        the mean ℓ of the updated sub-models (for logging).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad.detach().clone() if p.grad is not None else None for p in params]
+    orig = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = None
+    total = 0.0
+    n = recipe.recovery_steps
+    for _ in range(n):
+        with mask_experts(base, keep), accel.autocast():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            if inner == "distill":
+                atk = kl_retain(logits, full_logits, batch.attention_mask)
+            else:
+                al, at = answer_logits(logits, batch.labels)
+                atk = F.cross_entropy(al.float(), at)
+        grads = torch.autograd.grad(atk, params, allow_unused=True)
+        with torch.no_grad():                           # θ_k+1 = θ_k − α·update(∇ attacker loss)
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.sub_(recipe.recovery_lr * (g.sign() if recipe.recovery_update == "sign" else g))
+        with mask_experts(base, keep), accel.autocast():
+            lp = pruned_hinge(model(input_ids=held.input_ids, attention_mask=held.attention_mask).logits,
+                              held, recipe)
+        accel.backward(recipe.lambda_recovery * lp / (n * n_units))   # gradient at θ_k+1, applied at θ
+        total += float(lp.detach()) / n
+    with torch.no_grad():
+        for p, o, s in zip(params, orig, saved, strict=True):
+            p.copy_(o)
+            if s is not None:
+                p.grad = s if p.grad is None else p.grad + s
+    return total

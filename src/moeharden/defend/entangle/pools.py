@@ -1,0 +1,121 @@
+"""Where entangled training draws its pruned sub-models S from: the attacker's likely keep-sets.
+
+Three pools per task: (a) the keep-sets every attribution method of ``scan`` picks
+(:func:`attribution_pool`), recomputed every ``recompute_every`` steps as routing moves;
+(b) random subsets at the recipe's keep-ratios; (c) adversarially searched keep-sets
+(:func:`adversarial_keepset`: a hill-climb over single-expert swaps minimising the pruned
+model's task loss — the attacker's best choice on a batch). :func:`sample_keepset` draws one S.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from moeharden.attack.attribution import contrastive_scores, keep_sets, observed_scores, routing_stats
+from moeharden.defend.entangle.recipe import EntangleRecipe
+from moeharden.model.routing import mask_experts
+from moeharden.tasks.encoding import answer_logits, encode
+
+KeepSet = dict[int, list[int]]          # {decoder layer: kept expert ids}
+
+
+def train_keeps(num_experts: int, ratios: Sequence[float]) -> list[int]:
+    """Keep-counts for training: round(r·E) for each ratio, within 1..E−1, deduplicated."""
+    return sorted({min(max(round(r * num_experts), 1), num_experts - 1) for r in ratios})
+
+
+@torch.no_grad()
+def attribution_pool(model, tokenizer, tasks, layers: list[int], num_experts: int, keeps: Sequence[int],
+                     methods: Sequence[str], batch_size: int = 32) -> dict[str, list[KeepSet]]:
+    """The keep-sets every observation-based attribution method picks, per task and keep-count.
+
+    Returns:
+        ``{task name: distinct keep-sets}``, in method-then-keep order.
+    """
+    stats = {t.name: routing_stats(model, tokenizer, t.calibration_texts(), layers, num_experts, batch_size)
+             for t in tasks}
+    pool: dict[str, list[KeepSet]] = {}
+    for t in tasks:
+        scores = observed_scores(stats[t.name])
+        scores["contrastive"] = contrastive_scores(stats[t.name], [stats[o.name] for o in tasks if o.name != t.name])
+        sets = []
+        for m in methods:
+            for k in keeps:
+                ks = keep_sets(scores[m], layers, k)
+                if ks not in sets:
+                    sets.append(ks)
+        pool[t.name] = sets
+    return pool
+
+
+@torch.no_grad()
+def adversarial_keepset(model, batch, start: KeepSet, num_experts: int, swaps: int,
+                        rng: random.Random) -> KeepSet:
+    """Hill-climb over single-expert swaps to the keep-set whose pruned model has the lowest task CE.
+
+    This is the attacker's best response on this batch among the neighbours of ``start``.
+    """
+    def ce(keep):
+        with mask_experts(model, keep):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        al, at = answer_logits(logits, batch.labels)
+        return float(F.cross_entropy(al.float(), at))
+
+    best, best_ce = {k: list(v) for k, v in start.items()}, ce(start)
+    layers = sorted(best)
+    for _ in range(swaps):
+        layer = rng.choice(layers)
+        kept = best[layer]
+        out_ids = [e for e in range(num_experts) if e not in kept]
+        if not out_ids:
+            continue
+        cand = {k: list(v) for k, v in best.items()}
+        cand[layer] = sorted([e for e in kept if e != rng.choice(kept)] + [rng.choice(out_ids)])
+        if len(cand[layer]) != len(kept):
+            continue
+        c = ce(cand)
+        if c < best_ce:
+            best, best_ce = cand, c
+    return best
+
+
+def refresh_pools(model, tokenizer, tasks, layers: list[int], num_experts: int, keeps: Sequence[int],
+                  recipe: EntangleRecipe, rng: random.Random, device) -> tuple[dict, dict]:
+    """Recompute the attribution pool and, from it, one adversarial keep-set per keep-count ≤ E/2.
+
+    Returns:
+        ``(attribution pool, adversarial pool)``, both ``{task name: [keep-set, ...]}``.
+    """
+    attr_pool = attribution_pool(model, tokenizer, tasks, layers, num_experts, keeps, recipe.attribution_methods,
+                                 recipe.batch_size)
+    adv_pool = {}
+    for t in tasks:
+        ex = rng.sample(t.attribution, min(recipe.batch_size, len(t.attribution)))
+        b = encode(tokenizer, ex).to(device)
+        adv_pool[t.name] = [adversarial_keepset(model, b, rng.choice([s for s in attr_pool[t.name]
+                                                                      if len(s[layers[0]]) == k]),
+                                                num_experts, recipe.adversarial_swaps, rng)
+                            for k in keeps if k <= num_experts // 2]
+    return attr_pool, adv_pool
+
+
+def sample_keepset(rng: random.Random, recipe: EntangleRecipe, attr: list, adv: list, layers: list[int],
+                   num_experts: int, keeps: Sequence[int]) -> tuple[str, KeepSet]:
+    """Draw one pruned sub-model S: attribution-picked, random, or adversarial (by recipe weights).
+
+    Returns:
+        ``(source name, keep-set)``; an empty pool's source is never drawn.
+    """
+    sources = [s for s, w in recipe.sources.items() if w > 0 and (s == "random" or (attr if s == "attribution" else adv))]
+    weights = [recipe.sources[s] for s in sources]
+    src = rng.choices(sources, weights=weights)[0]
+    if src == "attribution":
+        return src, rng.choice(attr)
+    if src == "adversarial":
+        return src, rng.choice(adv)
+    k = rng.choice(list(keeps))
+    return src, {layer: sorted(rng.sample(range(num_experts), k)) for layer in layers}

@@ -1,0 +1,58 @@
+"""Resumable training checkpoints of ``entangle``: weights, optimizer state, keep-set pools, history.
+
+A checkpoint is a directory ``model.safetensors`` + ``optimizer.safetensors`` (tensors only, no
+pickle) + ``state.json`` (step, loss history, pools, optimizer param groups), written atomically.
+Per-step randomness is derived from (seed, step), so a resumed run gives the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def save_checkpoint(ckpt_dir: Path, model, opt, state: dict) -> None:
+    """Atomically write weights, optimizer state and loop state for ``--resume``.
+
+    Args:
+        ckpt_dir: the checkpoint directory (replaced as a whole).
+        model: the unwrapped model; opt: its optimizer.
+        state: JSON-serialisable loop state (``step``, ``history``, ``attr_pool``, ``adv_pool``).
+    """
+    from safetensors.torch import save_file, save_model
+
+    from moeharden.io.outputs import replace_dir, temp_sibling
+
+    tmp = temp_sibling(ckpt_dir)
+    save_model(model, str(tmp / "model.safetensors"))
+    osd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in osd["state"].items() for k, v in st.items()
+               if torch.is_tensor(v)}
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": osd["param_groups"]}))
+    replace_dir(tmp, ckpt_dir)          # the previous checkpoint stays until this one is in place
+
+
+def load_checkpoint(ckpt_dir: Path, model, opt) -> dict:
+    """Load weights and optimizer state in place; returns the loop state (pools with int layer keys)."""
+    from safetensors.torch import load_file, load_model
+
+    load_model(model, str(ckpt_dir / "model.safetensors"))
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    flat = load_file(str(ckpt_dir / "optimizer.safetensors"))
+    per: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        i, name = key.split(".", 1)
+        per.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": per, "param_groups": state.pop("param_groups")})
+    for pool in ("attr_pool", "adv_pool"):          # JSON object keys are strings; layers are ints
+        state[pool] = {t: [{int(k): v for k, v in ks.items()} for ks in sets] for t, sets in state[pool].items()}
+    return state
+
+
+def has_checkpoint(ckpt_dir: Path) -> bool:
+    """Whether ``ckpt_dir`` holds a checkpoint (directories are swapped in whole, so one found is complete)."""
+    return (Path(ckpt_dir) / "state.json").exists()

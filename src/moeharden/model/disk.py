@@ -1,0 +1,128 @@
+"""Disk view of the registry: which safetensors tensors of a checkpoint are indexed by expert.
+
+transformers 5 ``save_pretrained`` writes many families in their original per-expert layout
+(Mixtral: ``block_sparse_moe.experts.3.w1.weight``), others fused (gpt-oss:
+``mlp.experts.gate_up_proj`` ``[E, H, 2I]``), DBRX flattened (``ffn.experts.mlp.w1`` ``[E·I, H]``).
+:func:`classify_tensor` names the expert axis of each tensor so that physical pruning can slice
+it without loading the model, and :func:`pruned_config` writes the config of the result. The
+family facts themselves (config keys, flattened rows) come from :mod:`moeharden.model.registry`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from moeharden.errors import KeepSetError, UnsupportedModelError
+from moeharden.model.registry import FamilySpec, config_value, get_path, routing_groups
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """How a checkpoint tensor is indexed by expert.
+
+    ``kind``: ``expert`` (per-expert tensor when ``expert`` is set, else fused along ``axis``),
+    ``router`` (rows along ``axis``) or ``selection_bias`` (along ``axis``). Flattened layouts
+    (DBRX ``[E·I, H]``) have ``rows_per_expert = I``.
+    """
+
+    layer: int
+    kind: Literal["expert", "router", "selection_bias"]
+    expert: int | None = None
+    axis: int | None = None
+    rows_per_expert: int = 1
+
+    def rename(self, name: str, new_expert: int) -> str:
+        """The name of a per-expert tensor renumbered to ``new_expert``."""
+        return _PER_EXPERT.sub(lambda m: f"{m.group(1)}{new_expert}{m.group(3)}", name, count=1)
+
+
+_LAYER = re.compile(r"\.(?:layers|blocks)\.(\d+)\.")
+_PER_EXPERT = re.compile(r"(\.experts\.)(\d+)(\.)")
+_SHARED = re.compile(r"shared_expert|shared_mlp")
+# MoE-block names on disk (they may differ from the module names: Mixtral's `mlp` is saved as
+# `block_sparse_moe`); router tensors are the block's gate/router weight/bias (DBRX/Granite: .layer.)
+_BLOCK_DISK = r"(?:mlp|block_sparse_moe|feed_forward|ffn|moe)"
+_ROUTER = re.compile(_BLOCK_DISK + r"\.(?:gate|router)(?:\.layer|\.wg)?\.(?:weight|bias)$")
+_FUSED_EXTRA = re.compile(_BLOCK_DISK + r"\.(?:input_linear|output_linear)\.weight$")
+
+
+def classify_tensor(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) -> TensorRole | None:
+    """Role of one on-disk tensor (``None``: not indexed by expert, copied as is).
+
+    Raises:
+        UnsupportedModelError: a tensor that looks expert-indexed but whose shape disagrees with
+            the config's expert count (the registry would prune it wrongly).
+    """
+    m = _LAYER.search(name)
+    if m is None or _SHARED.search(name):
+        return None
+    layer = int(m.group(1))
+    E = config_value(config, spec.expert_keys, layer)
+    shape = list(shape)
+    pe = _PER_EXPERT.search(name)
+    if pe is not None:
+        if E is not None and int(pe.group(2)) >= int(E):
+            raise UnsupportedModelError(f"{name}: expert id {pe.group(2)} but the config has {E} experts per layer.")
+        return TensorRole(layer, "expert", expert=int(pe.group(2)))
+    if "e_score_correction_bias" in name:
+        return TensorRole(layer, "selection_bias", axis=len(shape) - 1)
+    if ".experts." in name or _FUSED_EXTRA.search(name):
+        if spec.flat_rows_key:
+            rows = int(config_value(config, (spec.flat_rows_key,)))
+            if shape[0] != E * rows:
+                raise UnsupportedModelError(f"{name}: expected {E}×{rows} rows, found shape {shape}.")
+            return TensorRole(layer, "expert", axis=0, rows_per_expert=rows)
+        if not shape or shape[0] != E:
+            raise UnsupportedModelError(f"{name}: fused expert tensor of shape {shape}, expected {E} experts first.")
+        return TensorRole(layer, "expert", axis=0)
+    if _ROUTER.search(name):
+        if not shape or shape[0] != E:
+            return None   # e.g. a 1-row gate of a dense block
+        return TensorRole(layer, "router", axis=0)
+    return None
+
+
+def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
+    """The config of a checkpoint pruned to ``kept`` experts per MoE layer.
+
+    Updates the expert count; caps top-k at ``kept``; with group-limited routing the group count
+    must still divide ``kept`` and ``topk_group`` is capped at the group count.
+
+    Raises:
+        KeepSetError: ``kept`` out of range or incompatible with expert groups.
+    """
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config_dict.items()}
+    E = config_value(cfg, spec.expert_keys)
+    if not 1 <= kept <= int(E):
+        raise KeepSetError(f"Cannot keep {kept} experts per layer: the model has {E}.")
+
+    def put(key: str, value: Any) -> None:
+        parts = key.split(".")
+        target = cfg
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+        if parts[-1] in target or len(parts) == 1:
+            target[parts[-1]] = value
+
+    for k in spec.expert_keys:
+        v = get_path(cfg, k)
+        if v is not None:
+            put(k, [kept] * len(v) if isinstance(v, (list, tuple)) else kept)
+    for k in spec.top_k_keys:
+        v = get_path(cfg, k)
+        if v is not None:
+            put(k, [min(int(x), kept) for x in v] if isinstance(v, (list, tuple)) else min(int(v), kept))
+    groups = routing_groups(spec, cfg)
+    if groups > 1:
+        if kept % groups:
+            raise KeepSetError(
+                f"This {spec.name} model routes in {groups} expert groups; keeping {kept} experts per layer "
+                f"does not split evenly across groups.",
+                hint=f"Keep a multiple of {groups} experts per layer, the same number from each group.")
+        tg_key = spec.group_keys[1]
+        if get_path(cfg, tg_key) is not None:
+            put(tg_key, min(int(get_path(cfg, tg_key)), groups))
+    return cfg

@@ -1,0 +1,170 @@
+"""Reading a task's rows (local files or Hub datasets) and turning them into examples.
+
+Local formats: jsonl, json (a list, or ``{"data": [...]}``), csv, tsv (tabs read literally, as
+GLUE's files need), parquet (with pyarrow) and txt (one ``{"text": line}`` row per line). Hub
+datasets are read through ``datasets`` when online. A checkpoint's own task file is untrusted:
+its paths are confined to the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moeharden.errors import TaskError
+from moeharden.tasks.examples import Example
+from moeharden.tasks.spec import DataSpec, TaskSpec, template_fields
+
+FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "txt")
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
+                  ".txt": "txt", ".raw": "txt", ".tokens": "txt"}
+# " = Title = " starts a WikiText article; " = = Section = = " does not
+_ARTICLE_HEADING = re.compile(r"^ ?= [^=].* = ?$")
+
+
+def format_of(path: str | Path) -> str | None:
+    """The data format a file's suffix implies (``None`` when the suffix says nothing)."""
+    return _SUFFIX_FORMAT.get(Path(path).suffix.lower())
+
+
+def _read_local(path: Path, fmt: str | None) -> list[dict[str, Any]]:
+    fmt = fmt or format_of(path)
+    if fmt is None:
+        raise TaskError(f"Cannot tell the format of {path}.", hint=f"Set data.format to one of {', '.join(FORMATS)}.")
+    if not path.is_file():
+        raise TaskError(f"Data file {path} does not exist.")
+    try:
+        if fmt == "jsonl":
+            with open(path, encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh if line.strip()]
+        if fmt == "json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise TaskError(f"{path}: a json data file must hold a list of rows (or {{'data': [...]}}).")
+            return data
+        if fmt in ("csv", "tsv"):
+            with open(path, encoding="utf-8", newline="") as fh:
+                # GLUE's TSVs hold unbalanced quotes inside sentences: read tabs literally
+                kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+                return list(csv.DictReader(fh, **kw))
+        if fmt == "parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise TaskError("Reading parquet needs pyarrow.", hint="pip install pyarrow") from None
+            return pq.read_table(path).to_pylist()
+        with open(path, encoding="utf-8") as fh:  # txt: one row per line
+            return [{"text": line.rstrip("\n")} for line in fh]
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, OSError) as e:
+        raise TaskError(f"Cannot read {fmt} data file {path}: {e}") from None
+
+
+def _read_hub(data: DataSpec) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise TaskError("Reading Hub datasets needs the `datasets` package.") from None
+    try:
+        ds = datasets.load_dataset(data.hub, data.config, split=data.split)
+    except Exception as e:  # network, auth, missing config: all end here with one message
+        raise TaskError(f"Cannot load Hub dataset {data.hub}" + (f" ({data.config})" if data.config else "")
+                        + f", split {data.split}: {type(e).__name__}: {e}",
+                        hint="Offline? Give a local copy: --task PRESET=path/to/file.jsonl.") from None
+    return [dict(r) for r in ds]
+
+
+def load_rows(spec: TaskSpec, base_dir: Path | None, *, confine: bool = False) -> list[dict[str, Any]]:
+    """Read a task's rows from its local file or Hub dataset.
+
+    Args:
+        spec: the task entry.
+        base_dir: directory that relative ``data.path`` values are resolved against.
+        confine: refuse paths that leave ``base_dir`` (a checkpoint's own task file is untrusted).
+    Returns:
+        The rows as dicts.
+    Raises:
+        TaskError: unreadable file, unknown format, Hub unreachable, path outside the checkpoint.
+    """
+    d = spec.data
+    if d.path is None:
+        return _read_hub(d)
+    path = Path(d.path).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if confine and base_dir is not None and not path.resolve().is_relative_to(Path(base_dir).resolve()):
+        raise TaskError(f"Task {spec.name!r} reads {d.path}, outside the checkpoint directory.",
+                        hint="A checkpoint's task file may only read files inside the checkpoint.")
+    return _read_local(path, d.format)
+
+
+def _group_articles(texts: list[str]) -> list[str]:
+    """Join WikiText lines into articles, each starting at a top-level ``= Title =`` heading."""
+    articles: list[list[str]] = []
+    for t in texts:
+        if _ARTICLE_HEADING.match(t.rstrip()) or not articles:
+            articles.append([])
+        articles[-1].append(t.rstrip("\n"))
+    return ["\n".join(a).strip("\n") for a in articles]
+
+
+def _label_of(row: Mapping[str, Any], spec: TaskSpec, i: int, n_choices: int) -> int:
+    raw = row.get(spec.label_field)
+    val: Any = raw
+    if spec.label_map is not None and str(raw) in spec.label_map:
+        val = spec.label_map[str(raw)]
+    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        val = int(raw)  # csv/tsv cells are strings
+    if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val < n_choices:
+        raise TaskError(f"Task {spec.name!r}, row {i}: label {raw!r} is outside the {n_choices} choices "
+                        f"(expected an index 0..{n_choices - 1}"
+                        + (" or a key of label_map)." if spec.label_map else ")."),
+                        hint="Fix the data, or map string labels to indices with label_map.")
+    return val
+
+
+def rows_to_examples(spec: TaskSpec, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
+    """Turn raw rows into :class:`Example` objects (prompts filled, labels checked).
+
+    Args:
+        spec: the task entry (kind, templates, field names).
+        rows: rows as read by :func:`load_rows`.
+    Returns:
+        One example per row (perplexity: per non-empty document, after article grouping).
+    Raises:
+        TaskError: a row lacks a field the task reads, or a label is outside the choices.
+    """
+    if spec.kind == "perplexity":
+        texts = []
+        for i, r in enumerate(rows):
+            if spec.text_field not in r:
+                raise TaskError(f"Task {spec.name!r}, row {i} has no field {spec.text_field!r} (text_field).",
+                                hint=f"Fields present: {', '.join(map(str, r))}.")
+            texts.append(str(r[spec.text_field] or ""))
+        if spec.documents == "article":
+            texts = _group_articles(texts)
+        return [Example(spec.kind, "", t, index=i) for i, t in enumerate(texts) if t.strip()]
+    needed = template_fields(spec.prompt or "")
+    needed += [f for f in (spec.choices_field, spec.label_field, spec.target_field) if f]
+    out = []
+    for i, r in enumerate(rows):
+        missing = [f for f in needed if f not in r]
+        if missing:
+            raise TaskError(f"Task {spec.name!r}, row {i} has no field(s) {', '.join(sorted(set(missing)))}.",
+                            hint=f"Fields present: {', '.join(map(str, r))}.")
+        prompt = (spec.prompt or "").format_map(r)
+        if spec.kind == "multiple_choice":
+            choices = tuple(spec.choices) if spec.choices else tuple(map(str, r[spec.choices_field] or ()))
+            if len(choices) < 2:
+                raise TaskError(f"Task {spec.name!r}, row {i}: field {spec.choices_field!r} holds "
+                                f"{len(choices)} choice(s); at least 2 are needed.")
+            label = _label_of(r, spec, i, len(choices))
+            out.append(Example(spec.kind, prompt, choices[label], choices, label, i))
+        else:
+            out.append(Example(spec.kind, prompt, spec.target_prefix + str(r[spec.target_field]), index=i))
+    return out
