@@ -1,0 +1,74 @@
+"""The ``ladder`` section of scan.json and verify.json: the adaptive attack from three starting points.
+
+:func:`ladder_section` runs :func:`moeharden.attack.realign.ladder_suite.run_suite` on a loaded
+model with each task's strongest pruned keep-set, and summarises the curves
+(:func:`moeharden.attack.realign.headstart.summarize`) against the attacked full model's metric.
+
+A verify may reuse its baseline's ``scratch`` curves: a freshly initialised model of the pruned
+architecture does not depend on the checkpoint's weights, so the curves are the same computation
+when the architecture, the keep count, the tasks' splits and the plan are the same (checked
+field by field; otherwise the curves are run again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from moeharden.attack.realign.ladder_suite import AttackPlan, plan_jobs, run_suite
+
+
+def _fingerprint(plan: AttackPlan, identity: dict, task_sizes: dict[str, list[int]], keeps: dict[str, int]) -> dict:
+    """What must match for a baseline's scratch curves to be this run's scratch curves."""
+    p = asdict(plan)
+    p.pop("workers", None)
+    return {"plan": p, "model_type": identity.get("model_type"), "num_experts": identity.get("num_experts"),
+            "config_sha256": identity.get("config_sha256"), "task_sizes": task_sizes, "keeps": keeps}
+
+
+def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: dict[str, float],
+                   keepsets: dict[str, dict[int, list[int]]], plan: AttackPlan, target_fraction: float,
+                   checkpoint=None, reuse: dict | None = None, trust_remote_code: bool = False,
+                   progress=None) -> dict:
+    """Run the plan's curves and return the JSON section.
+
+    Args:
+        identity: the model identity block of the document (model type, expert count, config hash).
+        full: the attacked full model's metric per task (the target is a fraction of it).
+        keepsets: per task, the strongest attacker's keep-set of the pruned shape.
+        reuse: a baseline's ``ladder`` section whose ``scratch`` curves may be reused.
+    Returns:
+        ``{"settings", "fingerprint", "curves", "summary", "reused_scratch", "seconds"}``.
+    """
+    from moeharden.attack.realign.headstart import summarize
+
+    t0 = time.perf_counter()
+    sizes = {t.name: [len(t.evaluation), len(t.train)] for t in tasks}
+    keeps = {name: len(next(iter(ks.values()))) for name, ks in keepsets.items()}
+    fp = _fingerprint(plan, identity, sizes, keeps)
+    reused: list[dict] = []
+    skip: set[tuple] = set()
+    if reuse and reuse.get("fingerprint") == fp:
+        reused = [c for c in reuse.get("curves", []) if c["reference"] == "scratch"]
+        skip = {(c["task"], "scratch", c["attack"]) for c in reused}
+    ran = run_suite(model, tokenizer, tasks, keepsets, plan, checkpoint=checkpoint, skip=skip,
+                    trust_remote_code=trust_remote_code, progress=progress)
+    # plan order, with the reused curves where they would have run
+    by_key = {(c["task"], c["reference"], c["attack"], c["strategy"], c["seed"]): c for c in ran + reused}
+    curves = [by_key[(j.task, j.reference, j.attack, j.strategy, j.seed)]
+              for j in plan_jobs([t.name for t in tasks], plan)]
+    higher = {t.name: t.higher_is_better for t in tasks}
+    return {
+        "settings": {**asdict(plan), "keeps": keeps, "target_fraction": target_fraction},
+        "fingerprint": fp,
+        "curves": curves,
+        "summary": summarize(curves, full=full, higher=higher, target_fraction=target_fraction),
+        "reused_scratch": bool(reused),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def planned_curves(task_names: Sequence[str], plan: AttackPlan) -> int:
+    """How many curves the plan runs (for progress bars)."""
+    return len(plan_jobs(task_names, plan))
