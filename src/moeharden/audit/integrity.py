@@ -15,7 +15,7 @@ from pathlib import Path
 from moeharden.audit.documents import load_document
 from moeharden.audit.records import ManifestDocument
 from moeharden.audit.verdict import Derivation, IntegrityReport, SignatureCheck, TensorCheck
-from moeharden.errors import CheckpointError, IntegrityError
+from moeharden.errors import CheckpointError, IntegrityError, MoehardenError
 
 
 def _layout(path: Path):
@@ -41,6 +41,7 @@ def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None =
     Returns:
         what was found; ``ok`` is False when anything failed.
     Raises:
+        CheckpointError: ``ckpt`` is not a directory (an input error, not a tamper).
         IntegrityError: no manifest, or one that is not a valid ``moeharden.manifest/1`` document.
     """
     from moeharden.defend.lock import MANIFEST_NAME
@@ -49,6 +50,9 @@ def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None =
     from moeharden.io.shards import CheckpointFiles
 
     ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt} is not a directory." if ckpt.exists() else f"{ckpt} does not exist.",
+                              hint="Pass the released checkpoint directory.")
     man_path = Path(manifest) if manifest is not None else ckpt / MANIFEST_NAME
     man = _load_manifest(man_path)
     res = IntegrityReport(checkpoint=str(ckpt), manifest=str(man_path))
@@ -80,25 +84,56 @@ def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None =
     extra = sorted(n for n in actual if n not in expected)
     res.tensors = TensorCheck(checked=len(actual), changed=changed, missing=missing, extra=extra)
     derived = bool(missing or extra)
+    renamed = _renamed(missing, extra, expected, actual)
+    if renamed:
+        res.problems.append("tensor(s) renamed: " + ", ".join(f"{a} → {b}" for a, b in renamed[:8])
+                            + (" …" if len(renamed) > 8 else ""))
     if derived:
-        # 3. a derivative: match its experts to the original's by fingerprint
-        cfg, spec, E, files, roles, layers = _layout(ckpt)
-        res.derivation = Derivation.model_validate(
-            {"layers": match_experts(man.fingerprints.experts, fingerprints(files, spec, cfg, roles)),
-             "num_experts": {"original": man.model.num_experts, "suspect": E}})
-        res.problems.append(f"structure differs from the release: {len(missing)} tensor(s) missing, "
-                            f"{len(extra)} extra (a derivative; see derivation)")
+        res.problems.append(f"structure differs from the release: {len(missing)} tensor(s) missing"
+                            + (f" ({_names(missing)})" if missing else "")
+                            + f", {len(extra)} extra" + (f" ({_names(extra)})" if extra else ""))
+        # 3. a derivative: match its experts to the original's by fingerprint. A tampered layout
+        #    (an expert id the config does not have) is a failed check, not an unsupported model.
+        try:
+            cfg, spec, E, files, roles, layers = _layout(ckpt)
+            res.derivation = Derivation.model_validate(
+                {"layers": match_experts(man.fingerprints.experts, fingerprints(files, spec, cfg, roles)),
+                 "num_experts": {"original": man.model.num_experts, "suspect": E}})
+        except MoehardenError as err:
+            res.problems.append(f"the tensors do not form a loadable model of the release's family ({err.message})")
+        except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as err:   # a hostile manifest's fingerprints
+            res.problems.append(f"the manifest's expert fingerprints cannot be compared ({type(err).__name__})")
     if changed:
-        res.problems.append(f"{len(changed)} tensor(s) changed: {', '.join(changed[:8])}" + (" …" if len(changed) > 8 else ""))
+        res.problems.append(f"{len(changed)} tensor(s) changed: {_names(changed)}")
     groups = {}
     if changed:
         from moeharden.defend.manifest import disk_groups
 
-        cfg, spec, _, files, roles, _ = _layout(ckpt)
-        groups = disk_groups(ckpt, files, spec, cfg, roles)
+        try:
+            cfg, spec, _, files, roles, _ = _layout(ckpt)
+            groups = disk_groups(ckpt, files, spec, cfg, roles)
+        except MoehardenError as err:
+            res.problems.append(f"the tensors do not form a loadable model of the release's family ({err.message})")
     res.policy_violations = _policy_violations(man, changed, groups, derived, res.derivation)
     res.ok = not res.problems
     return res
+
+
+def _names(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (" …" if len(names) > n else "")
+
+
+def _renamed(missing: list[str], extra: list[str], expected, actual: dict[str, str]) -> list[tuple[str, str]]:
+    """Pairs ``(old name, new name)`` of a missing and an extra tensor with the same bytes (a rename)."""
+    by_hash: dict[str, list[str]] = {}
+    for name in extra:
+        by_hash.setdefault(actual[name], []).append(name)
+    pairs = []
+    for name in missing:
+        cands = by_hash.get(expected[name].sha256)
+        if cands:
+            pairs.append((name, cands.pop(0)))
+    return pairs
 
 
 def _policy_violations(man: ManifestDocument, changed: list[str], groups: dict[str, str], derived: bool,

@@ -1,13 +1,16 @@
 """The one error handler of the CLI, and the small helpers every command shares.
 
 :func:`call` runs a library function and maps each :class:`~moeharden.errors.MoehardenError` to a
-one-paragraph message and its exit code (``MOEHARDEN_DEBUG=1`` adds the traceback); anything else is
-an internal error (exit 70). User-supplied text is escaped before it reaches Rich, so a ``[bold]``
+one-paragraph message and its exit code (``MOEHARDEN_DEBUG=1`` adds the traceback). Errors of the
+operating system about the user's own files (a directory where a file is expected, a full disk, a
+name too long, no permission) are input errors (exit 3), named with the path and the reason;
+anything else is an internal error (exit 70: a bug, please report it). User-supplied text is escaped before it reaches Rich, so a ``[bold]``
 or ``[/]`` in a path prints as written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import traceback
 from collections.abc import Callable
@@ -18,7 +21,7 @@ import typer
 from rich.markup import escape
 
 from moeharden import console as ui
-from moeharden.errors import EXIT_INTERRUPTED, MoehardenError
+from moeharden.errors import EXIT_INPUT, EXIT_INTERRUPTED, MoehardenError
 
 EXIT_INTERNAL = 70
 
@@ -44,6 +47,30 @@ def fail(title: str, message: str, hint: str | None, code: int) -> None:
     raise typer.Exit(code)
 
 
+_OS_REASONS = {
+    errno.ENOENT: "it does not exist",
+    errno.EISDIR: "it is a directory where a file is expected",
+    errno.ENOTDIR: "a part of it is a file where a directory is expected",
+    errno.EEXIST: "it already exists",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.EXDEV: "it is on another file system",
+}
+
+
+def os_error_message(err: OSError) -> str:
+    """One sentence for an operating-system error: which path, and why, in words."""
+    reason = _OS_REASONS.get(err.errno or -1) or (err.strerror or type(err).__name__)
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    where = " → ".join(str(p) for p in paths)
+    return f"Cannot use {where}: {reason}." if where else f"A file operation failed: {reason}."
+
+
 def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """Call a library function and map its errors to messages and exit codes (the one handler)."""
     try:
@@ -57,10 +84,17 @@ def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
+    except OSError as err:   # the user's files: a directory for a file, a full disk, a long name
+        if debug():
+            traceback.print_exc()
+        fail("Input error", os_error_message(err), "Check the path, its permissions and the free space.", EXIT_INPUT)
+    except RecursionError:
+        fail("Input error", "An input nests too deeply to be read.", "Check the files you passed.", EXIT_INPUT)
     except Exception as err:  # a bug: still no traceback unless asked
         if debug():
             traceback.print_exc()
-        fail("Internal error", f"{type(err).__name__}: {err}",
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+        fail("Internal error (a bug: please report it)", f"{type(err).__name__}: {first}",
              "Re-run with MOEHARDEN_DEBUG=1 for the traceback and report it.", EXIT_INTERNAL)
     return None
 

@@ -2,7 +2,8 @@
 
 Offline, bring-your-own-key: an elliptic-curve (P-256) key pair from :func:`keygen`. Online,
 sigstore keyless signing is available with ``keyless=True``. The signature (``model.sig``) lies
-beside the weights and covers every file of the directory — the manifest included — except itself.
+beside the weights and covers every file of the directory — the manifest, the ``.moeharden-output``
+marker, ``.git*`` files included — except itself, so any added, removed or changed file is a tamper.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ def keygen(out: Path) -> dict[str, str]:
     """Write ``moeharden.key`` (PEM, P-256 private key, mode 0600) and ``moeharden.pub`` into ``out``.
 
     Raises:
-        InputError: ``out`` already holds a key (never overwritten).
+        InputError: ``out`` is a file, or already holds a key (never overwritten).
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory; keygen writes a key pair into a directory.",
+                         hint="Choose a new or existing directory for --out.")
     if (out / PRIVATE_NAME).exists() or (out / PUBLIC_NAME).exists():
         raise InputError(f"{out} already holds a moeharden key pair; refusing to overwrite it.",
                          hint="Choose another --out directory.")
@@ -52,8 +56,9 @@ def keygen(out: Path) -> dict[str, str]:
 
 
 def _hashing_config(hashing):
-    # the output marker (tool bookkeeping, written when the directory is finalised) is not signed
-    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME, ".moeharden-output"], ignore_git_paths=True)
+    # every file but the signature itself is covered: the output marker (written before signing),
+    # and .git/ and .gitattributes too, so a file added to a release is a tamper, not "ignored"
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME], ignore_git_paths=False)
 
 
 def sign_directory(model_dir: Path, *, key: Path | None = None, keyless: bool = False) -> Path:

@@ -75,6 +75,37 @@ def check_output_dir(out: Path, *, overwrite: bool = True) -> None:
                          "refusing to replace it.", hint="Choose a new or empty --out directory.")
 
 
+def prepare_files_dir(out: Path, names: Collection[str]) -> None:
+    """Make ``out`` ready for moeharden to write the files ``names`` into it one by one (reports).
+
+    A missing or empty ``out`` is created and marked as moeharden's; an earlier moeharden output
+    (marked) may have those files replaced. A directory moeharden did not write is accepted only
+    when none of ``names`` exists in it (nothing of the user's is overwritten) and is not marked, so
+    it can never later be replaced as a whole.
+
+    Args:
+        out: the directory.
+        names: the file names about to be written.
+    Raises:
+        InputError: ``out`` is a file, or a foreign directory already holding one of ``names``.
+    """
+    from moeharden import __version__
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"Output path {out} exists and is not a directory.", hint="Choose another --out.")
+    if out.is_dir() and (out / OUTPUT_MARKER).is_file():
+        return
+    if out.is_dir() and any(out.iterdir()):
+        clash = sorted(n for n in names if (out / n).exists() or (out / n).is_symlink())
+        if clash:
+            raise InputError(f"{out} was not written by moeharden and already holds {', '.join(clash)}; "
+                             "refusing to overwrite it.", hint="Choose a new or empty --out directory.")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARKER).write_text(json.dumps({"tool": "moeharden", "version": __version__}) + "\n")
+
+
 def temp_sibling(dest: Path) -> Path:
     """Create and return an empty hidden directory beside ``dest`` to build it in.
 
@@ -110,8 +141,8 @@ def replace_dir(tmp: Path, dest: Path) -> None:
 def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Build an output directory in a temporary sibling, renamed into place at the end.
 
-    Yields the temporary directory to fill. On success it gets the ``.moeharden-output`` marker and
-    replaces ``out`` (see :func:`check_output_dir` for when an existing ``out`` may be replaced; it
+    Yields the temporary directory to fill, already holding the ``.moeharden-output`` marker; on
+    success it replaces ``out`` (see :func:`check_output_dir` for when an existing ``out`` may be replaced; it
     is checked both before and after the work). On any exception, Ctrl-C included, the temporary
     directory is removed and ``out`` is left exactly as it was.
 
@@ -123,9 +154,14 @@ def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
     out = Path(out)
     check_output_dir(out, overwrite=overwrite)
     tmp = temp_sibling(out)
+    marker = json.dumps({"tool": "moeharden", "version": __version__}) + "\n"
     try:
+        # the marker is there from the start, so a signature made inside the block covers it (a
+        # rewritten marker is a tamper like any other changed file)
+        (tmp / OUTPUT_MARKER).write_text(marker)
         yield tmp
-        (tmp / OUTPUT_MARKER).write_text(json.dumps({"tool": "moeharden", "version": __version__}) + "\n")
+        if not (tmp / OUTPUT_MARKER).is_file():
+            (tmp / OUTPUT_MARKER).write_text(marker)
         check_output_dir(out, overwrite=overwrite)          # out may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,7 +169,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
     replace_dir(tmp, out)
 
 
-def _allowed_roots(src: Path) -> list[Path]:
+def allowed_roots(src: Path) -> list[Path]:
     """Where a file of ``src`` may really live: ``src`` itself and, for a Hugging Face Hub cache
     snapshot (``models--o--n/snapshots/<rev>``, whose files are symlinks to ``../../blobs/<sha>``),
     that repository's ``blobs`` folder."""
@@ -207,7 +243,7 @@ def copy_side_files(src: Path, dst: Path, *, skip: Collection[str] = SIDE_FILE_S
         The copied paths, relative to ``dst``, in POSIX form, sorted.
     """
     src, dst = Path(src), Path(dst)
-    roots = _allowed_roots(src)
+    roots = allowed_roots(src)
     copied: list[str] = []
 
     def walk(folder: Path) -> None:

@@ -59,15 +59,24 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header without reading tensor data.
+    """Parse and fully validate a safetensors header without reading tensor data.
+
+    The checks are the format's own rules, so a file that passes loads anywhere: a regular file
+    (never a FIFO or device, which would block or never end), a JSON object header of sane size
+    and nesting, every entry with a known dtype, an integer shape and ``data_offsets``, a byte size
+    equal to ``prod(shape) x dtype size``, and the data ranges, sorted by start, tiling the data
+    buffer exactly: starting at 0, contiguous (no overlap, no hole) and ending at the file's end.
 
     Returns:
         (header dict, absolute offset where tensor data begins).
     Raises:
-        CheckpointError: truncated file, oversized or malformed header, data beyond the file end.
+        CheckpointError: not a regular file, truncated file, oversized or malformed header, a size
+            that disagrees with its shape, overlapping or non-contiguous ranges, data beyond the end.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    from moeharden.io.files import json_depth_ok, open_regular
+
+    with open_regular(path, what="weight file", error=CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path.name} is truncated (only {size} bytes): not a safetensors file.")
@@ -75,59 +84,119 @@ def read_header(path: Path) -> tuple[dict, int]:
         if n <= 0 or 8 + n > size or n > 100_000_000:
             raise CheckpointError(f"{path.name} has a corrupt or truncated header (declares {n} bytes, file has {size}).",
                                   hint="Re-download or re-save the checkpoint.")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path.name} has an unreadable safetensors header.") from None
+        text = f.read(n)
+    try:
+        decoded = text.decode("utf-8")
+        header = json.loads(decoded) if json_depth_ok(decoded) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path.name} has an unreadable safetensors header.") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name} has a malformed safetensors header.")
+    meta_block = header.get("__metadata__")
+    if meta_block is not None and not (isinstance(meta_block, dict)
+                                       and all(isinstance(v, str) for v in meta_block.values())):
+        raise CheckpointError(f"{path.name}: its __metadata__ must map names to strings.")
     base = 8 + n
+    ranges = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            start, end = (int(v) for v in meta["data_offsets"])
-            nbytes = dtype_nbytes(meta["dtype"], meta["shape"])
+            if not isinstance(meta, dict):
+                raise TypeError
+            offs, shape = meta["data_offsets"], meta["shape"]
+            if (not isinstance(offs, list) or len(offs) != 2 or not isinstance(shape, list)
+                    or not all(type(v) is int and v >= 0 for v in [*offs, *shape])
+                    or not isinstance(meta["dtype"], str)):
+                raise TypeError
+            start, end = offs
+            nbytes = dtype_nbytes(meta["dtype"], shape)
         except CheckpointError as err:
             raise CheckpointError(f"{path.name}: tensor {name!r}: {err.message}") from None
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry.") from None
-        if start < 0 or base + end > size or end - start != nbytes:
-            raise CheckpointError(f"{path.name} is truncated or corrupt: tensor {name!r} lies beyond the end of the file "
-                                  f"or its size disagrees with its shape.", hint="Re-download or re-save the checkpoint.")
+            raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry (dtype, integer "
+                                  "shape and two non-negative integer data_offsets are required).") from None
+        if end - start != nbytes:
+            raise CheckpointError(f"{path.name}: the size of tensor {name!r} ({end - start} bytes) disagrees with "
+                                  f"its shape {shape} and dtype {meta['dtype']} ({nbytes} bytes).",
+                                  hint="The file is corrupt or was edited; re-download or re-save it.")
+        ranges.append((start, end, name))
+    pos, prev = 0, None
+    for start, end, name in sorted(ranges):
+        if start < pos:
+            raise CheckpointError(f"{path.name}: tensors {prev!r} and {name!r} overlap (share bytes).",
+                                  hint="Do not trust this checkpoint; re-download or re-save it.")
+        if start > pos:
+            raise CheckpointError(f"{path.name}: a gap of {start - pos} bytes lies before tensor {name!r}; "
+                                  "tensor data must be contiguous.", hint="Re-download or re-save the checkpoint.")
+        pos, prev = end, name
+    if base + pos != size:
+        what = "lies beyond the end of the file" if base + pos > size else "is followed by stray bytes"
+        raise CheckpointError(f"{path.name} is truncated or corrupt: its tensor data {what} "
+                              f"(header describes {base + pos} bytes, file has {size}).",
+                              hint="Re-download or re-save the checkpoint.")
     return header, base
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return any(real.is_relative_to(r) for r in roots)
 
 
 class CheckpointFiles:
     """Index of a local safetensors checkpoint: one ``model.safetensors`` or shards with an index.
 
+    Every shard must resolve inside the checkpoint directory (or, for a Hub cache snapshot, its
+    ``blobs`` folder) and be a regular file; the index must name plain file names beside it, and
+    agree with the shards' headers (each tensor in exactly one shard, where the index says).
+
     Raises:
-        CheckpointError: no safetensors files, an index naming missing shards, a corrupt header.
+        CheckpointError: no safetensors files, a malformed index, an index naming missing shards or
+            paths outside the checkpoint, a shard that is a link out or not a regular file, a tensor
+            in two shards or not where the index says, a corrupt header.
     """
 
     def __init__(self, root: Path):
+        from moeharden.io.files import read_json_object
+        from moeharden.io.outputs import allowed_roots
+
         self.root = Path(root)
+        roots = allowed_roots(self.root)
         index = self.root / INDEX_NAME
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-                raise CheckpointError(f"{index} is not a valid safetensors index.") from None
+        weight_map: dict | None = None
+        if index.exists() or index.is_symlink():
+            if not _inside(index, roots):
+                raise CheckpointError(f"{index} is a link to a file outside the checkpoint directory.",
+                                      hint="Do not trust this checkpoint.")
+            raw = read_json_object(index, what="safetensors index", error=CheckpointError)
+            weight_map = raw.get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} is not a valid safetensors index (no \"weight_map\" object).")
+            values = list(weight_map.values())
+            if not all(isinstance(n, str) for n in values):
+                raise CheckpointError(f"{index} is not a valid safetensors index (its weight_map values must be "
+                                      "shard file names).")
             # a shard is a plain file name beside the index: a path would read outside the checkpoint
-            bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+            bad = sorted(repr(n) for n in values if Path(n).name != n
+                         or n in ("", ".", "..") or "\\" in n or "\x00" in n)
             if bad:
                 raise CheckpointError(f"{index} names shard(s) outside the checkpoint directory: "
-                                      f"{', '.join(map(repr, bad[:5]))}.", hint="Do not trust this checkpoint.")
-            missing = [n for n in names if not (self.root / n).exists()]
+                                      f"{', '.join(bad[:5])}.", hint="Do not trust this checkpoint.")
+            names = set(values)
+            missing = sorted(n for n in names if not (self.root / n).exists())
             if missing:
                 raise CheckpointError(f"The index names shard(s) that are missing: {', '.join(missing)}.",
                                       hint="The download is incomplete; fetch the missing files.")
-            self.shards = [self.root / n for n in names]
+            self.shards = [self.root / n for n in sorted(names)]
         else:
             self.shards = sorted(self.root.glob("*.safetensors"))
         if not self.shards:
             raise CheckpointError(f"No safetensors weights in {self.root}.")
+        outside = [s.name for s in self.shards if not _inside(s, roots)]
+        if outside:
+            raise CheckpointError(f"Weight file(s) {', '.join(outside[:5])} of {self.root} are links to files "
+                                  "outside the checkpoint directory; refusing to read them.",
+                                  hint="Do not trust this checkpoint, or copy the real files in.")
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, dict] = {}
         for shard in self.shards:
@@ -136,8 +205,19 @@ class CheckpointFiles:
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
+                if name in self.tensors:
+                    raise CheckpointError(f"Tensor {name!r} is stored twice: in {self.tensors[name].file.name} "
+                                          f"and in {shard.name}.", hint="Do not trust this checkpoint.")
+                if weight_map is not None and weight_map.get(name) != shard.name:
+                    raise CheckpointError(f"Tensor {name!r} lies in {shard.name}, but the index says "
+                                          f"{weight_map.get(name)!r}.", hint="The index and the shards disagree.")
                 s, e = meta["data_offsets"]
                 self.tensors[name] = TensorInfo(name, shard, meta["dtype"], tuple(meta["shape"]), base + s, base + e)
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self.tensors))
+            if absent:
+                raise CheckpointError(f"The index names tensor(s) no shard holds: {', '.join(map(repr, absent[:5]))}.",
+                                      hint="The index and the shards disagree.")
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -22,13 +22,16 @@ _PICKLE = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_remote_code: bool = False,
+                       validate: bool = True) -> Path:
     """A local directory for ``ckpt`` (downloading a Hub repo id if needed), validated.
 
     Args:
         ckpt: an existing local directory, or a Hub repo id ``owner/name``.
         revision: Hub branch, tag or commit (Hub ids only).
         trust_remote_code: also download the repo's ``*.py`` files (only when the user asked for it).
+        validate: run :func:`validate_checkpoint` (``verify`` checks integrity first, so that a
+            tampered release is an integrity failure, then validates).
     Returns:
         The checkpoint directory (for a Hub id, its snapshot in the local Hub cache).
     Raises:
@@ -37,7 +40,8 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_r
     """
     path = Path(ckpt).expanduser()
     if path.exists():
-        validate_checkpoint(path)
+        if validate:
+            validate_checkpoint(path)
         return path
     text = str(ckpt)
     if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
@@ -65,7 +69,8 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_r
     except Exception as err:  # network errors of requests/httpx
         raise NetworkError(f"Cannot reach the Hugging Face Hub to download {text!r}: {type(err).__name__}.",
                            hint="Check the network or pass a local directory.") from None
-    validate_checkpoint(local)
+    if validate:
+        validate_checkpoint(local)
     return local
 
 
@@ -82,10 +87,9 @@ def validate_checkpoint(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json, so it is not a transformers checkpoint.",
                               hint="Point at the directory that holds config.json and the *.safetensors files.")
-    try:
-        json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path / 'config.json'} is not valid JSON.") from None
+    from moeharden.io.files import read_json_object
+
+    read_json_object(path / "config.json", what="config", error=CheckpointError)   # an object, sanely nested
     if not list(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
         pickles = [p.name for pat in _PICKLE for p in path.glob(pat)]
         if pickles:
@@ -94,7 +98,56 @@ def validate_checkpoint(path: Path) -> None:
                 "because loading a pickle can run arbitrary code.",
                 hint="Convert it where you trust it: model.save_pretrained(dir, safe_serialization=True).")
         raise CheckpointError(f"{path} has no *.safetensors weights.")
-    CheckpointFiles(path)   # parses every header: truncated / corrupt files fail here
+    files = CheckpointFiles(path)   # parses every header: truncated / corrupt / overlapping files fail here
+    _check_config_against_tensors(path, files)
+
+
+def _check_config_against_tensors(path: Path, files) -> None:
+    """The config's expert count against the tensors on disk, for a supported family.
+
+    An unsupported family is left to the registry's own error when the model is used (the message
+    that lists what is supported).
+
+    Raises:
+        CheckpointError: the config promises experts the tensors do not hold, or the reverse.
+        UnsupportedModelError: an expert tensor whose shape disagrees with the config.
+    """
+    from moeharden.errors import UnsupportedModelError
+    from moeharden.model.disk import classify_tensor
+    from moeharden.model.registry import num_experts, spec_for_config
+
+    cfg = load_config(path)
+    try:
+        spec = spec_for_config(cfg)
+        E = num_experts(cfg)
+    except UnsupportedModelError:
+        return
+    roles = {name: classify_tensor(spec, cfg, name, info.shape) for name, info in files.tensors.items()}
+    check_experts_present(E, roles)
+
+
+def check_experts_present(E: int, roles: dict) -> None:
+    """Every MoE layer with per-expert tensors holds exactly the config's experts ``0..E-1`` (fused
+    tensors are checked against ``E`` by :func:`~moeharden.model.disk.classify_tensor` itself).
+
+    Args:
+        E: the config's routed-expert count.
+        roles: ``{tensor name: TensorRole or None}`` from :func:`moeharden.model.disk.classify_tensor`.
+    Raises:
+        CheckpointError: a layer whose experts (or router rows) disagree with ``E``.
+    """
+    per_layer: dict[int, set[int]] = {}
+    for role in roles.values():
+        if role is None:
+            continue
+        if role.kind == "expert":
+            if role.expert is not None:
+                per_layer.setdefault(role.layer, set()).add(role.expert)
+    for layer, ids in sorted(per_layer.items()):
+        if ids != set(range(E)):
+            raise CheckpointError(f"Layer {layer} holds experts {sorted(ids)[:12]}, but the config declares {E} "
+                                  f"experts per layer (0..{E - 1}).",
+                                  hint="The config and the weights disagree; the checkpoint would not load.")
 
 
 def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
@@ -107,8 +160,9 @@ def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
 
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"Cannot read the config in {path}: {err}",
+    except Exception as err:   # transformers raises OSError, ValueError, TypeError and its own validation errors
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"Cannot read the config in {path}: {first[:300]}",
                               hint="A custom architecture needs --trust-remote-code (only for code you trust).") from None
 
 
@@ -198,7 +252,7 @@ def checkpoint_layout(src: Path):
     from moeharden.model.disk import classify_tensor
     from moeharden.model.registry import num_experts, spec_for_config
 
-    validate_checkpoint(Path(src))   # config present, safetensors only, headers sound (cheap)
+    validate_checkpoint(Path(src))   # config present, safetensors only, headers sound, experts match (cheap)
     cfg = load_config(src)
     spec = spec_for_config(cfg)
     E = num_experts(cfg)

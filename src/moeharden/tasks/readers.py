@@ -35,8 +35,10 @@ def _read_local(path: Path, fmt: str | None) -> list[dict[str, Any]]:
     fmt = fmt or format_of(path)
     if fmt is None:
         raise TaskError(f"Cannot tell the format of {path}.", hint=f"Set data.format to one of {', '.join(FORMATS)}.")
-    if not path.is_file():
+    if not path.exists():
         raise TaskError(f"Data file {path} does not exist.")
+    if not path.is_file():     # a directory, FIFO or device: would fail, or block forever
+        raise TaskError(f"Data file {path} is not a regular file.", hint="Point data.path at the data file.")
     try:
         if fmt == "jsonl":
             with open(path, encoding="utf-8") as fh:
@@ -63,6 +65,8 @@ def _read_local(path: Path, fmt: str | None) -> list[dict[str, Any]]:
             return [{"text": line.rstrip("\n")} for line in fh]
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, OSError) as e:
         raise TaskError(f"Cannot read {fmt} data file {path}: {e}") from None
+    except RecursionError:
+        raise TaskError(f"{fmt} data file {path} nests too deeply to be read.") from None
 
 
 def _read_hub(data: DataSpec) -> list[dict[str, Any]]:
@@ -77,6 +81,14 @@ def _read_hub(data: DataSpec) -> list[dict[str, Any]]:
                         + f", split {data.split}: {type(e).__name__}: {e}",
                         hint="Offline? Give a local copy: --task PRESET=path/to/file.jsonl.") from None
     return [dict(r) for r in ds]
+
+
+def _inside(path: Path, base_dir: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies in ``base_dir`` or, for a Hub cache snapshot, its blobs."""
+    from moeharden.io.outputs import allowed_roots
+
+    real = path.resolve()
+    return any(real.is_relative_to(r) for r in allowed_roots(base_dir))
 
 
 def load_rows(spec: TaskSpec, base_dir: Path | None, *, confine: bool = False) -> list[dict[str, Any]]:
@@ -97,7 +109,7 @@ def load_rows(spec: TaskSpec, base_dir: Path | None, *, confine: bool = False) -
     path = Path(d.path).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    if confine and base_dir is not None and not path.resolve().is_relative_to(Path(base_dir).resolve()):
+    if confine and base_dir is not None and not _inside(path, Path(base_dir)):
         raise TaskError(f"Task {spec.name!r} reads {d.path}, outside the checkpoint directory.",
                         hint="A checkpoint's task file may only read files inside the checkpoint.")
     return _read_local(path, d.format)

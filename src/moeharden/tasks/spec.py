@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeharden.errors import TaskError, validation_problems
@@ -234,22 +233,19 @@ def parse_task_file(raw: Any, where: str) -> TaskFile:
 
 
 def read_task_file(path: Path) -> TaskFile:
-    """Read and validate a task file (``yaml.safe_load``; no tags that build objects).
+    """Read and validate a task file (``yaml.safe_load``; no tags that build objects, no aliases).
 
     Args:
         path: the YAML file.
     Returns:
         The validated :class:`TaskFile`.
     Raises:
-        TaskError: missing file, YAML syntax error, or schema problems (all listed).
+        TaskError: missing, binary or special file, YAML syntax error, anchors/aliases or deep
+            nesting, or schema problems (all listed).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise TaskError(f"Cannot read task file {path}: {e.strerror or e}.") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise TaskError(f"Task file {path} is not valid YAML: {e}",
-                        hint="Task files are plain YAML data; tags such as !function are not allowed.") from None
+    from moeharden.io.files import load_yaml_data, read_small_text
+
+    # a regular UTF-8 text file (not a binary, a FIFO or /dev/zero), parsed without aliases (bounded)
+    text = read_small_text(Path(path), what="task file", error=TaskError)
+    raw = load_yaml_data(text, where=f"Task file {path}", error=TaskError)
     return parse_task_file(raw, str(path))

@@ -49,7 +49,12 @@ from moeharden.defend.entangle.losses import (
 )
 from moeharden.defend.entangle.pools import refresh_pools, sample_keepset, train_keeps
 from moeharden.defend.entangle.recipe import EntangleRecipe
-from moeharden.defend.entangle.resume import has_checkpoint, load_checkpoint, save_checkpoint
+from moeharden.defend.entangle.resume import (
+    claim_checkpoint_dir,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from moeharden.errors import InputError
 from moeharden.model.registry import moe_layers
 from moeharden.model.routing import mask_experts
@@ -197,11 +202,14 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     Returns:
         ``(history, steps done)``; history holds one ``{"step", loss terms...}`` row per step.
     Raises:
-        InputError: a task without training examples. UnsupportedModelError.
+        InputError: a task without training examples, or a ``ckpt_dir`` holding data moeharden did
+            not write. UnsupportedModelError.
     """
     empty = [t.name for t in tasks if not t.train]
     if empty:
         raise InputError(f"Task(s) {', '.join(empty)} have no training examples; entangle needs a train split.")
+    if ckpt_dir is not None:        # before any work: never write into (and later delete) a foreign directory
+        claim_checkpoint_dir(ckpt_dir)
     tr = _setup(model, tokenizer, tasks, recipe)
     latest = ckpt_dir / "latest" if ckpt_dir is not None else None
     start = _resume(tr, latest) if resume and latest is not None and has_checkpoint(latest) else 0

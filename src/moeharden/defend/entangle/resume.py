@@ -4,14 +4,49 @@ A checkpoint is a directory ``model.safetensors`` + ``optimizer.safetensors`` (t
 pickle) + ``state.json`` (step, loss history, pools, optimizer param groups), written atomically.
 Per-step randomness is derived from (seed, step), so a resumed run gives the same weights as an
 uninterrupted one.
+
+The checkpoint directory (``--checkpoint-dir``) is claimed with the ``.moeharden-output`` marker
+before the first step (:func:`claim_checkpoint_dir`): a directory that holds anything moeharden did
+not write is refused, and only a claimed directory is ever removed (:func:`remove_checkpoint_dir`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+
+from moeharden.errors import InputError
+from moeharden.io.outputs import OUTPUT_MARKER
+
+
+def claim_checkpoint_dir(ckpt_dir: Path) -> None:
+    """Make ``ckpt_dir`` moeharden's own: create it (or adopt it when empty) and mark it.
+
+    Raises:
+        InputError: ``ckpt_dir`` is a file, or a non-empty directory moeharden did not write.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise InputError(f"Checkpoint directory {ckpt_dir} exists and is not a directory.",
+                         hint="Choose another --checkpoint-dir.")
+    if ckpt_dir.is_dir() and not (ckpt_dir / OUTPUT_MARKER).is_file() and any(ckpt_dir.iterdir()):
+        raise InputError(f"Checkpoint directory {ckpt_dir} is not empty and was not written by moeharden; "
+                         "refusing to write into it (it would be deleted at the end).",
+                         hint="Choose a new or empty --checkpoint-dir.")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / OUTPUT_MARKER).write_text(json.dumps({"tool": "moeharden", "kind": "entangle-checkpoints"}) + "\n")
+
+
+def remove_checkpoint_dir(ckpt_dir: Path) -> bool:
+    """Remove ``ckpt_dir`` only if it carries moeharden's marker; returns whether it was removed."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir.is_dir() and (ckpt_dir / OUTPUT_MARKER).is_file()):
+        return False
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return True
 
 
 def save_checkpoint(ckpt_dir: Path, model, opt, state: dict) -> None:
