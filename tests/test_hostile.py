@@ -230,6 +230,7 @@ def _hostile_inputs(ck, tmp_path):
     (idx2 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": {"b": 1}}}))
     return [
         ("keep.json is a directory", ["prune", ck, "--experts-from", tmp_path, "--out", tmp_path / "o1"]),
+        ("keep.json is /dev/zero", ["prune", ck, "--experts-from", "/dev/zero", "--out", tmp_path / "o1"]),
         ("--out too long", ["prune", ck, "--experts-from", keep, "--out", tmp_path / ("x" * 300)]),
         ("--out under a file", ["prune", ck, "--experts-from", keep, "--out", tmp_path / "file" / "o"]),
         ("keygen onto a file", ["lock", "keygen", "--out", tmp_path / "file"]),
@@ -248,6 +249,21 @@ def test_inputs_that_used_to_be_internal_errors_are_input_errors(tiny_mixtral_ck
         assert res.exit_code in (2, 3), f"{label}: exit {res.exit_code}: {res.output}"
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("o", ".o")) and p.name != "file")
     assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("loader", ["policy", "gate", "recipe", "keep"])
+@pytest.mark.parametrize("path", ["/dev/zero", "dir"])
+def test_config_files_that_are_devices_or_directories_fail_fast(tmp_path, loader, path):
+    from moeharden.audit.gate import load_gate
+    from moeharden.defend.entangle.recipe import load_recipe
+    from moeharden.defend.policy import load_policy
+    from moeharden.errors import MoehardenError
+    from moeharden.model.keepset import read_keep_file
+
+    fn = {"policy": load_policy, "gate": load_gate, "recipe": load_recipe, "keep": read_keep_file}[loader]
+    with pytest.raises(MoehardenError) as err:
+        fn(tmp_path if path == "dir" else path)
+    assert err.value.exit_code == 3
 
 
 def test_os_errors_name_the_path_and_the_reason():
@@ -359,3 +375,21 @@ def test_a_hostile_manifest_is_an_integrity_failure(release, tmp_path):
 def test_verify_on_a_missing_directory_is_an_input_error(release, tmp_path):
     res = _verify(tmp_path / "nowhere", release)
     assert res.exit_code == 3, res.output
+
+
+@pytest.mark.parametrize("kind", ["link-out", "fifo"])
+def test_files_read_by_name_must_be_regular_files_inside_the_checkpoint(tiny_mixtral_ckpt, tmp_path, kind):
+    ck = _copy(tiny_mixtral_ckpt, tmp_path)
+    target = ck / "generation_config.json"
+    if target.exists():
+        target.unlink()
+    if kind == "link-out":
+        secret = tmp_path / "secret.json"
+        secret.write_text('{"token": "TOP SECRET"}')
+        target.symlink_to(secret)
+    else:
+        os.mkfifo(target)
+    res = _run("prune", ck, "--experts-from", _keep(tmp_path), "--out", tmp_path / "P")
+    assert res.exit_code == 3, res.output
+    assert "outside the checkpoint" in res.output or "regular file" in res.output
+    assert not (tmp_path / "P").exists()

@@ -75,7 +75,8 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_r
 
 
 def validate_checkpoint(path: Path) -> None:
-    """Cheap checks before loading: config present, safetensors present and headers sound.
+    """Cheap checks before loading: every file inside the checkpoint and regular, config present,
+    safetensors present, headers sound, the config's expert count matching the tensors.
 
     Raises:
         CheckpointError: with a message naming what is wrong.
@@ -84,6 +85,7 @@ def validate_checkpoint(path: Path) -> None:
 
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory.", hint="Pass the checkpoint directory, not a file.")
+    _check_contained(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json, so it is not a transformers checkpoint.",
                               hint="Point at the directory that holds config.json and the *.safetensors files.")
@@ -100,6 +102,40 @@ def validate_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{path} has no *.safetensors weights.")
     files = CheckpointFiles(path)   # parses every header: truncated / corrupt / overlapping files fail here
     _check_config_against_tensors(path, files)
+
+
+# files transformers and moeharden open by name from a checkpoint (config, weights, tokenizer, tasks)
+_READ_BY_NAME = ("*.json", "*.safetensors", "tokenizer*", "*.model", "vocab*", "merges*", "*.tiktoken", "*.jinja",
+                 "moeharden-tasks.yaml")
+
+
+def _check_contained(path: Path) -> None:
+    """Every file of the checkpoint that is read by name lies inside it and is a regular file.
+
+    transformers reads the config, tokenizer and generation files by name; a symlink among them
+    that leads out of the checkpoint (``tokenizer.json -> ~/.ssh/id_rsa``) would be read, and a FIFO
+    would block forever. Links are allowed inside the directory and, for a Hub cache snapshot, into
+    its ``blobs`` folder. (Other side files are never read; :func:`moeharden.io.outputs.copy_side_files`
+    leaves out those that are links out or not regular files.)
+
+    Raises:
+        CheckpointError: such a file is a link that leaves the checkpoint, or a FIFO, socket or device.
+    """
+    import stat
+
+    from moeharden.io.outputs import allowed_roots
+
+    roots = allowed_roots(path)
+    for entry in sorted({p for pat in _READ_BY_NAME for p in path.glob(pat)}):
+        if entry.is_symlink():
+            real = entry.resolve()
+            if not any(real.is_relative_to(r) for r in roots):
+                raise CheckpointError(f"{entry} is a link to {real}, outside the checkpoint directory; "
+                                      "refusing to read it.",
+                                      hint="Do not trust this checkpoint, or copy the real file in.")
+        if entry.exists() and not (stat.S_ISREG(entry.stat().st_mode) or entry.is_dir()):
+            raise CheckpointError(f"{entry} is not a regular file (a FIFO, socket or device); refusing to "
+                                  "read the checkpoint.", hint="Remove it from the checkpoint directory.")
 
 
 def _check_config_against_tensors(path: Path, files) -> None:
