@@ -19,7 +19,7 @@ import typer
 from moeharden import __version__
 from moeharden import console as ui
 from moeharden.cli import audit_commands, harden_commands
-from moeharden.cli.handler import debug
+from moeharden.cli.handler import EXIT_INTERNAL, debug
 from moeharden.errors import EXIT_INTERRUPTED
 
 app = typer.Typer(
@@ -68,3 +68,11 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # raised outside a command body
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:   # outside the handler (option parsing, rendering): still one paragraph
+        if debug():
+            raise
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+        ui.console.print(f"Internal error (a bug: please report it): {type(err).__name__}: {first} "
+                         "Hint: Re-run with MOEHARDEN_DEBUG=1 for the traceback and report it.",
+                         markup=False, soft_wrap=True)
+        sys.exit(EXIT_INTERNAL)
