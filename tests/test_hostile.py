@@ -393,3 +393,26 @@ def test_files_read_by_name_must_be_regular_files_inside_the_checkpoint(tiny_mix
     assert res.exit_code == 3, res.output
     assert "outside the checkpoint" in res.output or "regular file" in res.output
     assert not (tmp_path / "P").exists()
+
+
+@pytest.mark.parametrize("tamper", ["byte", "rename"])
+def test_verify_baseline_checks_integrity_before_any_attack(release, tmp_path, tamper):
+    from test_documents import _scan
+
+    ck = _copy(release / "locked", tmp_path)
+    name = "layers.0.block_sparse_moe.experts.1.w1"
+    shard = next(s for s in sorted(ck.glob("*.safetensors")) if name.encode() in s.read_bytes()[:4096])
+    if tamper == "byte":
+        raw = bytearray(shard.read_bytes())
+        raw[-3] ^= 0xFF                                     # a data byte of the shard's last tensor
+        shard.write_bytes(bytes(raw))
+    else:
+        _rewrite_header(shard, lambda h: {k.replace(name, name.replace("1.w1", "9.w1")): v for k, v in h.items()})
+    baseline = tmp_path / "scan.json"
+    baseline.write_text(json.dumps(_scan(1.0, []).to_json()))
+    out = tmp_path / "V"
+    res = _run("verify", ck, "--baseline", baseline, "--pubkey", release / "keys" / "moeharden.pub", "--out", out)
+    assert res.exit_code == 4, res.output
+    assert "no attack was run" in res.output.replace("\n", " ") and not out.exists()
+    if tamper == "rename":
+        assert name in res.output.replace("\n", "")
