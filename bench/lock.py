@@ -25,8 +25,8 @@ print(time.perf_counter() - t0)
 CHILD_LOCK = """
 import resource, sys
 from pathlib import Path
-from moeharden.defend.lock import lock_checkpoint
-lock_checkpoint(ckpt=sys.argv[1], policy=Path(sys.argv[2]), key=Path(sys.argv[3]), out=Path(sys.argv[4]))
+from moeharden.defend.lock import LockSettings, lock_checkpoint
+lock_checkpoint(sys.argv[1], LockSettings(out=Path(sys.argv[4]), policy=Path(sys.argv[2]), key=Path(sys.argv[3])))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 CHILD_BASE = """

@@ -207,3 +207,57 @@ def test_prune_by_method_usage_errors(ckpt_with_task, tmp_path):
     res = runner.invoke(app, ["prune", str(ck), "--method", "frequency", "--task", "lm", "--keep", "5",
                               "--out", str(out)])
     _assert_clean_failure(res, 3, out, "--keep 5")
+
+
+@pytest.mark.parametrize("extra,code,words", [
+    (["--recover-mode", "bogus"], 2, ["unknown recovery mode", "bogus"]),
+    (["--recover-strategy", "psychic"], 2, ["unknown selection strategy", "psychic"]),
+    (["--recover-budget", "-5"], 2, ["budget"]),
+    (["--recover-budget", "0"], 2, ["budget"]),
+    (["--max-shard-size", "0"], 2, ["max-shard-size"]),
+])
+def test_bad_recover_options_fail_before_anything_is_written(tiny_mixtral_ckpt, tmp_path, extra, code, words):
+    """Every option is checked when the settings are built: a bad recovery option used to exit 2
+    only after the pruned checkpoint had been written."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from",
+                              str(_keep_file(tmp_path, {"0": [0, 1], "1": [0, 1]})), "--out", str(out),
+                              "--recover", "--task", "anything", *extra])
+    _assert_clean_failure(res, code, out, *words)
+
+
+def test_bad_recover_options_are_refused_even_without_recover(tiny_mixtral_ckpt, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from",
+                              str(_keep_file(tmp_path, {"0": [0, 1], "1": [0, 1]})), "--out", str(out),
+                              "--recover-mode", "bogus"])
+    _assert_clean_failure(res, 2, out, "bogus")
+
+
+def test_recover_with_an_unknown_task_leaves_no_output(tiny_mixtral_ckpt, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from",
+                              str(_keep_file(tmp_path, {"0": [0, 1], "1": [0, 1]})), "--out", str(out),
+                              "--recover", "--task", "no-such-task"])
+    _assert_clean_failure(res, 3, out, "no-such-task")
+
+
+def test_prune_settings_check_every_option_when_built(tmp_path):
+    from moeharden.attack.steal import PruneSettings
+    from moeharden.errors import InputError, UsageError
+
+    keep = tmp_path / "keep.json"
+    ok = PruneSettings(out=tmp_path / "o", experts_from=keep)
+    assert ok.out == tmp_path / "o" and ok.recover_budget == 64 and ok.max_shard_size == "2GB"
+    with pytest.raises(UsageError, match="not both"):
+        PruneSettings(out=tmp_path, experts_from=keep, method="reap", task="t", keep=2)
+    with pytest.raises(UsageError, match="go together"):
+        PruneSettings(out=tmp_path, method="reap", keep=2)
+    with pytest.raises(UsageError, match="Unknown method"):
+        PruneSettings(out=tmp_path, method="astrology", task="t", keep=2)
+    with pytest.raises(UsageError, match="--keep"):
+        PruneSettings(out=tmp_path, method="reap", task="t", keep=0)
+    with pytest.raises(UsageError, match="--recover needs --task"):
+        PruneSettings(out=tmp_path, experts_from=keep, recover=True)
+    with pytest.raises(InputError, match="lots"):
+        PruneSettings(out=tmp_path, experts_from=keep, max_shard_size="lots")

@@ -150,6 +150,47 @@ def test_prune_record_reads_its_current_shape(tmp_path):
     assert load_document(tmp_path / "p.json", PruneRecord).to_json() == raw
 
 
+def test_side_records_are_their_producers_models_and_strict_again(tmp_path):
+    """audit.records re-uses the models the producers build; an unknown top-level key is an input error."""
+    from moeharden.attack import records as attack_records
+    from moeharden.audit import records
+    from moeharden.defend import lock
+    from moeharden.defend.entangle import record as entangle_record
+
+    assert records.PruneRecord is attack_records.PruneRecord
+    assert records.EntangleRecord is entangle_record.EntangleRecord
+    assert records.ManifestDocument is lock.ManifestDocument
+    assert DOCUMENTS["prune"][0] is attack_records.PruneRecord
+    raw = {"schema": "moeharden.prune/1", "tool": {"name": "moeharden", "version": "0"},
+           "source": {"path": "/m", "safetensors_digest": "d"}, "num_experts_before": 8, "num_experts_after": 2,
+           "keep": {"0": [1, 5]}, "smuggled": 1}
+    (tmp_path / "p.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="smuggled"):
+        load_document(tmp_path / "p.json", PruneRecord)
+    entangle = {"schema": "moeharden.entangle/1", "tool": {"name": "moeharden", "version": "0"},
+                "source": {"path": "/m", "safetensors_digest": "d"}, "tasks": ["t"], "recipe": {"steps": 1},
+                "history": [{"step": 1, "retain": 0.5}], "seconds": 1.0}
+    (tmp_path / "e.json").write_text(json.dumps(entangle))
+    assert load_document(tmp_path / "e.json", records.EntangleRecord).to_json() == entangle
+    (tmp_path / "e.json").write_text(json.dumps({**entangle, "extra": True}))
+    with pytest.raises(InputError, match="extra"):
+        load_document(tmp_path / "e.json", records.EntangleRecord)
+
+
+def test_prune_writes_exactly_its_record(tiny_mixtral_ckpt, tmp_path):
+    """The record prune writes validates strictly and holds the digest and keep-set, computed here apart."""
+    from moeharden.attack.prune import prune_checkpoint
+    from moeharden.model.checkpoint import checkpoint_digest
+
+    prune_checkpoint(tiny_mixtral_ckpt, tmp_path / "out", {0: [6, 1], 1: [0, 7]}, source_label="my/src")
+    raw = json.loads((tmp_path / "out" / "moeharden-prune.json").read_text())
+    assert set(raw) == {"schema", "tool", "source", "num_experts_before", "num_experts_after", "keep"}
+    rec = load_document(tmp_path / "out" / "moeharden-prune.json", PruneRecord)
+    assert rec.source.path == "my/src" and rec.source.safetensors_digest == checkpoint_digest(tiny_mixtral_ckpt)
+    assert (rec.num_experts_before, rec.num_experts_after) == (8, 2)
+    assert rec.keep == {"0": [1, 6], "1": [0, 7]} and rec.recovery is None
+
+
 def test_verify_document_holds_a_scan_and_gate_rows():
     scan = _scan(1.0, [])
     doc = VerifyDocument(**stamp(), checkpoint=scan.model, baseline={"path": "b.json", "model": scan.model},

@@ -274,3 +274,39 @@ def test_relocking_carries_data_files_but_no_code_stale_integrity_files_or_outsi
     assert json.loads((out / "moeharden-manifest.json").read_text())["source"]["path"] == str(src)
     res = _verify(out, release, "--json")
     assert res.exit_code == 0, res.output
+
+
+def test_lock_settings_check_every_option_before_anything_is_written(release, tmp_path):
+    from moeharden.defend.lock import LockSettings
+    from moeharden.errors import InputError, UsageError
+
+    key = release / "keys" / "moeharden.key"
+    ok = LockSettings(out=tmp_path / "o", policy=release / "policy.yaml", key=key)
+    assert ok.out == tmp_path / "o" and not ok.keyless
+    with pytest.raises(UsageError, match="--policy"):
+        LockSettings(out=tmp_path / "o", policy=None, key=key)
+    with pytest.raises(UsageError, match="--keyless"):
+        LockSettings(out=tmp_path / "o", policy=release / "policy.yaml")
+    with pytest.raises(UsageError, match="not both"):
+        LockSettings(out=tmp_path / "o", policy=release / "policy.yaml", key=key, keyless=True)
+    with pytest.raises(InputError, match="does not exist"):
+        LockSettings(out=tmp_path / "o", policy=release / "policy.yaml", key=tmp_path / "nope.key")
+    for argv, code in ((["--key", str(key), "--keyless"], 2), (["--policy", str(release / "policy.yaml")], 2),
+                       (["--policy", str(release / "policy.yaml"), "--key", str(tmp_path / "nope.key")], 3)):
+        res = runner.invoke(app, ["lock", str(release / "src"), "--out", str(tmp_path / "out"), *argv])
+        assert res.exit_code == code and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_written_manifest_is_exactly_its_model(release):
+    from moeharden.audit.documents import load_document
+    from moeharden.defend.lock import ManifestDocument
+    from moeharden.io.shards import CheckpointFiles
+
+    raw = json.loads((release / "locked" / "moeharden-manifest.json").read_text())
+    assert set(raw) == set(ManifestDocument.model_json_schema(by_alias=True)["properties"])
+    man = load_document(release / "locked" / "moeharden-manifest.json", ManifestDocument)
+    assert set(man.tensors) == set(CheckpointFiles(release / "src").tensors)
+    assert man.source.path == str(release / "src") and man.policy.groups["experts"] == "frozen"
+    # a Mixtral expert is three matrices (w1, w2, w3), each sketched to `dim` numbers
+    assert man.model.num_experts == 8 and len(man.fingerprints.experts["0"]["0"]) == 3 * man.fingerprints.dim

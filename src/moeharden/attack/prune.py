@@ -5,9 +5,10 @@ shards: per-expert tensors of removed experts are dropped and the kept ones renu
 fused expert tensors, router rows, router bias and selection bias are sliced along their expert
 axis; everything else is copied. The config gets the new expert count (top-k capped at K, expert
 groups kept consistent), other files (tokenizer, task file, ...) are copied, and
-``moeharden-prune.json`` records the source digest and the kept original expert ids. The whole
-model is never loaded for this. What ``moeharden prune`` runs (keep-set choice, prune, optional
-re-alignment) is :func:`moeharden.attack.steal.prune_command`.
+``moeharden-prune.json`` (:class:`~moeharden.attack.records.PruneRecord`) records the source
+digest and the kept original expert ids. The whole model is never loaded for this. What
+``moeharden prune`` runs (keep-set choice, prune, optional re-alignment) is
+:func:`moeharden.attack.steal.prune_command`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 import torch
 
 from moeharden import __version__
-
-PRUNE_RECORD = "moeharden-prune.json"
+from moeharden.attack.records import PRUNE_RECORD, PruneRecord
+from moeharden.io.records import SourceRef
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         CheckpointError, UnsupportedModelError, InputError (``out`` not replaceable, bad size).
     """
     from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.records import tool_info
     from moeharden.io.shards import parse_size, write_streaming_shards
     from moeharden.model.checkpoint import checkpoint_digest
     from moeharden.model.disk import pruned_config
@@ -106,10 +108,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
                                         {"moeharden_version": __version__, "moeharden_pruned_from": digest})
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
         copy_side_files(src, tmp, trust_remote_code=trust_remote_code)
-        (tmp / PRUNE_RECORD).write_text(json.dumps({
-            "schema": "moeharden.prune/1", "tool": {"name": "moeharden", "version": __version__},
-            "source": {"path": source_label or str(src), "safetensors_digest": digest},
-            "num_experts_before": E, "num_experts_after": K, **to_json(keep)}, indent=2) + "\n")
+        record = PruneRecord(tool=tool_info(), source=SourceRef(path=source_label or str(src),
+                                                                 safetensors_digest=digest),
+                             num_experts_before=E, num_experts_after=K, keep=to_json(keep)["keep"])
+        (tmp / PRUNE_RECORD).write_text(record.to_file_text())
     t2 = time.perf_counter()
     top_k = config_value(new_cfg, spec.top_k_keys)
     return PruneResult(str(source_label or src), str(out), E, K, None if top_k is None else int(top_k), sorted(keep),

@@ -25,13 +25,16 @@ DOCUMENTS: dict[str, tuple[type[BaseModel], str, str]] = {
     "integrity": (IntegrityReport, "`verify --pubkey --json` output", "`moeharden verify CKPT --pubkey KEY` "
                                                                        "(`audit/integrity.py`)"),
     "prune": (PruneRecord, "moeharden-prune.json", "`moeharden prune` (`attack/prune.py`), beside the weights"),
-    "entangle": (EntangleRecord, "entangle.json", "`moeharden entangle`, beside the weights"),
-    "manifest": (ManifestDocument, "moeharden-manifest.json", "`moeharden lock`, inside the locked release"),
+    "entangle": (EntangleRecord, "entangle.json", "`moeharden entangle` (`defend/entangle/command.py`), beside "
+                                                  "the weights"),
+    "manifest": (ManifestDocument, "moeharden-manifest.json", "`moeharden lock` (`defend/lock.py`), inside the "
+                                                              "locked release"),
 }
 
 HEADER = """# Report fields
 
-<!-- GENERATED from the pydantic models in src/moeharden/audit/{documents,verdict,records}.py.
+<!-- GENERATED from the pydantic models in src/moeharden/audit/{documents,verdict}.py and, for the side
+     records, attack/records.py, defend/entangle/record.py and defend/lock.py (beside their producers).
      Do not edit by hand: run `moeharden schema --markdown > docs/report-fields.md`
      (tests/test_documents.py fails when this file drifts from the models). -->
 

@@ -1,7 +1,9 @@
 """The attacker's and the publisher's commands: ``prune``, ``entangle``, ``keygen``, ``lock``, ``demo``.
 
-Each parses its options, calls one library function through the one handler
-(:func:`~moeharden.cli.handler.call`), and renders what comes back. ``lock keygen --out KEYDIR`` is
+Each parses its options into one settings object (:class:`~moeharden.attack.steal.PruneSettings`,
+:class:`~moeharden.defend.entangle.command.EntangleSettings`, :class:`~moeharden.defend.lock.LockSettings`;
+each checks every option when it is built), calls one library function with it through the one
+handler (:func:`~moeharden.cli.handler.call`), and renders what comes back. ``lock keygen --out KEYDIR`` is
 kept as the spelling of ``keygen`` under ``lock`` (Typer has no public way to let a group take a
 positional checkpoint next to sub-commands), dispatched to the same :func:`keygen` command.
 """
@@ -14,7 +16,7 @@ from typing import Annotated
 import typer
 
 from moeharden import console as ui
-from moeharden.cli.handler import call, emit, esc, fail, json_flag, push
+from moeharden.cli.handler import call, emit, esc, json_flag, push
 from moeharden.cli.options import (
     CkptArg,
     JsonOpt,
@@ -24,7 +26,6 @@ from moeharden.cli.options import (
     PushOpt,
     TrustRemoteCodeOpt,
 )
-from moeharden.errors import EXIT_USAGE
 
 
 def prune(
@@ -46,11 +47,12 @@ def prune(
 ) -> None:
     """The attacker's artifact: a physically smaller checkpoint keeping only some experts."""
     json_flag(json_out)
-    from moeharden.attack.steal import prune_command
+    from moeharden.attack.steal import PruneSettings, prune_command
 
-    result = call(prune_command, ckpt=ckpt, out=out, experts_from=experts_from, method=method, task=task,
-                  keep=keep, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, recover=recover,
-                  recover_mode=recover_mode, recover_strategy=recover_strategy, recover_budget=recover_budget)
+    settings = call(PruneSettings, out=out, experts_from=experts_from, method=method, task=task, keep=keep,
+                    max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, recover=recover,
+                    recover_mode=recover_mode, recover_strategy=recover_strategy, recover_budget=recover_budget)
+    result = call(prune_command, ckpt, settings)
     if not emit(result):
         ui.console.print(f"[green]Pruned[/] {esc(result.source)} → {esc(result.out)} "
                          f"({result.num_experts_before} → {result.num_experts_after} experts per MoE layer, "
@@ -74,7 +76,7 @@ def demo(
 
 def entangle(
     ckpt: CkptArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory (written atomically).")],
+    out: OutOpt,
     task: Annotated[list[str] | None, typer.Option(
         "--task", "-t", help="Task(s) to protect; default: the checkpoint's own task file.")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML (flags below override it).")] = None,
@@ -101,15 +103,16 @@ def entangle(
 ) -> None:
     """Retrain with an anti-pruning objective so that pruned sub-models fail sharply."""
     json_flag(json_out)
+    from moeharden.defend.entangle.command import EntangleSettings
     from moeharden.defend.entangle.command import entangle as run_entangle
 
-    # recipe overrides: None = "not given on the command line" (the recipe's value stands)
-    overrides = {"steps": steps, "lr": lr, "batch_size": batch_size, "lambda_retain": lambda_retain,
-                 "lambda_prune": lambda_prune, "lambda_spread": lambda_spread, "recovery_term": recovery_term,
-                 "mixed_precision": mixed_precision, "grad_accum": grad_accum,
-                 "checkpoint_every": checkpoint_every, "seed": seed}
-    result = call(run_entangle, ckpt=ckpt, out=out, tasks=task or None, recipe_path=recipe, overrides=overrides,
-                  resume=resume, checkpoint_dir=checkpoint_dir, limit=limit, trust_remote_code=trust_remote_code)
+    # recipe overrides stay None unless given on the command line (then the recipe's value stands)
+    settings = call(EntangleSettings, out=out, tasks=task or None, recipe_path=recipe, steps=steps, lr=lr,
+                    batch_size=batch_size, lambda_retain=lambda_retain, lambda_prune=lambda_prune,
+                    lambda_spread=lambda_spread, recovery_term=recovery_term, mixed_precision=mixed_precision,
+                    grad_accum=grad_accum, checkpoint_every=checkpoint_every, seed=seed, resume=resume,
+                    checkpoint_dir=checkpoint_dir, limit=limit, trust_remote_code=trust_remote_code)
+    result = call(run_entangle, ckpt, settings)
     pushed = push(out, push_to_hub, "entangle", public) if result.completed else None
     if not emit({**result.to_dict(), "pushed": pushed}):
         last = ", ".join(f"{k}={v:.4f}" for k, v in result.last.items())
@@ -151,12 +154,11 @@ def lock(
         keygen(out=out, json_out=json_out)
         return
     json_flag(json_out)
-    if policy is None:
-        fail("Usage error", "lock needs --policy P.yaml.", "See src/moeharden/data/policy-example.yaml.", EXIT_USAGE)
-    from moeharden.defend.lock import lock_checkpoint
+    from moeharden.defend.lock import LockSettings, lock_checkpoint
 
-    result = call(lock_checkpoint, ckpt=ckpt, policy=policy, key=key, out=out, keyless=keyless,
-                  trust_remote_code=trust_remote_code)
+    settings = call(LockSettings, out=out, policy=policy, key=key, keyless=keyless,
+                    trust_remote_code=trust_remote_code)
+    result = call(lock_checkpoint, ckpt, settings)
     pushed = push(out, push_to_hub, "lock", public)
     if not emit({**result.to_dict(), "pushed": pushed}):
         ui.console.print(f"[green]Locked[/] {esc(ckpt)} → {esc(result.out)}: policy in every shard, config.json and "

@@ -4,9 +4,10 @@
 rewritten by streaming: header first, tensor bytes copied file to file), (b) ``config.json``
 under ``moeharden``, (c) the model card ``README.md`` (YAML front matter and a readable
 section), and (d) ``moeharden-manifest.json`` (tool version, policy, sha256 of every tensor, a
-fingerprint of every expert). Then the whole directory, manifest included, is signed with OpenSSF
-model signing (``model.sig``). The output is written atomically. Checking a locked copy is
-:mod:`moeharden.audit.integrity`.
+fingerprint of every expert; :class:`ManifestDocument`). Then the whole directory, manifest
+included, is signed with OpenSSF model signing (``model.sig``). The output is written atomically.
+:func:`lock_checkpoint` takes one :class:`LockSettings`, checked when it is built. Checking a locked
+copy is :mod:`moeharden.audit.integrity`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,109 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar, Literal
 
 import yaml
+from pydantic import Field
 
 from moeharden import __version__
 from moeharden.errors import ConfigFileError, InputError, UsageError
+from moeharden.io.records import Record, ToolInfo
 
 MANIFEST_NAME = "moeharden-manifest.json"
 SCHEMA = "moeharden.manifest/1"
+FINGERPRINT_METHOD = "P_a W r_b gaussian sketch"
+
+
+class ManifestSource(Record):
+    """What a release was locked from."""
+
+    path: str = Field(description="The checkpoint passed to `lock` (local path or Hub id).")
+
+
+class ManifestModel(Record):
+    """The locked model's identity in a manifest."""
+
+    family: str = Field(description="Registry family name.")
+    model_type: str = Field(description="`config.json`'s `model_type`.")
+    num_experts: int = Field(ge=1, description="Routed experts per MoE layer.")
+    moe_layers: list[int] = Field(description="Decoder-layer indices of the MoE layers.")
+    config_sha256: str = Field(description="sha256 of `config.json` in canonical form.")
+
+
+class ManifestPolicy(Record):
+    """The selective fine-tuning policy as written into the release."""
+
+    version: int = Field(description="Policy format version.")
+    license: str = Field(description="License of the release.")
+    permitted_uses: str = Field(description="What licensees may do.")
+    contact: str = Field(description="Who to ask.")
+    groups: dict[str, str] = Field(description="`{parameter group: frozen | trainable | lora(max_rank: N)}`.")
+
+
+class TensorEntry(Record):
+    """One tensor of the release."""
+
+    file: str = Field(description="The safetensors file holding it.")
+    dtype: str = Field(description="Its dtype as stored.")
+    shape: list[int] = Field(description="Its shape.")
+    sha256: str = Field(description="sha256 of its bytes.")
+
+
+class Fingerprints(Record):
+    """Expert fingerprints, to recognise a release's experts in a derivative."""
+
+    method: str = Field(description="How the sketches are computed.")
+    dim: int = Field(ge=1, description="Sketch length.")
+    experts: dict[str, dict[str, list[float]]] = Field(description="`{layer: {expert: unit-norm sketch}}`.")
+
+
+class ManifestDocument(Record):
+    """`moeharden-manifest.json`: every tensor's hash, expert fingerprints and the policy of a locked release."""
+
+    SCHEMA: ClassVar[str] = SCHEMA
+    schema_id: Literal["moeharden.manifest/1"] = Field(SCHEMA, alias="schema", description="`moeharden.manifest/1`.")
+    tool: ToolInfo = Field(description="The tool that wrote it.")
+    model: ManifestModel = Field(description="The locked model's identity.")
+    policy: ManifestPolicy | None = Field(description="The policy, or null.")
+    tensors: dict[str, TensorEntry] = Field(description="`{tensor name: entry}`, sorted by name.")
+    fingerprints: Fingerprints = Field(description="Expert fingerprints.")
+    source: ManifestSource | None = Field(None, description="What the release was locked from.")
+
+
+@dataclass(frozen=True)
+class LockSettings:
+    """Everything ``lock`` needs besides the checkpoint; the options are checked when this is built.
+
+    Attributes:
+        out: output directory (replaced only under :func:`moeharden.io.outputs.check_output_dir`'s rules).
+        policy: the policy YAML.
+        key: private key from ``moeharden keygen`` (``None`` with ``keyless``).
+        keyless: sign with sigstore instead of a key.
+        trust_remote_code: also download and carry the checkpoint's custom code (``*.py``).
+    Raises:
+        UsageError: no policy; neither or both of ``key`` and ``keyless``.
+        InputError: a key that is not a file. (The policy's contents are checked by
+            :func:`lock_checkpoint` first, before anything is written.)
+    """
+
+    out: Path
+    policy: Path | None
+    key: Path | None = None
+    keyless: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.policy is None:
+            raise UsageError("lock needs --policy P.yaml.", hint="See src/moeharden/data/policy-example.yaml.")
+        if self.key is None and not self.keyless:
+            raise UsageError("lock needs --key KEYDIR/moeharden.key (from `moeharden keygen`) or --keyless.")
+        if self.key is not None and self.keyless:
+            raise UsageError("Give either --key or --keyless, not both.")
+        if self.key is not None and not Path(self.key).is_file():
+            raise InputError(f"Private key {self.key} does not exist.",
+                             hint="Create one with `moeharden keygen --out KEYDIR`.")
 
 
 def _front_matter(text: str) -> tuple[dict, str]:
@@ -61,22 +156,35 @@ def model_card(existing: str, policy, name: str) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + (body.rstrip() + "\n\n" if body.strip() else "") + section
 
 
-def build_manifest(path: Path, policy) -> dict[str, Any]:
-    """The manifest of a checkpoint directory (tensor hashes, expert fingerprints, policy)."""
-    from moeharden.defend.manifest import fingerprints, tensor_sha256
+def build_manifest(path: Path, policy, *, source: str | None = None) -> ManifestDocument:
+    """The manifest of a checkpoint directory (tensor hashes, expert fingerprints, policy).
+
+    Args:
+        path: a local checkpoint directory (its safetensors are read one shard at a time).
+        policy: the :class:`moeharden.defend.policy.Policy` locked in, or ``None``.
+        source: what the release was locked from (recorded as ``source.path``), or ``None``.
+    Returns:
+        the :class:`ManifestDocument`.
+    Raises:
+        CheckpointError, UnsupportedModelError.
+    """
+    from moeharden.defend.manifest import SKETCH_DIM, fingerprints, tensor_sha256
+    from moeharden.io.records import tool_info
     from moeharden.model.checkpoint import checkpoint_layout, config_hash
 
     cfg, spec, E, files, roles, layers = checkpoint_layout(path)
-    tensors = {name: {"file": files.tensors[name].file.name, "dtype": files.tensors[name].dtype,
-                      "shape": list(files.tensors[name].shape), "sha256": h}
+    tensors = {name: TensorEntry(file=files.tensors[name].file.name, dtype=files.tensors[name].dtype,
+                                 shape=list(files.tensors[name].shape), sha256=h)
                for name, h in tensor_sha256(files)}
-    return {"schema": SCHEMA, "tool": {"name": "moeharden", "version": __version__},
-            "model": {"family": spec.name, "model_type": cfg.model_type, "num_experts": E, "moe_layers": layers,
-                      "config_sha256": config_hash(path)},
-            "policy": policy.to_json() if policy is not None else None,
-            "tensors": dict(sorted(tensors.items())),
-            "fingerprints": {"method": "P_a W r_b gaussian sketch", "dim": 32,
-                             "experts": fingerprints(files, spec, cfg, roles)}}
+    return ManifestDocument(
+        tool=tool_info(),
+        model=ManifestModel(family=spec.name, model_type=cfg.model_type, num_experts=E, moe_layers=layers,
+                            config_sha256=config_hash(path)),
+        policy=ManifestPolicy(**policy.to_json()) if policy is not None else None,
+        tensors=dict(sorted(tensors.items())),
+        fingerprints=Fingerprints(method=FINGERPRINT_METHOD, dim=SKETCH_DIM,
+                                  experts=fingerprints(files, spec, cfg, roles)),
+        source=ManifestSource(path=source) if source is not None else None)
 
 
 @dataclass
@@ -91,23 +199,18 @@ class LockResult:
         return asdict(self)
 
 
-def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, keyless: bool = False,
-                    trust_remote_code: bool = False) -> LockResult:
-    """Lock ``ckpt`` with ``policy`` into ``out`` (see the module docstring), atomically.
+def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
+    """Lock ``ckpt`` with ``settings.policy`` into ``settings.out`` (see the module docstring), atomically.
 
     Args:
         ckpt: checkpoint directory or Hub repo id.
-        policy: the policy YAML.
-        key: private key from ``moeharden lock keygen`` (or ``None`` with ``keyless``).
-        out: output directory (replaced only under :func:`moeharden.io.outputs.check_output_dir`'s rules).
-        keyless: sign with sigstore instead of a key.
-        trust_remote_code: also download and carry the checkpoint's custom code (``*.py``).
+        settings: output, policy, signing key and trust (:class:`LockSettings`).
     Returns:
         :class:`LockResult`.
 
     Raises:
         ConfigFileError: invalid policy, or a policy group that matches no tensor.
-        InputError: missing key; CheckpointError; UnsupportedModelError.
+        InputError: an output directory that may not be replaced; CheckpointError; UnsupportedModelError.
     """
     from moeharden.defend.manifest import disk_groups
     from moeharden.defend.policy import load_policy
@@ -116,12 +219,9 @@ def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, key
     from moeharden.io.shards import INDEX_NAME, PlannedTensor, write_streaming_shards
     from moeharden.model.checkpoint import checkpoint_layout, resolve_checkpoint
 
-    pol = load_policy(policy)
+    out, trust_remote_code = settings.out, settings.trust_remote_code
+    pol = load_policy(settings.policy)
     check_output_dir(out)
-    if key is None and not keyless:
-        raise UsageError("lock needs --key KEYDIR/moeharden.key (from `moeharden lock keygen`) or --keyless.")
-    if key is not None and not Path(key).is_file():
-        raise InputError(f"Private key {key} does not exist.", hint="Create one with `moeharden lock keygen --out KEYDIR`.")
     src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
     groups = disk_groups(src, files, spec, cfg, roles)
@@ -151,11 +251,10 @@ def lock_checkpoint(*, ckpt: str, policy: Path, key: Path | None, out: Path, key
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         readme = (tmp / "README.md").read_text() if (tmp / "README.md").exists() else ""
         (tmp / "README.md").write_text(model_card(readme, pol, Path(str(ckpt)).name))
-        manifest = build_manifest(tmp, pol)
-        manifest["source"] = {"path": str(ckpt)}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        sign_directory(tmp, key=key, keyless=keyless)
-    return LockResult(str(out), str(Path(out) / MANIFEST_NAME), str(Path(out) / "model.sig"),
-                      len(manifest["tensors"]), pol.to_json())
+        manifest = build_manifest(tmp, pol, source=str(ckpt))
+        (tmp / MANIFEST_NAME).write_text(manifest.to_file_text(indent=1))
+        sign_directory(tmp, key=settings.key, keyless=settings.keyless)
+    return LockResult(str(out), str(out / MANIFEST_NAME), str(out / "model.sig"), len(manifest.tensors),
+                      pol.to_json())
 
 

@@ -62,8 +62,8 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
     from moeharden.audit.report import render_verify
     from moeharden.audit.scan import ScanSettings, scan
     from moeharden.audit.verify import VerifySettings, describe_row, verify_attacks
-    from moeharden.defend.entangle.command import entangle
-    from moeharden.defend.lock import lock_checkpoint
+    from moeharden.defend.entangle.command import EntangleSettings, entangle
+    from moeharden.defend.lock import LockSettings, lock_checkpoint
     from moeharden.defend.signing import keygen
 
     out = Path(out)
@@ -79,16 +79,16 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
                      settings=ScanSettings(recover=True, recover_budget=recover_budget, limit=limit))
     recipe = resources.files("moeharden").joinpath("data/demo_entangle.yaml")
     with resources.as_file(recipe) as recipe_path:
-        stage("entangle", entangle, ckpt=str(model_dir), out=out / "entangled", recipe_path=recipe_path,
-              overrides=entangle_overrides or {})
+        stage("entangle", entangle, ckpt=str(model_dir), settings=EntangleSettings(
+            out=out / "entangled", recipe_path=recipe_path, **(entangle_overrides or {})))
     keys = out / "keys"
     if (keys / "moeharden.key").exists():
         shutil.rmtree(keys)
     stage("keygen", keygen, out=keys)
     policy = resources.files("moeharden").joinpath("data/policy-example.yaml")
     with resources.as_file(policy) as policy_path:
-        stage("lock", lock_checkpoint, ckpt=str(out / "entangled"), policy=policy_path,
-              key=keys / "moeharden.key", out=out / "locked")
+        stage("lock", lock_checkpoint, ckpt=str(out / "entangled"), settings=LockSettings(
+            out=out / "locked", policy=policy_path, key=keys / "moeharden.key"))
     ver = stage("verify", verify_attacks, ckpt=str(out / "locked"), baseline=out / "scan" / "scan.json",
                 out=out / "verify", settings=VerifySettings(pubkey=keys / "moeharden.pub"))
     md, html_path = render_verify(scan_res.data, ver.data, out)

@@ -1,29 +1,105 @@
 """``moeharden entangle`` as a library call: load a checkpoint, entangle it, write the result.
 
-:func:`entangle` is what the CLI calls: it validates the recipe and the output directory before
-any expensive work, runs :func:`moeharden.defend.entangle.loop.entangle_model` with resumable
-checkpoints, and writes an ordinary Hugging Face checkpoint plus ``entangle.json`` atomically.
+:func:`entangle` is what the CLI calls, with one :class:`EntangleSettings` (validated when it is
+built, so that a bad option fails before anything is read or written): it loads the recipe with the
+settings' overrides, checks the output directory before any expensive work, runs
+:func:`moeharden.defend.entangle.loop.entangle_model` with resumable checkpoints, and writes an
+ordinary Hugging Face checkpoint plus ``entangle.json``
+(:class:`~moeharden.defend.entangle.record.EntangleRecord`) atomically.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from moeharden import __version__
 from moeharden.defend.entangle.loop import entangle_model
-from moeharden.defend.entangle.recipe import load_recipe
+from moeharden.defend.entangle.recipe import EntangleRecipe, load_recipe
+from moeharden.defend.entangle.record import ENTANGLE_RECORD, EntangleRecord
 from moeharden.defend.entangle.resume import has_checkpoint
-from moeharden.errors import UsageError
+from moeharden.errors import UsageError, validation_problems
 
-SCHEMA = "moeharden.entangle/1"
+# the recipe fields the command line may override (each an EntangleSettings field; None = the recipe's value)
+RECIPE_OVERRIDES = ("steps", "lr", "batch_size", "lambda_retain", "lambda_prune", "lambda_spread",
+                    "recovery_term", "mixed_precision", "grad_accum", "checkpoint_every", "seed")
+
+
+@dataclass(frozen=True)
+class EntangleSettings:
+    """Everything ``entangle`` needs besides the checkpoint; every option is checked when this is built.
+
+    The recipe-override fields (:data:`RECIPE_OVERRIDES`) are ``None`` unless given on the command
+    line; precedence is command line > recipe file > defaults, decided by ``None`` (an override of
+    ``0.0`` or ``False`` stands).
+
+    Attributes:
+        out: output directory (replaced only if empty or an earlier moeharden output).
+        tasks: task specs (``None``: the checkpoint's own task file).
+        recipe_path: a recipe YAML (``None``: the shipped default).
+        resume: continue from the training checkpoint in ``checkpoint_dir``.
+        stop_after: stop after this many steps in total (the run is then not completed).
+        checkpoint_dir: where training checkpoints go (default: a hidden sibling of ``out``).
+        limit: cap on examples per split.
+        trust_remote_code: let transformers run the checkpoint's own modeling code.
+    Raises:
+        UsageError: an override outside its recipe field's range or choices (``--steps 0``,
+            ``--mixed-precision fp8``), or ``stop_after`` / ``limit`` below 1.
+    """
+
+    out: Path
+    tasks: tuple[str, ...] | None = None
+    recipe_path: Path | None = None
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    lambda_retain: float | None = None
+    lambda_prune: float | None = None
+    lambda_spread: float | None = None
+    recovery_term: bool | None = None
+    mixed_precision: str | None = None
+    grad_accum: int | None = None
+    checkpoint_every: int | None = None
+    seed: int | None = None
+    resume: bool = False
+    stop_after: int | None = None
+    checkpoint_dir: Path | None = None
+    limit: int | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", tuple(self.tasks) or None)
+        try:        # each override against its recipe field's type and range (the other fields at defaults)
+            EntangleRecipe(**self.overrides())
+        except ValidationError as err:
+            lines = []
+            for line in validation_problems(err):         # "lr: Input should be greater than 0 (got -1.0)"
+                field, _, problem = line.partition(": ")
+                lines.append(f"--{field.replace('_', '-')}: {problem}")
+            raise UsageError(f"Bad entangle option(s): {'; '.join(lines)}.",
+                             hint="See src/moeharden/data/entangle_recipe.yaml for each knob.") from None
+        for flag, value in (("stop_after", self.stop_after), ("--limit", self.limit)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be at least 1 (got {value}).")
+
+    def overrides(self) -> dict[str, Any]:
+        """The recipe fields given on the command line (those that are not ``None``)."""
+        return {k: v for k in RECIPE_OVERRIDES if (v := getattr(self, k)) is not None}
+
+    def recipe(self) -> EntangleRecipe:
+        """Default recipe < recipe file < these overrides (:func:`~moeharden.defend.entangle.recipe.load_recipe`).
+
+        Raises:
+            ConfigFileError: an unreadable or invalid recipe file.
+        """
+        return load_recipe(self.recipe_path, **self.overrides())
 
 
 class EntangleResult(BaseModel):
@@ -40,23 +116,12 @@ class EntangleResult(BaseModel):
         return self.model_dump()
 
 
-def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe_path: Path | None = None,
-             overrides: dict[str, Any] | None = None, resume: bool = False, stop_after: int | None = None,
-             checkpoint_dir: Path | None = None, limit: int | None = None,
-             trust_remote_code: bool = False) -> EntangleResult:
+def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     """Load a checkpoint, entangle it, and write an ordinary HF checkpoint plus ``entangle.json``.
 
     Args:
         ckpt: local checkpoint directory or Hub id.
-        out: output directory (replaced only if empty or an earlier moeharden output).
-        tasks: task specs (``None``: the checkpoint's own task file).
-        recipe_path: a recipe YAML (``None``: the shipped default); overrides: recipe fields
-            from the command line (``None`` values ignored).
-        resume: continue from the training checkpoint in ``checkpoint_dir``.
-        stop_after: stop after this many steps in total (the run is then not completed).
-        checkpoint_dir: where training checkpoints go (default: a hidden sibling of ``out``).
-        limit: cap on examples per split.
-        trust_remote_code: let transformers run the checkpoint's own modeling code.
+        settings: output, tasks, recipe and its overrides, resumption (:class:`EntangleSettings`).
     Returns:
         :class:`EntangleResult` (``out`` is ``None`` unless the run completed).
     Raises:
@@ -64,28 +129,32 @@ def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe
     """
     from moeharden.console import progress_bar
     from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.records import SourceRef, tool_info
     from moeharden.model.checkpoint import checkpoint_digest, load_model, load_tokenizer, resolve_checkpoint
     from moeharden.tasks.resolve import load_tasks
 
-    recipe = load_recipe(recipe_path, **(overrides or {}))
+    out, resume = settings.out, settings.resume
+    recipe = settings.recipe()
     check_output_dir(out)          # fail now, not after minutes of work
     src = resolve_checkpoint(ckpt)
-    task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=src, limit=limit, seed=None)
+    task_objs = load_tasks(list(settings.tasks) if settings.tasks else None, checkpoint_dir=src,
+                           limit=settings.limit, seed=None)
     bad = [t.name for t in task_objs if t.kind not in ("multiple_choice", "generation", "perplexity")]
     if bad:
         raise UsageError(f"entangle trains on task files and presets; {', '.join(bad)} cannot be trained on.")
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else Path(out).with_name(f".{Path(out).name}.entangle-ckpt")
+    ckpt_dir = (Path(settings.checkpoint_dir) if settings.checkpoint_dir
+                else out.with_name(f".{out.name}.entangle-ckpt"))
     if resume and not has_checkpoint(ckpt_dir / "latest"):
         raise UsageError(f"--resume: no checkpoint found in {ckpt_dir}.",
                          hint="Run without --resume first, or pass --checkpoint-dir.")
     # under `accelerate launch` (several processes) accelerate places the model itself: no device_map
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    model = load_model(src, trust_remote_code=trust_remote_code, device_map="cpu" if distributed else None)
+    model = load_model(src, trust_remote_code=settings.trust_remote_code, device_map="cpu" if distributed else None)
     tokenizer = load_tokenizer(src)
     t0 = time.perf_counter()
     with progress_bar("entangle", total=recipe.steps) as advance:
         history, done = entangle_model(model, tokenizer, task_objs, recipe, ckpt_dir=ckpt_dir, resume=resume,
-                                       stop_after=stop_after, progress=advance)
+                                       stop_after=settings.stop_after, progress=advance)
     seconds = time.perf_counter() - t0
     completed = done >= recipe.steps
     last = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
@@ -96,11 +165,11 @@ def entangle(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, recipe
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        copy_side_files(src, tmp, trust_remote_code=trust_remote_code)   # task file and data, model card
-        (tmp / "entangle.json").write_text(json.dumps({
-            "schema": SCHEMA, "tool": {"name": "moeharden", "version": __version__},
-            "source": {"path": str(src), "safetensors_digest": checkpoint_digest(src)},
-            "tasks": [t.name for t in task_objs], "recipe": recipe.model_dump(mode="json"),
-            "history": history, "seconds": round(seconds, 2)}, indent=2) + "\n")
+        copy_side_files(src, tmp, trust_remote_code=settings.trust_remote_code)   # task file and data, card
+        source = SourceRef(path=str(src), safetensors_digest=checkpoint_digest(src))
+        record = EntangleRecord(tool=tool_info(), source=source,
+                                tasks=[t.name for t in task_objs], recipe=recipe.model_dump(mode="json"),
+                                history=history, seconds=round(seconds, 2))
+        (tmp / ENTANGLE_RECORD).write_text(record.to_file_text())
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
