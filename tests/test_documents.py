@@ -44,22 +44,58 @@ def _scan(full: float, sweep: list[dict], ltr: dict | None = None, *, metric: st
     return ScanDocument.model_validate(raw)
 
 
+def _ladder(pruned: float | None, shared: float | None, *, top: int = 512, area: float = 0.0) -> dict:
+    """A ladder section whose only task `t` has these labels-to-recover (pruned, shared) and area gap."""
+    ref = lambda labels, a: {"runs": [], "labels": labels, "area": a}  # noqa: E731
+    hs = {"labels": None if pruned is None or shared is None else shared - pruned,
+          "labels_ratio": None if pruned is None or not shared else pruned / shared, "area": area,
+          "pruned_labels": pruned, "reference_labels": shared}
+    return {"settings": {}, "fingerprint": {}, "curves": [], "reused_scratch": False, "seconds": 0.0,
+            "summary": {"t": {"target": 0.95, "attacks": {"labels": {
+                "top": top, "references": {"pruned": ref(pruned, 0.5 + area), "shared": ref(shared, 0.5)},
+                "expert_head_start": hs, "theft_head_start": None}}}}}
+
+
+def _with(doc: ScanDocument, *, lo: float | None = None, ladder: dict | None = None) -> ScanDocument:
+    raw = doc.to_json()
+    if lo is not None:
+        raw["tasks"][0] |= {"full_lo": lo, "full_hi": min(1.0, raw["tasks"][0]["full"] + 0.01)}
+    if ladder is not None:
+        raw["ladder"] = ladder
+    return ScanDocument.model_validate(raw)
+
+
 def test_gate_rows_pass_and_fail():
-    base = _scan(1.0, [], {"t": {"random": 16.0, "entropy": 16.0}})
-    bad = _scan(0.97, [{"task": "t", "method": "reap", "keep": 2, "above_chance": 0.8, "retained": 0.9},
-                       {"task": "t", "method": "random", "keep": 4, "above_chance": 0.2, "retained": 0.6,
-                        "seeds": [0, 1, 2], "std": 0.01}],
-                {"t": {"random": 32.0, "entropy": None}})
+    base = _with(_scan(1.0, []), lo=0.99, ladder=_ladder(16.0, 64.0))
+    bad = _with(_scan(0.97, [{"task": "t", "method": "reap", "keep": 2, "above_chance": 0.7, "retained": 0.9,
+                              "above_chance_hi": 0.8},
+                             {"task": "t", "method": "random", "keep": 4, "above_chance": 0.2, "retained": 0.6,
+                              "seeds": [0, 1, 2], "std": 0.01}]), lo=0.96, ladder=_ladder(32.0, 64.0, area=0.2))
     rows = {(r.check, r.keep): r for r in gate_rows(Gate(), base, bad)}
-    assert not rows[("full_metric_fraction", None)].passed          # 0.97 < 0.98
-    assert rows[("full_metric_fraction", None)].value == pytest.approx(0.97)
-    assert not rows[("worst_above_chance_retained", 2)].passed       # 0.8 > 0.5
+    full = rows[("full_metric_fraction", None)]
+    assert not full.passed and full.value == pytest.approx(0.96)     # the LOWER bound 0.96 ÷ 1.0 < 0.98
+    worst = rows[("worst_above_chance_retained", 2)]
+    assert not worst.passed and worst.value == pytest.approx(0.8)   # the conservative upper end, not 0.7
     assert rows[("worst_above_chance_retained", 4)].passed
     ltr = rows[("labels_to_recover", None)]
     assert not ltr.passed and ltr.threshold == 5 * 16 and ltr.value == 32   # 32 < 5 x 16
-    good = _scan(0.99, [{"task": "t", "method": "reap", "keep": 2, "above_chance": 0.1, "retained": 0.55}],
-                 {"t": {"random": None, "entropy": None}})
-    assert all(r.passed for r in gate_rows(Gate(), base, good))
+    hs = rows[("expert_head_start", None)]
+    assert not hs.passed and hs.value == pytest.approx(0.5) and hs.area == pytest.approx(0.2)   # 32/64 < 0.8
+    good = _with(_scan(0.99, [{"task": "t", "method": "reap", "keep": 2, "above_chance": 0.1, "retained": 0.55,
+                               "above_chance_hi": 0.3}]), lo=0.985, ladder=_ladder(None, 64.0, area=0.01))
+    assert all(r.passed and r.status == "pass" for r in gate_rows(Gate(), base, good))
+
+
+def test_not_recovered_below_the_threshold_is_inconclusive():
+    base = _with(_scan(1.0, []), lo=0.99, ladder=_ladder(16.0, 64.0))
+    short = _with(_scan(0.99, []), lo=0.985, ladder=_ladder(None, 64.0, top=64))     # ladder stops below 80
+    row = next(r for r in gate_rows(Gate(), base, short) if r.check == "labels_to_recover")
+    assert row.status == "inconclusive" and not row.passed
+    row = next(r for r in gate_rows(Gate(allow_inconclusive=True), base, short) if r.check == "labels_to_recover")
+    assert row.status == "inconclusive" and row.passed
+    no_ladder = _with(_scan(1.0, []), lo=0.99)
+    row = next(r for r in gate_rows(Gate(), no_ladder, short) if r.check == "labels_to_recover")
+    assert row.status == "inconclusive" and not row.passed          # nothing to compare against: no silent pass
 
 
 def test_perplexity_gate_fraction_is_baseline_over_hardened():
@@ -71,7 +107,7 @@ def test_perplexity_gate_fraction_is_baseline_over_hardened():
 def test_gate_row_json_keeps_the_on_disk_names():
     row = GateRow(check="manifest_integrity", task=None, value=True, threshold=True, op="==", passed=True)
     assert row.to_json() == {"check": "manifest_integrity", "task": None, "value": True, "threshold": True,
-                             "op": "==", "pass": True}
+                             "op": "==", "pass": True, "status": "pass"}
     assert GateRow.model_validate(row.to_json()) == row
 
 

@@ -22,7 +22,7 @@ def demo_scan(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("scan")
     model = build_demo_model(root / "model")          # trained once per machine, then cached
-    res = runner.invoke(app, ["scan", str(model), "--out", str(root / "scan"), "--json"])
+    res = runner.invoke(app, ["scan", str(model), "--out", str(root / "scan"), "--recover", "--no-ladder", "--json"])
     assert res.exit_code == 0, res.output
     return root, json.loads((root / "scan" / "scan.json").read_text())
 

@@ -11,54 +11,19 @@ The side documents of other commands (prune record, entangle.json, manifest) are
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import Field, ValidationError
 
-from moeharden import __version__
+from moeharden.audit.base import Record, ToolInfo, stamp  # noqa: F401  (re-exported for the documents' users)
+from moeharden.audit.ladder_records import LadderSection
 from moeharden.errors import InputError, MoehardenError, validation_problems
 
 SCAN_SCHEMA = "moeharden.scan/1"
 VERIFY_SCHEMA = "moeharden.verify/1"
 MAX_PROBLEMS_SHOWN = 8
-
-
-class Record(BaseModel):
-    """Base of every document part: unknown keys are errors; some optional keys are left out when None."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
-    omit_if_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _drop_absent(self, handler):
-        data = handler(self)
-        for key in self.omit_if_none:
-            if key in data and data[key] is None:
-                del data[key]
-        return data
-
-    def to_json(self) -> dict[str, Any]:
-        """The on-disk JSON object (field names as in the file)."""
-        return self.model_dump(by_alias=True)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class ToolInfo(Record):
-    """The tool that wrote a document."""
-
-    name: Literal["moeharden"] = Field(description="Always `moeharden`.")
-    version: str = Field(description="The moeharden version that wrote the document.")
-
-
-def stamp() -> dict[str, Any]:
-    """``tool`` and ``created`` of a document written now (producers pass ``**stamp()``)."""
-    return {"tool": ToolInfo(name="moeharden", version=__version__), "created": _now()}
 
 
 class ModelIdentity(Record):
@@ -82,7 +47,10 @@ class ScanSettingsRecord(Record):
     methods: list[str] = Field(description="Attribution methods run.")
     keeps: list[int] = Field(description="Keep-counts swept, descending.")
     ranking: Literal["per_layer", "global"] = Field(description="Keep-set ranking: per layer or global.")
-    limit: int | None = Field(description="Examples per task split (seeded sample), or null for all.")
+    limit: int | None = Field(description="Examples per attribution and evaluation split (a prefix of the seeded "
+                                          "split), or null for all.")
+    train_limit: int | None = Field(None, description="Examples of the train split (the attacker's pool), or null "
+                                                      "for all.")
     seed: int = Field(description="First seed of the random-keep control.")
     random_seeds: int = Field(ge=1, description="How many random keep-sets per K.")
 
@@ -90,11 +58,15 @@ class ScanSettingsRecord(Record):
 class TaskRecord(Record):
     """One task of a scan and the full model's score on it."""
 
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"full_lo", "full_hi"})
     name: str = Field(description="Task name.")
     kind: str = Field(description="`multiple_choice`, `generation`, `perplexity` or `lm_eval`.")
     metric: str = Field(description="`accuracy`, `exact_match`, `rouge1`, `rouge2`, `rougeL`, `perplexity`, "
                                     "or lm-eval's.")
     full: float = Field(description="The full model's metric on the evaluation split.")
+    full_lo: float | None = Field(None, description="Lower end of the full metric's 95% interval (Wilson for "
+                                                    "accuracy and exact match; bootstrap for perplexity and ROUGE).")
+    full_hi: float | None = Field(None, description="Upper end of the full metric's 95% interval.")
     chance: float | None = Field(description="Metric of a random guesser, or null.")
     n_attribution: int = Field(ge=0, description="Attribution (calibration) split size used.")
     n_evaluation: int = Field(ge=0, description="Evaluation split size used.")
@@ -103,9 +75,12 @@ class TaskRecord(Record):
 class SweepRecord(Record):
     """One evaluated (task, method, K) cell of the pruning sweep."""
 
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"seeds", "std"})
+    omit_if_none: ClassVar[frozenset[str]] = frozenset(
+        {"seeds", "std", "pruned_lo", "pruned_hi", "retained_hi", "above_chance_hi"})
     task: str = Field(description="Task name.")
-    method: str = Field(description="An attribution method, or `random` (the control).")
+    method: str = Field(description="An attribution method, `search` (the attacker's searched keep-set: the best "
+                                    "of the attribution sets and random ones on training rows, hill-climbed), "
+                                    "or `random` (the control).")
     keep: int = Field(ge=1, description="Experts kept per MoE layer (K).")
     metric: float = Field(description="The masked model's metric (for `random`: the mean over the seeds).")
     retained: float = Field(description="Pruned ÷ full (perplexity: full ÷ pruned); 1.0 at K = E.")
@@ -113,6 +88,13 @@ class SweepRecord(Record):
                                                    "chance level.")
     seeds: list[int] | None = Field(None, description="`random` rows only: the seeds of the random keep-sets.")
     std: float | None = Field(None, description="`random` rows only: sample standard deviation of the metric.")
+    pruned_lo: float | None = Field(None, description="Lower end of the masked model's 95% interval (`random`: "
+                                                      "mean of the seeds' bounds).")
+    pruned_hi: float | None = Field(None, description="Upper end of the masked model's 95% interval.")
+    retained_hi: float | None = Field(None, description="Conservative retained fraction: the pruned model's upper "
+                                                        "bound over the full model's lower bound.")
+    above_chance_hi: float | None = Field(None, description="Conservative above-chance retained: (pruned upper − "
+                                                            "chance) ÷ (full lower − chance); what the gate compares.")
 
 
 class HeadlinePoint(Record):
@@ -195,7 +177,7 @@ class ScanDocument(Record):
 
     SCHEMA: ClassVar[str] = SCAN_SCHEMA
     omit_if_none: ClassVar[frozenset[str]] = frozenset(
-        {"recovery", "labels_to_recover", "recovery_saving", "recovery_settings", "recovery_timing"})
+        {"recovery", "labels_to_recover", "recovery_saving", "recovery_settings", "recovery_timing", "ladder"})
     schema_id: Literal["moeharden.scan/1"] = Field(SCAN_SCHEMA, alias="schema", description="`moeharden.scan/1`.")
     tool: ToolInfo = Field(description="The tool that wrote it.")
     created: str = Field(description="UTC time, ISO 8601, seconds.")
@@ -219,6 +201,8 @@ class ScanDocument(Record):
     recovery_saving: dict[str, RecoverySaving] | None = Field(None, description="Present when the attack ran.")
     recovery_settings: RecoverySettingsRecord | None = Field(None, description="Present when the attack ran.")
     recovery_timing: RecoveryTiming | None = Field(None, description="Present when the attack ran.")
+    ladder: LadderSection | None = Field(None, description="The adaptive attack on the budget ladder with its "
+                                                           "references (present when it ran).")
 
     def with_recovery(self, sections: RecoverySections) -> ScanDocument:
         """This document with the recovery sections set (a copy, validated)."""

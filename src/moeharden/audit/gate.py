@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from moeharden.audit.documents import ScanDocument
 from moeharden.audit.verdict import Gate, GateRow, IntegrityReport
 from moeharden.errors import ConfigFileError, validation_problems
+from moeharden.tasks.examples import higher_is_better
 
 
 def load_gate(path: Path | None = None) -> Gate:
@@ -31,14 +32,13 @@ def load_gate(path: Path | None = None) -> Gate:
     """
     raw = yaml.safe_load(resources.files("moeharden").joinpath("data/gate-default.yaml").read_text())
     if path is not None:
-        try:
-            user = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigFileError(f"Gate file {path} does not exist.") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigFileError(f"Gate file {path} is unreadable: {err}.") from None
-        except yaml.YAMLError as err:
-            raise ConfigFileError(f"Gate file {path} is not valid YAML: {err}.") from None
+        from moeharden.io.files import (  # regular files only, bounded, no aliases
+            load_yaml_data,
+            read_small_text,
+        )
+
+        text = read_small_text(Path(path), what="gate file", error=ConfigFileError)
+        user = load_yaml_data(text, where=f"Gate file {path}", error=ConfigFileError) or {}
         if not isinstance(user, dict):
             raise ConfigFileError(f"Gate file {path} must be a mapping of thresholds.")
         raw.update(user)
@@ -50,64 +50,146 @@ def load_gate(path: Path | None = None) -> Gate:
                               hint="Allowed keys are those of src/moeharden/data/gate-default.yaml.") from None
 
 
-def _row(check: str, task: str | None, value: Any, threshold: Any, op: str, passed: bool, **extra) -> GateRow:
-    return GateRow(check=check, task=task, value=value, threshold=threshold, op=op, passed=bool(passed), **extra)
+def _row(check: str, task: str | None, value: Any, threshold: Any, op: str, passed: bool | None, gate: Gate,
+         **extra) -> GateRow:
+    """A gate row; ``passed=None`` means inconclusive (holds only with ``allow_inconclusive``)."""
+    status = "inconclusive" if passed is None else ("pass" if passed else "fail")
+    ok = gate.allow_inconclusive if passed is None else bool(passed)
+    return GateRow(check=check, task=task, value=value, threshold=threshold, op=op, passed=ok, status=status, **extra)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
 
 
 def _full_metric_rows(gate: Gate, baseline: ScanDocument, hardened: ScanDocument) -> list[GateRow]:
+    """Utility: the hardened model's conservative end (lower bound; perplexity: upper) against the baseline."""
     rows = []
     for t in hardened.tasks:
         b = baseline.task(t.name)
         if b is None:
-            rows.append(_row("task_in_baseline", t.name, False, True, "==", False))
+            rows.append(_row("task_in_baseline", t.name, False, True, "==", None, gate,
+                             note="the task is not in the baseline scan"))
             continue
-        if t.metric == "perplexity":    # lower is better: the fraction is baseline ÷ hardened
-            frac = b.full / t.full if t.full else 0.0
-        else:
-            frac = t.full / b.full if b.full else 0.0
-        rows.append(_row("full_metric_fraction", t.name, round(frac, 4), gate.full_metric_min_fraction, ">=",
-                         frac >= gate.full_metric_min_fraction, hardened_full=t.full, baseline_full=b.full))
+        hib = higher_is_better(t.metric)
+        lo = t.full_lo if t.full_lo is not None else t.full
+        hi = t.full_hi if t.full_hi is not None else t.full
+        if hib:     # the hardened lower bound over the baseline's metric
+            frac, frac_hi = (lo / b.full, hi / b.full) if b.full else (0.0, 0.0)
+        else:       # perplexity: baseline ÷ the hardened upper bound
+            frac, frac_hi = (b.full / hi, b.full / lo) if hi and lo else (0.0, 0.0)
+        rows.append(_row("full_metric_fraction", t.name, _r(frac), gate.full_metric_min_fraction, ">=",
+                         frac >= gate.full_metric_min_fraction, gate, lo=_r(frac), hi=_r(frac_hi),
+                         hardened_full=t.full, baseline_full=b.full))
     return rows
 
 
 def _pruning_rows(gate: Gate, hardened: ScanDocument) -> list[GateRow]:
+    """Pruning: the worst attack's conservative above-chance retained (upper bound) at every gated K."""
     rows = []
     E = hardened.model.num_experts
     for t in hardened.tasks:
         for k in sorted({r.keep for r in hardened.sweep if r.task == t.name}):
             if k >= E or k > gate.max_keep_fraction * E:
                 continue
-            cells = [r for r in hardened.sweep if r.task == t.name and r.keep == k and r.above_chance is not None]
-            if not cells:
+            cells = [r for r in hardened.sweep if r.task == t.name and r.keep == k]
+            scored = [(r.above_chance_hi if r.above_chance_hi is not None else r.above_chance, r) for r in cells]
+            scored = [(v, r) for v, r in scored if v is not None]
+            if not scored:      # no chance level, or the full model is not above chance: nothing checked
+                rows.append(_row("worst_above_chance_retained", t.name, None, gate.max_above_chance_retained, "<=",
+                                 None, gate, keep=k, note="the full model is not above chance (or the task has no "
+                                                          "chance level): pruning cannot be judged"))
                 continue
-            worst = max(cells, key=lambda r: r.above_chance)
-            rows.append(_row("worst_above_chance_retained", t.name, round(worst.above_chance, 4),
-                             gate.max_above_chance_retained, "<=",
-                             worst.above_chance <= gate.max_above_chance_retained, keep=k, attack=worst.method))
+            v, worst = max(scored, key=lambda x: x[0])
+            rows.append(_row("worst_above_chance_retained", t.name, _r(v), gate.max_above_chance_retained, "<=",
+                             v <= gate.max_above_chance_retained, gate, keep=k, attack=worst.method,
+                             lo=_r(worst.above_chance), hi=_r(v)))
     return rows
 
 
+def _at_chance(t) -> bool:
+    """The full model is not (measurably) above chance on the task: nothing to steal, nothing to judge."""
+    if not higher_is_better(t.metric):
+        return False
+    lo = t.full_lo if t.full_lo is not None else t.full
+    return lo <= (t.chance or 0.0)
+
+
+AT_CHANCE = "the full model is not above chance on this task: the attack cannot be judged"
+
+
+def _ladder_attack(doc: ScanDocument, task: str, attack: str):
+    if doc.ladder is None or task not in doc.ladder.summary:
+        return None
+    return doc.ladder.summary[task].attacks.get(attack)
+
+
 def _recovery_rows(gate: Gate, baseline: ScanDocument, hardened: ScanDocument) -> list[GateRow]:
+    """Re-alignment: labels the adaptive attacker needs on the ladder, against the baseline's."""
     rows: list[GateRow] = []
-    b_ltr, h_ltr = baseline.labels_to_recover or {}, hardened.labels_to_recover or {}
-    rs = baseline.recovery_settings
-    if rs is None:      # the baseline never ran the attack: there is no label count to compare against
-        return rows
-    first_round = max(1, rs.budget // rs.rounds)
-    for task, h in h_ltr.items():
-        b_vals = [v for v in (b_ltr.get(task) or {}).values() if v is not None]
-        if not b_vals:
-            continue   # the baseline never recovered within its budget: nothing to compare against
-        base = max(min(b_vals), first_round)
-        threshold = gate.min_labels_factor * base
-        recovered = {s: v for s, v in h.items() if v is not None}
-        if not recovered:
-            rows.append(_row("labels_to_recover", task, None, threshold, ">= or not recovered", True,
-                             baseline_labels=min(b_vals), note="not recovered within the budget by any attack"))
+    for t in hardened.tasks:
+        h, b = _ladder_attack(hardened, t.name, "labels"), _ladder_attack(baseline, t.name, "labels")
+        if h is None:
             continue
-        best = min(recovered, key=recovered.get)
-        rows.append(_row("labels_to_recover", task, recovered[best], threshold, ">= or not recovered",
-                         recovered[best] >= threshold, baseline_labels=min(b_vals), attack=best))
+        if _at_chance(t):
+            rows.append(_row("labels_to_recover", t.name, None, None, ">=", None, gate, note=AT_CHANCE))
+            continue
+        first = min((p.x for c in hardened.ladder.curves if c.task == t.name for p in c.points if p.x > 0),
+                    default=1)
+        if b is None or "pruned" not in b.references:
+            rows.append(_row("labels_to_recover", t.name, None, None, ">=", None, gate,
+                             note="the baseline has no ladder for this task"))
+            continue
+        b_labels = b.references["pruned"].labels
+        if b_labels is None:
+            rows.append(_row("labels_to_recover", t.name, None, None, ">=", None, gate, baseline_labels=None,
+                             note="the baseline never recovered on its ladder: nothing to compare against"))
+            continue
+        threshold = gate.min_labels_factor * max(b_labels, first)
+        h_labels = h.references["pruned"].labels
+        if h_labels is None:
+            reached = h.top >= threshold
+            rows.append(_row("labels_to_recover", t.name, None, threshold, ">= or not recovered",
+                             True if reached else None, gate, baseline_labels=b_labels,
+                             note=None if reached else f"not recovered, but the ladder stops at {h.top} labels, "
+                                                       f"below the threshold"))
+            continue
+        rows.append(_row("labels_to_recover", t.name, h_labels, threshold, ">= or not recovered",
+                         h_labels >= threshold, gate, baseline_labels=b_labels))
+    return rows
+
+
+def _head_start_rows(gate: Gate, hardened: ScanDocument) -> list[GateRow]:
+    """The expert head start per task and attack: pruned copy against the `shared` reference."""
+    rows = []
+    for t in hardened.tasks:
+        for attack in ("labels", "distill"):
+            a = _ladder_attack(hardened, t.name, attack)
+            if a is None:
+                continue
+            if _at_chance(t):
+                rows.append(_row("expert_head_start", t.name, None, gate.expert_head_start_min_labels_ratio, ">=",
+                                 None, gate, attack=attack, note=AT_CHANCE))
+                continue
+            hs = a.expert_head_start
+            if hs is None:
+                rows.append(_row("expert_head_start", t.name, None, gate.expert_head_start_min_labels_ratio, ">=",
+                                 None, gate, attack=attack, note="no `shared` reference was run"))
+                continue
+            p, s = hs.pruned_labels, hs.reference_labels
+            if p is None:                # the pruned copy never reached the target: no label head start
+                labels_ok, value = True, None
+            elif s is None:              # the pruned copy did, the reference did not: a head start
+                labels_ok, value = False, 0.0
+            else:
+                value = 1.0 if s == 0 and p == 0 else (p / s if s else 0.0)
+                labels_ok = value >= gate.expert_head_start_min_labels_ratio
+            area_ok = hs.area <= gate.expert_head_start_max_area
+            rows.append(_row("expert_head_start", t.name, _r(value), gate.expert_head_start_min_labels_ratio,
+                             ">= (labels ratio)", labels_ok and area_ok, gate, attack=attack,
+                             pruned_labels=p, reference_labels=s, area=_r(hs.area),
+                             area_threshold=gate.expert_head_start_max_area,
+                             note=None if p is not None or s is not None else "neither reached the target"))
     return rows
 
 
@@ -121,13 +203,15 @@ def gate_rows(gate: Gate, baseline: ScanDocument, hardened: ScanDocument, *,
         hardened: the hardened model's re-attack (a scan document with the recovery sections).
         integrity: the manifest check's result, or None when the checkpoint has no manifest.
     Returns:
-        the rows: full metric per task, worst above-chance retained per (task, K), labels to recover per
-        task, then the manifest row.
+        the rows: full metric per task (lower bound), worst above-chance retained per (task, K) (upper
+        bound), labels to recover per task on the ladder, the expert head start per (task, attack), then
+        the manifest row. Rows that cannot be computed are ``inconclusive`` and fail unless the gate
+        allows them.
     """
     rows = _full_metric_rows(gate, baseline, hardened) + _pruning_rows(gate, hardened)
-    rows += _recovery_rows(gate, baseline, hardened)
+    rows += _recovery_rows(gate, baseline, hardened) + _head_start_rows(gate, hardened)
     if integrity is not None:
-        rows.append(_row("manifest_integrity", None, integrity.ok, True, "==", integrity.ok))
+        rows.append(_row("manifest_integrity", None, integrity.ok, True, "==", integrity.ok, gate))
     elif gate.require_manifest:
-        rows.append(_row("manifest_present", None, False, True, "==", False))
+        rows.append(_row("manifest_present", None, False, True, "==", False, gate))
     return rows

@@ -21,10 +21,13 @@ from moeharden.attack.realign.ladder_suite import AttackPlan, plan_jobs, run_sui
 
 def _fingerprint(plan: AttackPlan, identity: dict, task_sizes: dict[str, list[int]], keeps: dict[str, int]) -> dict:
     """What must match for a baseline's scratch curves to be this run's scratch curves."""
+    import json
+
     p = asdict(plan)
     p.pop("workers", None)
-    return {"plan": p, "model_type": identity.get("model_type"), "num_experts": identity.get("num_experts"),
-            "config_sha256": identity.get("config_sha256"), "task_sizes": task_sizes, "keeps": keeps}
+    fp = {"plan": p, "model_type": identity.get("model_type"), "num_experts": identity.get("num_experts"),
+          "config_sha256": identity.get("config_sha256"), "task_sizes": task_sizes, "keeps": keeps}
+    return json.loads(json.dumps(fp))        # as it reads back from a report (tuples become lists)
 
 
 def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: dict[str, float],
@@ -72,3 +75,51 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
 def planned_curves(task_names: Sequence[str], plan: AttackPlan) -> int:
     """How many curves the plan runs (for progress bars)."""
     return len(plan_jobs(task_names, plan))
+
+
+LADDER_KEEP_FRACTION = 0.5    # the pruned shape attacked: the largest swept K ≤ half the experts
+
+
+def ladder_keep(doc, task: str, fraction: float = LADDER_KEEP_FRACTION) -> int | None:
+    """The largest swept keep-count K < E with K ≤ ``fraction``·E for ``task`` (the strongest gated theft)."""
+    E = doc.model.num_experts
+    ks = sorted({r.keep for r in doc.sweep if r.task == task and r.keep < E and r.keep <= fraction * E})
+    return ks[-1] if ks else None
+
+
+def strongest_keepset(doc, task: str, keep: int) -> dict[int, list[int]]:
+    """The keep-set of the attacker that retained most at ``keep`` (attribution methods and ``search``)."""
+    from moeharden.attack.realign.suite import best_keepset
+
+    return best_keepset(doc.to_json(), task, keep)[1]
+
+
+def ladder_for_document(model, tokenizer, tasks, doc, plan: AttackPlan, *, checkpoint=None,
+                        keeps: dict[str, int] | None = None, reuse=None, trust_remote_code: bool = False):
+    """The typed ``ladder`` section for a scan document ``doc`` of ``model``.
+
+    Args:
+        keeps: the keep-count per task (a verify passes its baseline's, so both attack the same shape);
+            default :func:`ladder_keep`.
+        reuse: the baseline's :class:`LadderSection` (its ``scratch`` curves may be reused).
+    Returns:
+        a :class:`moeharden.audit.ladder_records.LadderSection`.
+    """
+    from moeharden.attack.realign.suite import DEFAULT_TARGET_FRACTION
+    from moeharden.audit.ladder_records import LadderSection
+    from moeharden.console import progress_bar
+
+    keepsets = {}
+    for t in tasks:
+        k = (keeps or {}).get(t.name) or ladder_keep(doc, t.name)
+        if k is None or not t.train:
+            continue
+        keepsets[t.name] = strongest_keepset(doc, t.name, k)
+    attacked = [t for t in tasks if t.name in keepsets]
+    full = {t.name: t.full for t in doc.tasks}
+    with progress_bar("adaptive re-alignment ladder", total=planned_curves([t.name for t in attacked], plan)) as adv:
+        section = ladder_section(model, tokenizer, attacked, identity=doc.model.to_json(), full=full,
+                                 keepsets=keepsets, plan=plan, target_fraction=DEFAULT_TARGET_FRACTION,
+                                 checkpoint=checkpoint, reuse=None if reuse is None else reuse.to_json(),
+                                 trust_remote_code=trust_remote_code, progress=adv)
+    return LadderSection.model_validate(section)

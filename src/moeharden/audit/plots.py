@@ -109,3 +109,44 @@ def recovery_curves(task: str, keep: int, rows: Sequence[Mapping], *, target: fl
     ax.legend(fontsize=7)
     return _png(fig)
 
+
+
+_REF_COLORS = {"pruned": "#d62728", "shared": "#1f77b4", "scratch": "#7f7f7f"}
+
+
+def ladder_curves(task: str, attack: str, curves: Sequence[Mapping], *, target: float | None = None,
+                  full: float | None = None, title: str | None = None) -> bytes:
+    """The three starting points' learning curves on the ladder, with 95% interval bands.
+
+    One line per (reference, strategy): the mean over seeds of the chosen state's metric at each
+    rung; the band spans the lowest lower bound to the highest upper bound over the seeds.
+    """
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for c in curves:
+        if c["attack"] == attack:
+            groups.setdefault((c["reference"], c["strategy"]), []).append(c)
+    for (ref, strat), cs in sorted(groups.items()):
+        by_x: dict[int, list[Mapping]] = {}
+        for c in cs:
+            for p in c["points"]:
+                by_x.setdefault(int(p["x"]), []).append(p)
+        xs = sorted(by_x)
+        ys = [sum(float(p["metric"]) for p in by_x[x]) / len(by_x[x]) for x in xs]
+        los = [min(float(p["lo"]) if p.get("lo") is not None else float(p["metric"]) for p in by_x[x]) for x in xs]
+        his = [max(float(p["hi"]) if p.get("hi") is not None else float(p["metric"]) for p in by_x[x]) for x in xs]
+        color = _REF_COLORS.get(ref)
+        label = ref if ref != "pruned" or len({s for r, s in groups if r == "pruned"}) == 1 else f"pruned ({strat})"
+        ax.plot(xs, ys, marker="o", ms=4, label=label, color=color, linestyle="-" if strat == "random" else "--")
+        ax.fill_between(xs, los, his, color=color, alpha=0.15, linewidth=0)
+    if full is not None:
+        ax.axhline(full, color="black", linewidth=0.8, label="full model")
+    if target is not None:
+        ax.axhline(target, color="#2ca02c", linewidth=0.8, linestyle=":", label="recovery target")
+    ax.set_xscale("symlog", linthresh=16)
+    ax.set_xlabel("labels bought" if attack == "labels" else "unlabelled prompts distilled (no labels)")
+    ax.set_ylabel("metric")
+    ax.set_title(title or f"{task}: adaptive {'re-alignment' if attack == 'labels' else 'distillation'} ladder")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)

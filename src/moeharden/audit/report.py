@@ -104,6 +104,62 @@ def _page(title: str, parts: Sequence[str]) -> str:
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
+HEADSTART_HEADER = ["task", "attack", "target", "labels: pruned", "shared", "scratch", "expert head start (labels)",
+                    "theft head start (labels)", "area: pruned", "shared", "scratch", "expert head start (area)",
+                    "theft head start (area)"]
+
+
+def headstart_rows(doc: ScanDocument) -> list[list[Any]]:
+    """One row per (task, attack) of the ladder summary: labels to recover, areas and both head starts."""
+    out: list[list[Any]] = []
+    if doc.ladder is None:
+        return out
+    for task, s in doc.ladder.summary.items():
+        for attack, a in s.attacks.items():
+            refs = a.references
+            lab = [refs[r].labels if r in refs else None for r in ("pruned", "shared", "scratch")]
+            area = [refs[r].area if r in refs else None for r in ("pruned", "shared", "scratch")]
+            lab = [f">{a.top}" if r in refs and v is None else v for r, v in zip(("pruned", "shared", "scratch"), lab,
+                                                                                  strict=True)]
+            ehs, ths = a.expert_head_start, a.theft_head_start
+            out.append([task, attack, s.target, *lab, None if ehs is None else ehs.labels,
+                        None if ths is None else ths.labels, *area, None if ehs is None else ehs.area,
+                        None if ths is None else ths.area])
+    return out
+
+
+def ladder_parts(doc: ScanDocument, task: str, label: str = "") -> list[str]:
+    """The ladder's learning-curve plots of one task (labels and distill), as HTML images."""
+    from moeharden.audit import plots
+
+    if doc.ladder is None or task not in doc.ladder.summary:
+        return []
+    t = doc.task(task)
+    curves = [c.to_json() for c in doc.ladder.curves if c.task == task]
+    out = []
+    for attack in doc.ladder.summary[task].attacks:
+        png = plots.ladder_curves(task, attack, curves, target=doc.ladder.summary[task].target,
+                                  full=t.full if t else None,
+                                  title=f"{task}{f' ({label})' if label else ''}: {attack} ladder")
+        out.append(_img(png, f"{task} {attack} ladder {label}"))
+    return out
+
+
+def headstart_md(doc: ScanDocument, heading: str) -> list[str]:
+    rows = headstart_rows(doc)
+    if not rows:
+        return []
+    return [f"## {heading}", "", "Labels (distill: prompts) to reach the target, and mean metric over the ladder, "
+            "for the stolen pruned copy and the `shared` (non-expert weights, fresh experts) and `scratch` "
+            "references; `>N`: not reached on a ladder that stops at N.", "",
+            _md_table(HEADSTART_HEADER, rows), ""]
+
+
+def headstart_html(doc: ScanDocument, heading: str) -> list[str]:
+    rows = headstart_rows(doc)
+    return [f"<h2>{html.escape(heading)}</h2>", _html_table(HEADSTART_HEADER, rows)] if rows else []
+
+
 def render_scan(scan: ScanDocument, out_dir: Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` for a scan into ``out_dir``; returns both paths."""
     from moeharden.audit import plots
@@ -141,6 +197,9 @@ def render_scan(scan: ScanDocument, out_dir: Path) -> tuple[Path, Path]:
         for keep in sorted({r.keep for r in rec}):
             sub = _dicts(r for r in rec if r.keep == keep)
             parts.append(_img(plots.recovery_curves(name, keep, sub, full=t.full), f"{name} recovery keep {keep}"))
+        parts += ladder_parts(scan, name)
+    md += headstart_md(scan, "Head starts (adaptive attack on the ladder)")
+    parts += headstart_html(scan, "Head starts (adaptive attack on the ladder)")
     if scan.labels_to_recover:
         ltr = scan.labels_to_recover
         strategies = sorted({s for v in ltr.values() for s in v})
@@ -168,12 +227,18 @@ def rerender(scan_json: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------- before / after
-GATE_HEADER = ["check", "task", "keep", "attack", "value", "threshold", "result"]
+GATE_HEADER = ["check", "task", "keep", "attack", "value", "95% interval", "threshold", "area (≤)", "result"]
 
 
 def gate_table_rows(verify: VerifyDocument) -> list[list[Any]]:
-    return [[r.check, r.task or "—", r.keep, r.attack, r.value, f"{r.op} {r.threshold}",
-             "pass" if r.passed else "FAIL"] for r in verify.gate]
+    def iv(r):
+        return None if r.lo is None and r.hi is None else f"[{_fmt(r.lo)}, {_fmt(r.hi)}]"
+
+    def area(r):
+        return None if r.area is None else f"{_fmt(r.area)} (≤ {_fmt(r.area_threshold)})"
+
+    return [[r.check, r.task or "—", r.keep, r.attack, r.value, iv(r), f"{r.op} {r.threshold}", area(r),
+             r.status.upper() if not r.passed or r.status == "inconclusive" else "pass"] for r in verify.gate]
 
 
 def model_card_snippet(before: ScanDocument, verify: VerifyDocument) -> str:
@@ -212,6 +277,9 @@ def _verify_task_parts(before: ScanDocument, after: ScanDocument, name: str) -> 
             sub = _dicts(r for r in rec if r.keep == keep and r.mode in ("full", "distill"))
             parts.append(_img(plots.recovery_curves(f"{name} ({label})", keep, sub, full=full,
                                                     target=_target(doc, full)), f"{name} recovery {label}"))
+    parts.append("</div><div class='grid'>")
+    for label, doc in (("before", before), ("after", after)):
+        parts += ladder_parts(doc, name, label)
     parts.append("</div>")
     mats = {m: per[name] for m, per in after.attribution.items() if name in per}
     if mats and after.model.moe_layers:
@@ -239,6 +307,8 @@ def render_verify(before: ScanDocument, verify: VerifyDocument, out_dir: Path) -
            "After:", "", _md_table(HEADLINE_HEADER, headline_rows(after)), ""]
     parts += ["<h2>Headline</h2><h3>Before</h3>", _html_table(HEADLINE_HEADER, headline_rows(before)),
               "<h3>After</h3>", _html_table(HEADLINE_HEADER, headline_rows(after))]
+    md += headstart_md(before, "Head starts before (baseline)") + headstart_md(after, "Head starts after (hardened)")
+    parts += headstart_html(before, "Head starts before (baseline)") + headstart_html(after, "Head starts after (hardened)")
     for t in after.tasks:
         parts += _verify_task_parts(before, after, t.name)
         for label, doc in (("before", before), ("after", after)):
@@ -276,7 +346,10 @@ def render_reports(inputs: Sequence[Path], out: Path | None = None) -> tuple[Pat
         UsageError: not one or two inputs. InputError: invalid documents.
     """
     from moeharden.errors import UsageError
+    from moeharden.io.outputs import prepare_files_dir
 
+    if out is not None and len(inputs) in (1, 2):     # never overwrite a report.md moeharden did not write
+        prepare_files_dir(out, ("report.md", "report.html"))
     if len(inputs) == 1:
         return rerender(inputs[0], out)
     if len(inputs) == 2:

@@ -29,6 +29,7 @@ from moeharden.attack.attribution import (
     observed_scores,
     routing_stats,
 )
+from moeharden.attack.realign.ladder_suite import AttackPlan
 from moeharden.attack.sweep import default_keeps, headline, run_sweep
 from moeharden.audit.documents import (
     ModelIdentity,
@@ -53,13 +54,18 @@ class ScanSettings:
     methods: tuple[str, ...] = ALL_METHODS
     keeps: tuple[int, ...] | None = None
     ranking: str = "per_layer"
-    limit: int | None = None
+    limit: int | None = None             # cap on the attribution and evaluation splits
+    train_limit: int | None = None       # cap on the train split (the attacker's pool); None: all of it
     seed: int = 0
     random_seeds: int = 3
     batch_size: int = 32
-    recover: bool | None = None          # None: on for small models (≤ SMALL_MODEL_PARAMS)
+    recover: bool | None = False         # the fixed-hyper-parameter suite of every mode × strategy (opt-in)
     recover_budget: int | None = None
     recover_seeds: int = 3
+    ladder: bool | None = None           # the adaptive attack on the ladder; None: on for small models
+    plan: AttackPlan | None = None       # None: AttackPlan() defaults
+    search: bool = True                  # the attacker's searched keep-set in the sweep
+    workers: int = 1                     # processes for the ladder's curves
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in ALL_METHODS]
@@ -70,6 +76,18 @@ class ScanSettings:
             raise UsageError(f"Unknown ranking {self.ranking!r}.", hint="Use per_layer or global.")
         if self.random_seeds < 1:
             raise UsageError("--random-seeds must be at least 1.")
+        if self.workers < 1:
+            raise UsageError("--workers must be at least 1.")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError("--limit must be at least 1.")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1.")
+
+    def attack_plan(self) -> AttackPlan:
+        """The ladder's plan, with this scan's worker count."""
+        from dataclasses import replace
+
+        return replace(self.plan or AttackPlan(), workers=self.workers)
 
 
 @dataclass
@@ -111,9 +129,12 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
     Raises:
         UsageError: unknown methods or ranking, or keep-counts this model cannot be pruned to.
     """
+    from moeharden.attack.attribution import keep_sets
+    from moeharden.attack.keepsearch import search_keepsets
     from moeharden.model.keepset import valid_keep
     from moeharden.model.registry import moe_layers, routing_groups
     from moeharden.model.routing import mask_experts
+    from moeharden.tasks.intervals import metric_interval
     from moeharden.tasks.metrics import evaluate, task_loss
 
     settings.validate()
@@ -134,7 +155,8 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
     model.eval()
 
     t0 = time.perf_counter()
-    full = {t.name: float(evaluate(model, tokenizer, t).value) for t in tasks}
+    full_iv = {t.name: metric_interval(evaluate(model, tokenizer, t)) for t in tasks}   # (value, lo, hi)
+    full = {name: v[0] for name, v in full_iv.items()}
     timings["full_eval"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -167,22 +189,35 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
                                                              skip_invalid=True)
         timings["ablation"] = time.perf_counter() - t0
 
+    searched: dict[str, dict] = {}
+    if settings.search:
+        t0 = time.perf_counter()
+        for t in tasks:
+            if not t.train:
+                continue
+            cands = {m: {k: keep_sets(scores[t.name][m], layers, k, ranking=settings.ranking, groups=groups)
+                         for k in keeps if k < E} for m in scores[t.name]}
+            best, _ = search_keepsets(model, tokenizer, t, layers, E, [k for k in keeps if k < E], cands,
+                                      seed=settings.seed, groups=groups, spec=spec, config=model.config)
+            searched[t.name] = {"search": best}
+        timings["keep_search"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     sweep_rows, keep_sets_used, heads = [], {}, {}
-    n_cells = len(tasks) * len(keeps) * (len(settings.methods) + settings.random_seeds)
+    n_cells = len(tasks) * len(keeps) * (len(settings.methods) + settings.random_seeds + int(bool(searched)))
     with progress_bar("pruning sweep", total=n_cells) as advance:
         for t in tasks:
             def evaluate_masked(keep, t=t):
                 if keep is None:
-                    return full[t.name]
+                    return full_iv[t.name]
                 with mask_experts(model, keep):
-                    return float(evaluate(model, tokenizer, t).value)
+                    return metric_interval(evaluate(model, tokenizer, t))
 
             rows, used = run_sweep(
                 task=t.name, metric=t.metric, full=full[t.name], chance=t.chance, layers=layers, num_experts=E,
                 scores=scores[t.name], keeps=keeps, evaluate_masked=evaluate_masked, ranking=settings.ranking,
                 random_seeds=tuple(range(settings.seed, settings.seed + settings.random_seeds)), groups=groups,
-                progress=advance)
+                progress=advance, full_interval=full_iv[t.name][1:], extra_keepsets=searched.get(t.name))
             sweep_rows += rows
             heads[t.name] = headline(rows, E)
             for m, per_k in used.items():
@@ -193,8 +228,10 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
     return ScanDocument(
         **stamp(), model=identity,
         settings=ScanSettingsRecord(methods=list(settings.methods), keeps=keeps, ranking=settings.ranking,
-                                    limit=settings.limit, seed=settings.seed, random_seeds=settings.random_seeds),
-        tasks=[TaskRecord(name=t.name, kind=t.kind, metric=t.metric, full=round(full[t.name], 6), chance=t.chance,
+                                    limit=settings.limit, train_limit=settings.train_limit, seed=settings.seed,
+                                    random_seeds=settings.random_seeds),
+        tasks=[TaskRecord(name=t.name, kind=t.kind, metric=t.metric, full=round(full[t.name], 6),
+                          full_lo=_round(full_iv[t.name][1]), full_hi=_round(full_iv[t.name][2]), chance=t.chance,
                           n_attribution=len(t.attribution), n_evaluation=len(t.evaluation)) for t in tasks],
         # [L, E] score matrix per (method, task), rounded for the JSON
         attribution={m: {t.name: [[round(float(v), 6) for v in row] for row in scores[t.name][m].tolist()]
@@ -204,6 +241,23 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
         headline={name: TaskHeadline.model_validate(h) for name, h in heads.items()},
         timings={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def limit_tasks(tasks, limit: int | None, train_limit: int | None) -> list:
+    """Cap the attribution and evaluation splits at ``limit`` and the train split at ``train_limit``.
+
+    A limit keeps a prefix of each seeded split, exactly as ``load_tasks(limit=...)`` does, so a
+    limited split is a subset of the unlimited one; the attacker's pool keeps its own cap.
+    """
+    from dataclasses import replace
+
+    cap = (lambda xs, n: list(xs) if n is None else list(xs)[:n])   # noqa: E731
+    return [replace(t, attribution=cap(t.attribution, limit), evaluation=cap(t.evaluation, limit),
+                    train=cap(t.train, train_limit)) for t in tasks]
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None or v != v else round(float(v), 6)      # NaN (no interval) → null
 
 
 def recovery_sections(model, tokenizer, tasks, doc: ScanDocument, settings: ScanSettings) -> RecoverySections:
@@ -237,8 +291,9 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     check_output_dir(out)          # fail now, not after minutes of work
     path = resolve_checkpoint(ckpt)
     # seed=None: each task file's own split seed stands (settings.seed drives the random controls)
-    task_objs = load_tasks(list(tasks) if tasks else None, checkpoint_dir=path, limit=settings.limit,
-                           seed=None, lm_eval_include=list(lm_eval_include) if lm_eval_include else None)
+    task_objs = limit_tasks(load_tasks(list(tasks) if tasks else None, checkpoint_dir=path, limit=None, seed=None,
+                                       lm_eval_include=list(lm_eval_include) if lm_eval_include else None),
+                            settings.limit, settings.train_limit)
     t0 = time.perf_counter()
     model = load_model(path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path)
@@ -249,6 +304,11 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     n_params = sum(p.numel() for p in model.parameters())
     if settings.recover or (settings.recover is None and n_params <= SMALL_MODEL_PARAMS):
         doc = doc.with_recovery(recovery_sections(model, tokenizer, task_objs, doc, settings))
+    if settings.ladder or (settings.ladder is None and n_params <= SMALL_MODEL_PARAMS):
+        from moeharden.audit.ladder import ladder_for_document
+
+        doc.ladder = ladder_for_document(model, tokenizer, task_objs, doc, settings.attack_plan(), checkpoint=path,
+                                         trust_remote_code=trust_remote_code)
     with atomic_output_dir(out) as tmp:
         (tmp / "scan.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_scan(doc, tmp)

@@ -33,10 +33,19 @@ class Gate(BaseModel):
     min_labels_factor: float = Field(
         5.0, ge=1, description="The re-alignment attack needs at least this many times the baseline's labels "
                                "(floored at one round's labels, budget ÷ rounds), or fails to recover.")
+    expert_head_start_min_labels_ratio: float = Field(
+        0.8, ge=0, description="The pruned copy needs at least this fraction of the labels (distill: prompts) the "
+                               "`shared` reference needs to reach the recovery target.")
+    expert_head_start_max_area: float = Field(
+        0.05, ge=0, description="The pruned copy's learning-curve area (mean metric over the ladder) exceeds the "
+                                "`shared` reference's by at most this much.")
+    allow_inconclusive: bool = Field(
+        False, description="Let rows that cannot be computed (model at chance, threshold above the ladder, task "
+                           "missing from the baseline) pass; by default they fail the gate.")
     require_manifest: bool = Field(False, description="Fail when the checkpoint carries no moeharden manifest.")
 
 
-CHECKS = Literal["full_metric_fraction", "worst_above_chance_retained", "labels_to_recover",
+CHECKS = Literal["full_metric_fraction", "worst_above_chance_retained", "labels_to_recover", "expert_head_start",
                  "manifest_integrity", "manifest_present", "task_in_baseline"]
 
 
@@ -44,31 +53,50 @@ class GateRow(Record):
     """One gate row: a measured value, its threshold, and whether it holds."""
 
     omit_if_none: ClassVar[frozenset[str]] = frozenset(
-        {"hardened_full", "baseline_full", "keep", "attack", "baseline_labels", "note"})
+        {"hardened_full", "baseline_full", "keep", "attack", "baseline_labels", "note", "lo", "hi", "pruned_labels", "reference_labels",
+         "area", "area_threshold"})
     check: CHECKS = Field(description=(
-        "`full_metric_fraction`: hardened full ÷ baseline full (perplexity: baseline ÷ hardened), `>=`; "
-        "`worst_above_chance_retained`: max over every method and the random control of above-chance retained "
-        "at one K ≤ `max_keep_fraction`·E, `<=`; `labels_to_recover`: fewest labels any strategy needed on the "
-        "hardened model, or null when none recovered (then the row passes), `>= or not recovered`; "
+        "`full_metric_fraction`: the hardened full model's 95% LOWER bound ÷ baseline full (perplexity: baseline "
+        "÷ hardened upper bound), `>=`; `worst_above_chance_retained`: max over every method, the searched "
+        "keep-set and the random control of the conservative above-chance retained (pruned upper bound over the "
+        "full model's lower bound) at one K ≤ `max_keep_fraction`·E, `<=`; `labels_to_recover`: fewest labels the "
+        "adaptive attacker needed on the hardened pruned copy (any strategy, any seed) on the ladder, `>=` "
+        "`min_labels_factor` × the baseline's; not recovered counts only when the ladder reached the threshold; "
+        "`expert_head_start`: per attack (`labels` or `distill`), the pruned copy's labels ÷ the `shared` "
+        "reference's (`>=` `expert_head_start_min_labels_ratio`) and its curve area over the reference's (`<=` "
+        "`expert_head_start_max_area`); "
         "`manifest_integrity`: the manifest check's `ok`, `==`; `manifest_present`: false (only with "
         "`require_manifest` and no manifest); `task_in_baseline`: false, the task is missing from the baseline."))
     task: str | None = Field(description="Task name; null for checkpoint-wide rows.")
     value: bool | float | None = Field(description="The measured value.")
-    threshold: bool | float = Field(description="The threshold it is compared with.")
+    threshold: bool | float | None = Field(description="The threshold it is compared with (null when it cannot "
+                                                             "be computed).")
     op: str = Field(description="How value is compared with threshold.")
-    passed: bool = Field(alias="pass", description="Whether the row holds.")
+    passed: bool = Field(alias="pass", description="Whether the row holds (an inconclusive row holds only with "
+                                                   "`allow_inconclusive`).")
+    status: Literal["pass", "fail", "inconclusive"] = Field(
+        "pass", description="`inconclusive`: the row could not be computed (see `note`).")
+    lo: float | None = Field(None, description="Lower end of the measured value's 95% interval, when it has one.")
+    hi: float | None = Field(None, description="Upper end of the measured value's 95% interval, when it has one.")
+    pruned_labels: float | None = Field(None, description="`expert_head_start`: the pruned copy's labels (or prompts).")
+    reference_labels: float | None = Field(None, description="`expert_head_start`: the `shared` reference's labels.")
+    area: float | None = Field(None, description="`expert_head_start`: pruned area − shared area.")
+    area_threshold: float | None = Field(None, description="`expert_head_start`: the area threshold.")
     hardened_full: float | None = Field(None, description="`full_metric_fraction`: the hardened full metric.")
     baseline_full: float | None = Field(None, description="`full_metric_fraction`: the baseline full metric.")
     keep: int | None = Field(None, description="`worst_above_chance_retained`: the keep-count K.")
     attack: str | None = Field(None, description="The method (or recovery strategy) that did best.")
     baseline_labels: float | None = Field(None, description="`labels_to_recover`: the baseline's fewest labels.")
-    note: str | None = Field(None, description="`labels_to_recover`: why there is no value.")
+    note: str | None = Field(None, description="Why a row is inconclusive or has no value.")
 
     def describe(self) -> str:
         """One human line for the row."""
         where = f"task {self.task}" if self.task else "checkpoint"
         extra = "".join(f", {k}={v}" for k, v in (("keep", self.keep), ("attack", self.attack)) if v is not None)
-        return f"{self.check} ({where}{extra}): {self.value} {self.op} {self.threshold}"
+        line = f"{self.check} ({where}{extra}): {self.value} {self.op} {self.threshold}"
+        if self.area is not None:
+            line += f"; area +{self.area} <= {self.area_threshold}"
+        return line + (f" [{self.status}: {self.note}]" if self.status == "inconclusive" else "")
 
 
 class SignatureCheck(Record):

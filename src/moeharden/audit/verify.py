@@ -19,7 +19,7 @@ from typing import Any
 
 from moeharden.audit.documents import RecoverySections, ScanDocument, load_document, stamp
 from moeharden.audit.verdict import BaselineRef, GateRow, IntegrityReport, VerifyDocument
-from moeharden.errors import UsageError
+from moeharden.errors import IntegrityError, UsageError
 
 ALL_MODES = ("full", "router", "lora", "distill")
 MIN_SEEDS = 3
@@ -36,6 +36,7 @@ class VerifySettings:
     manifest: Path | None = None        # the original release's manifest (default: the checkpoint's own)
     modes: tuple[str, ...] = ALL_MODES
     recover_steps: int | None = None    # None: the baseline's steps per round
+    workers: int = 1                    # processes for the ladder's curves
     trust_remote_code: bool = False
 
 
@@ -126,9 +127,9 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     """
     from moeharden.audit.gate import gate_rows, load_gate
     from moeharden.audit.report import render_verify
-    from moeharden.audit.scan import ScanSettings, model_identity, scan_model
+    from moeharden.audit.scan import ScanSettings, limit_tasks, model_identity, scan_model
     from moeharden.io.outputs import atomic_output_dir, check_output_dir
-    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint, validate_checkpoint
     from moeharden.model.registry import moe_layers
     from moeharden.tasks.resolve import load_tasks
 
@@ -136,13 +137,21 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     base = load_document(baseline, ScanDocument)
     check_output_dir(out)          # fail now, not after minutes of work
     gate = load_gate(settings.gate)
-    path = resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt, validate=False)     # integrity first: a tampered release exits 4, not 3
     integrity = _integrity(path, settings)
+    if integrity is not None and not integrity.ok:      # never attack weights that are not the signed release
+        raise IntegrityError("; ".join(integrity.problems) + ".",
+                             hint="The checkpoint is not the signed release; no attack was run on it.")
+    validate_checkpoint(path)
     st = base.settings
     scan_settings = ScanSettings(methods=tuple(st.methods), keeps=tuple(st.keeps), ranking=st.ranking,
-                                 limit=st.limit, seed=st.seed, random_seeds=max(MIN_SEEDS, st.random_seeds))
-    tasks = load_tasks([t.name for t in base.tasks] if not _own_tasks(path, base) else None,
-                       checkpoint_dir=path, limit=scan_settings.limit, seed=None)
+                                 limit=st.limit, train_limit=st.train_limit, seed=st.seed,
+                                 random_seeds=max(MIN_SEEDS, st.random_seeds),
+                                 search=any(r.method == "search" for r in base.sweep), ladder=False)
+    tasks = limit_tasks(load_tasks([t.name for t in base.tasks] if not _own_tasks(path, base) else None,
+                                   checkpoint_dir=path, limit=None, seed=None), st.limit, st.train_limit)
+    names = {t.name for t in base.tasks}
+    tasks = [t for t in tasks if t.name in names]       # the baseline's tasks, not the whole task file
     t0 = time.perf_counter()
     model = load_model(path, trust_remote_code=settings.trust_remote_code)
     tokenizer = load_tokenizer(path)
@@ -151,6 +160,14 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     sections = _reattack_recovery(model, tokenizer, tasks, data, base, settings)
     if sections is not None:
         data = data.with_recovery(sections)
+    if base.ladder is not None:          # the adaptive ladder with the baseline's plan and pruned shape
+        from moeharden.attack.realign.ladder_suite import plan_from_dict
+        from moeharden.audit.ladder import ladder_for_document
+
+        plan = plan_from_dict(base.ladder.settings, workers=settings.workers)
+        data.ladder = ladder_for_document(model, tokenizer, tasks, data, plan, checkpoint=path,
+                                          keeps=dict(base.ladder.settings.get("keeps") or {}), reuse=base.ladder,
+                                          trust_remote_code=settings.trust_remote_code)
     rows = gate_rows(gate, base, data, integrity=integrity)
     doc = VerifyDocument(**stamp(), checkpoint=identity, baseline=BaselineRef(path=str(baseline), model=base.model),
                          gate_settings=gate, gate=rows, passed=all(r.passed for r in rows), integrity=integrity,

@@ -39,8 +39,13 @@ def scan(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     random_seeds: Annotated[int, typer.Option("--random-seeds", help="Seeds of the random-keep control.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    recover: Annotated[bool | None, typer.Option("--recover/--no-recover",
-                                                 help="Run the re-alignment attack (default: on for small models).")] = None,
+    recover: Annotated[bool, typer.Option("--recover/--no-recover",
+                                          help="Also run the fixed-hyper-parameter re-alignment suite (every mode "
+                                               "× strategy at one budget).")] = False,
+    ladder: Annotated[bool | None, typer.Option(
+        "--ladder/--no-ladder", help="The adaptive re-alignment attack on the budget ladder with its `shared` and "
+                                     "`scratch` references (default: on for models ≤ 100M parameters).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Processes for the ladder's curves.")] = 1,
     recover_budget: Annotated[int | None, typer.Option("--recover-budget",
                                                        help="Label budget of the recovery attack.")] = None,
     lm_eval_include: Annotated[list[Path] | None, typer.Option(
@@ -56,7 +61,7 @@ def scan(
     settings = ScanSettings(
         **({"methods": tuple(method)} if method else {}), keeps=tuple(keep) if keep else None,
         ranking=ranking, limit=limit, seed=seed, random_seeds=random_seeds, batch_size=batch_size,
-        recover=recover, recover_budget=recover_budget)
+        recover=recover, recover_budget=recover_budget, ladder=ladder, workers=workers)
     result = call(run_scan, ckpt=ckpt, out=out, tasks=task or None, settings=settings,
                   lm_eval_include=lm_eval_include or None, trust_remote_code=trust_remote_code)
     if not emit(result):
@@ -77,6 +82,7 @@ def verify(
     trust_remote_code: TrustRemoteCodeOpt = False,
     push_to_hub: PushOpt = None,
     public: PublicOpt = False,
+    workers: Annotated[int, typer.Option("--workers", help="Processes for the ladder's curves.")] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Check signature and tensor hashes (exit 4 on failure); with --baseline, re-attack the model and
@@ -87,7 +93,7 @@ def verify(
     from moeharden.audit.verify import verify as run_verify
 
     settings = VerifySettings(baseline=baseline, out=out, gate=gate, pubkey=pubkey, manifest=manifest,
-                              trust_remote_code=trust_remote_code)
+                              workers=workers, trust_remote_code=trust_remote_code)
     result = call(run_verify, ckpt, settings)
     if isinstance(result, IntegrityReport):
         if not emit(result.to_json()):

@@ -63,13 +63,15 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("demo-out"),
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the demo model again even if cached.")] = False,
     model_only: Annotated[bool, typer.Option("--model-only", help="Only build the demo model (no pipeline).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A small attack ladder: the whole pipeline in minutes "
+                                                        "(a smoke run, not a security verdict).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Build (or reuse) the embedded demo MoE, then scan → entangle → lock → verify → report."""
     json_flag(json_out)
     from moeharden.demo.pipeline import run_demo
 
-    result = call(run_demo, out=out, retrain=retrain, model_only=model_only)
+    result = call(run_demo, out=out, retrain=retrain, model_only=model_only, quick=quick)
     if not emit(result):
         ui.console.print(result.summary())     # the demo's own markup; its paths are the tool's own
 

@@ -59,6 +59,11 @@ def integrity(res) -> None:
                          f"extra {len(t.extra)}")
         for n in t.changed[:20]:
             ui.console.print(f"  [red]changed[/] {esc(n)}")
+        for label, names in (("missing", t.missing), ("extra", t.extra)):   # a rename shows as both sides
+            for n in names[:20]:
+                ui.console.print(f"  [red]{label}[/] {esc(n)}")
+        if t.unreadable:
+            ui.console.print(f"  [red]unreadable[/] {esc(t.unreadable)}")
     if res.derivation:
         ui.console.print("derivative of the release — kept original experts per layer:")
         for layer, d in sorted(res.derivation.layers.items(), key=lambda x: int(x[0])):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moeharden.errors import ConfigFileError, PolicyViolation, validation_problems
@@ -119,12 +118,10 @@ def load_policy(path: Path) -> Policy:
     Raises:
         ConfigFileError: missing file, bad YAML, invalid fields.
     """
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigFileError(f"Policy file {path} does not exist.") from None
-    except yaml.YAMLError as err:
-        raise ConfigFileError(f"Policy file {path} is not valid YAML: {err}.") from None
+    from moeharden.io.files import load_yaml_data, read_small_text  # regular files only, bounded, no aliases
+
+    text = read_small_text(Path(path), what="policy file", error=ConfigFileError)
+    raw = load_yaml_data(text, where=f"Policy file {path}", error=ConfigFileError)
     return parse_policy(raw, where=f"Policy file {path}")
 
 

@@ -6,7 +6,7 @@ comes from :func:`moeharden.demo.build.build_demo_model`). Layout of ``DIR``::
     DIR/model/        the embedded demo MoE (cached; copied here)
     DIR/scan/         scan.json, report.md, report.html of the original
     DIR/entangled/    the entangled checkpoint (+ entangle.json)
-    DIR/keys/         a freshly generated signing key pair (demo only)
+    DIR/keys/         a signing key pair (demo only): generated once, reused after, never deleted
     DIR/locked/       the entangled checkpoint with policy, manifest and signature
     DIR/verify/       verify.json and its report
     DIR/report.html   the before/after report (also report.md)
@@ -14,7 +14,6 @@ comes from :func:`moeharden.demo.build.build_demo_model`). Layout of ``DIR``::
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,15 +48,35 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-DEMO_LIMIT = 128   # examples per split in scan/verify: keeps the 15-minute budget on 2 CPU cores
+DEMO_LIMIT = 256     # attribution and evaluation examples per task in scan/verify: the task file's
+                     # 256 evaluation rows (a 98% utility row cannot be certified on fewer; §5.3 of
+                     # docs/attacks-and-defenses.md); the train split (the attacker's pool) is whole
+DEMO_QUICK_LIMIT = 128
+DEMO_WORKERS = 2     # the ladder's curves run in two processes (2 CPU cores)
+
+
+def demo_plan(quick: bool = False):
+    """The ladder plan of the demo: the library's default attacker (every learning rate, step count
+    and rung of :class:`~moeharden.attack.realign.ladder.LadderSettings`, three seeds, all three
+    references, label and distillation attacks) with the ``random`` strategy only (``kcenter``
+    doubles the pruned copy's curves); ``quick``: a small ladder that exercises the whole pipeline
+    in minutes — a smoke run, not a security verdict (the report says which plan ran)."""
+    from moeharden.attack.realign.ladder import LadderSettings
+    from moeharden.attack.realign.ladder_suite import AttackPlan
+
+    if quick:
+        return AttackPlan(strategies=("random",), validation_size=32,
+                          ladder=LadderSettings(rungs=(0, 16, 64), prompt_rungs=(0, 64), steps=(10, 20)))
+    return AttackPlan(strategies=("random",))
 
 
 def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None = None,
-                 recover_budget: int | None = None, limit: int | None = DEMO_LIMIT) -> PipelineResult:
+                 limit: int | None = DEMO_LIMIT, workers: int = DEMO_WORKERS, plan=None) -> PipelineResult:
     """Run scan → entangle → lock → verify on ``model_dir``, writing into ``out`` (see module doc).
 
-    ``limit`` caps each task split (seeded) in scan and verify; verify re-attacks with the
-    baseline's settings, so both see the same splits.
+    ``limit`` caps the attribution and evaluation splits (seeded) in scan and verify; verify
+    re-attacks with the baseline's settings and plan, so both see the same splits. ``plan``: the
+    ladder's :class:`moeharden.attack.realign.ladder_suite.AttackPlan` (default: :func:`demo_plan`).
     """
     from moeharden.audit.report import render_verify
     from moeharden.audit.scan import ScanSettings, scan
@@ -76,23 +95,44 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
         return r
 
     scan_res = stage("scan", scan, ckpt=str(model_dir), out=out / "scan",
-                     settings=ScanSettings(recover=True, recover_budget=recover_budget, limit=limit))
+                     settings=ScanSettings(ladder=True, limit=limit, workers=workers, plan=plan or demo_plan()))
     recipe = resources.files("moeharden").joinpath("data/demo_entangle.yaml")
     with resources.as_file(recipe) as recipe_path:
         stage("entangle", entangle, ckpt=str(model_dir), settings=EntangleSettings(
             out=out / "entangled", recipe_path=recipe_path, **(entangle_overrides or {})))
     keys = out / "keys"
-    if (keys / "moeharden.key").exists():
-        shutil.rmtree(keys)
-    stage("keygen", keygen, out=keys)
+    if signing_keys_state(keys) == "none":
+        stage("keygen", keygen, out=keys)
     policy = resources.files("moeharden").joinpath("data/policy-example.yaml")
     with resources.as_file(policy) as policy_path:
         stage("lock", lock_checkpoint, ckpt=str(out / "entangled"), settings=LockSettings(
             out=out / "locked", policy=policy_path, key=keys / "moeharden.key"))
     ver = stage("verify", verify_attacks, ckpt=str(out / "locked"), baseline=out / "scan" / "scan.json",
-                out=out / "verify", settings=VerifySettings(pubkey=keys / "moeharden.pub"))
+                out=out / "verify", settings=VerifySettings(pubkey=keys / "moeharden.pub", workers=workers))
     md, html_path = render_verify(scan_res.data, ver.data, out)
     return PipelineResult(out, html_path, ver.passed, [describe_row(r) for r in ver.failing()], secs)
+
+
+def signing_keys_state(keys: Path) -> str:
+    """Whether ``keys`` holds the demo's key pair: ``"pair"`` (reused: keys are never deleted) or
+    ``"none"`` (generate one).
+
+    Raises:
+        InputError: ``keys`` is a file, or holds only one half of a pair.
+    """
+    from moeharden.defend.signing import PRIVATE_NAME, PUBLIC_NAME
+    from moeharden.errors import InputError
+
+    keys = Path(keys)
+    if keys.exists() and not keys.is_dir():
+        raise InputError(f"{keys} exists and is not a directory of signing keys.", hint="Choose another --out.")
+    have = [(keys / n).is_file() for n in (PRIVATE_NAME, PUBLIC_NAME)]
+    if all(have):
+        return "pair"
+    if any(have):
+        raise InputError(f"{keys} holds only half of a key pair; refusing to replace it (keys are never deleted).",
+                         hint="Restore the missing key, or choose another --out.")
+    return "none"
 
 
 @dataclass(frozen=True)
@@ -131,7 +171,7 @@ class DemoResult:
         return text
 
 
-def run_demo(out: Path, retrain: bool = False, model_only: bool = False) -> DemoResult:
+def run_demo(out: Path, retrain: bool = False, model_only: bool = False, quick: bool = False) -> DemoResult:
     """Build or reuse the demo model into ``out/model``, then run scan → entangle → lock → verify
     and write the before/after report to ``out/report.html`` (:func:`run_pipeline`).
 
@@ -139,17 +179,29 @@ def run_demo(out: Path, retrain: bool = False, model_only: bool = False) -> Demo
         out: output directory of the demo run.
         retrain: train the demo model again even if cached.
         model_only: stop after the model (no pipeline).
+        quick: a small attack ladder (:func:`demo_plan`): the pipeline in minutes, not a verdict.
 
     Returns:
         A :class:`DemoResult`.
 
     Raises:
+        InputError: ``out`` holds files, a ``model`` directory or half a key pair moeharden did not write.
         ConfigFileError, CheckpointError: see :func:`build_demo_model`.
     """
+    from moeharden.io.outputs import check_output_dir, prepare_files_dir
+
+    out = Path(out)
+    # before any work: a user's DIR/model is never replaced, DIR/keys never deleted, and files
+    # moeharden did not write (DIR/report.html, ...) never overwritten
+    prepare_files_dir(out, ("report.md", "report.html"))
+    check_output_dir(out / "model")
+    if not model_only:
+        signing_keys_state(out / "keys")
     recipe = load_recipe()
     cached = not retrain and read_stamp(cache_root() / f"demo-{recipe.hash()}") is not None
     model_dir = build_demo_model(Path(out) / "model", retrain=retrain, recipe=recipe)
     stamp = read_stamp(model_dir) or {}
-    pipeline = None if model_only else run_pipeline(Path(out), model_dir)
+    pipeline = None if model_only else run_pipeline(Path(out), model_dir, plan=demo_plan(quick),
+                                                    limit=DEMO_QUICK_LIMIT if quick else DEMO_LIMIT)
     return DemoResult(out=Path(out), model_dir=model_dir, reused_cache=cached, recipe_hash=recipe.hash(),
                       training=stamp.get("training", {}), tasks=list(TASKS), pipeline=pipeline)

@@ -12,7 +12,6 @@ routing needs experts in every group): :func:`valid_keep`, :func:`check_keep_cou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +73,10 @@ def read_keep_file(path: Path, **kw) -> dict[int, list[int]]:
     Raises:
         KeepSetError: missing file, bad JSON, or an invalid keep-set.
     """
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KeepSetError(f"Keep file {path} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise KeepSetError(f"Keep file {path} is not valid JSON: {err}.") from None
+    from moeharden.io.files import parse_json, read_small_text  # regular files only, bounded, sane nesting
+
+    text = read_small_text(Path(path), what="keep file", error=KeepSetError)
+    raw = parse_json(text, where=f"Keep file {path}", error=KeepSetError)
     return parse_keep(raw, where=f"Keep file {path}", **kw)
 
 

@@ -241,3 +241,19 @@ def run_suite(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[int]]]
             if progress is not None:
                 progress()
     return out
+
+
+def plan_from_dict(d: dict, *, workers: int = 1) -> AttackPlan:
+    """The :class:`AttackPlan` a report recorded (``settings`` of a ladder section), with ``workers``.
+
+    Raises:
+        UsageError: the recorded plan is not a valid plan.
+    """
+    try:
+        lad = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d["ladder"]).items()}
+        return AttackPlan(references=tuple(d["references"]), strategies=tuple(d["strategies"]),
+                          distill=bool(d["distill"]), seeds=tuple(d["seeds"]),
+                          validation_size=int(d["validation_size"]), ladder=LadderSettings(**lad), workers=workers)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"The baseline's ladder plan is not valid ({type(err).__name__}: {err}).",
+                         hint="Re-run the baseline scan with this version of moeharden.") from None

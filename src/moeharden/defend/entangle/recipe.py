@@ -11,7 +11,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moeharden.errors import ConfigFileError, validation_problems
@@ -66,15 +65,11 @@ def load_recipe(path: Path | None = None, **overrides: Any) -> EntangleRecipe:
     Raises:
         ConfigFileError: unreadable YAML or invalid values (all problems listed at once).
     """
-    try:
-        text = (Path(path).read_text() if path is not None
-                else resources.files("moeharden").joinpath("data/entangle_recipe.yaml").read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigFileError(f"Recipe {path} cannot be read: {err}.") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigFileError(f"Recipe {path} is not valid YAML: {err}.") from None
+    from moeharden.io.files import load_yaml_data, read_small_text  # regular files only, bounded, no aliases
+
+    text = (read_small_text(Path(path), what="recipe", error=ConfigFileError) if path is not None
+            else resources.files("moeharden").joinpath("data/entangle_recipe.yaml").read_text())
+    raw = load_yaml_data(text, where=f"Recipe {path or '(default)'}", error=ConfigFileError) or {}
     if not isinstance(raw, dict):
         raise ConfigFileError(f"Recipe {path} must be a mapping of settings.")
     raw.update({k: v for k, v in overrides.items() if v is not None})
