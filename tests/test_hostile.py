@@ -416,3 +416,17 @@ def test_verify_baseline_checks_integrity_before_any_attack(release, tmp_path, t
     assert "no attack was run" in res.output.replace("\n", " ") and not out.exists()
     if tamper == "rename":
         assert name in res.output.replace("\n", "")
+
+
+def test_alias_bomb_in_a_model_card_is_bounded(tmp_path):
+    """A README whose YAML front matter is a billion-laughs alias bomb: lock neither expands it nor fails."""
+    import time
+
+    from moeharden.defend.lock import _front_matter
+
+    bomb = "---\na: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "---\nbody\n"
+    t0 = time.perf_counter()
+    meta, body = _front_matter(bomb)
+    assert meta == {} and body == "body\n" and time.perf_counter() - t0 < 2

@@ -124,9 +124,12 @@ def _front_matter(text: str) -> tuple[dict, str]:
     if text.startswith("---\n"):
         end = text.find("\n---", 4)
         if end != -1:
-            try:
-                meta = yaml.safe_load(text[4:end]) or {}
-            except yaml.YAMLError:
+            from moeharden.errors import InputError
+            from moeharden.io.files import load_yaml_data
+
+            try:     # bounded: a README's front matter is the checkpoint's (untrusted) text
+                meta = load_yaml_data(text[4:end], where="the model card's front matter") or {}
+            except InputError:
                 meta = {}
             return (meta if isinstance(meta, dict) else {}), text[end + 4:].lstrip("\n")
     return {}, text
