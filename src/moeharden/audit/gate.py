@@ -84,6 +84,14 @@ def _full_metric_rows(gate: Gate, baseline: ScanDocument, hardened: ScanDocument
     return rows
 
 
+def _above_chance_lo(r, t) -> float | None:
+    """The optimistic end of a sweep cell's above-chance retained: pruned lower over full upper bound."""
+    if r.pruned_lo is None or t.full_hi is None or t.chance is None or not higher_is_better(t.metric):
+        return r.above_chance
+    den = t.full_hi - t.chance
+    return (r.pruned_lo - t.chance) / den if den > 1e-9 else r.above_chance
+
+
 def _pruning_rows(gate: Gate, hardened: ScanDocument) -> list[GateRow]:
     """Pruning: the worst attack's conservative above-chance retained (upper bound) at every gated K."""
     rows = []
@@ -103,7 +111,7 @@ def _pruning_rows(gate: Gate, hardened: ScanDocument) -> list[GateRow]:
             v, worst = max(scored, key=lambda x: x[0])
             rows.append(_row("worst_above_chance_retained", t.name, _r(v), gate.max_above_chance_retained, "<=",
                              v <= gate.max_above_chance_retained, gate, keep=k, attack=worst.method,
-                             lo=_r(worst.above_chance), hi=_r(v)))
+                             lo=_r(_above_chance_lo(worst, t)), hi=_r(v)))
     return rows
 
 

@@ -20,13 +20,15 @@ from moeharden.attack.realign.ladder_suite import AttackPlan, plan_jobs, run_sui
 
 
 def _fingerprint(plan: AttackPlan, identity: dict, task_sizes: dict[str, list[int]], keeps: dict[str, int]) -> dict:
-    """What must match for a baseline's scratch curves to be this run's scratch curves."""
+    """What must match for a baseline's scratch curves to be this run's scratch curves (the
+    architecture — parameter names, shapes, dtypes —, the expert count, the splits' sizes, the keep
+    counts and the plan; not the weights, which a fresh model does not use)."""
     import json
 
     p = asdict(plan)
     p.pop("workers", None)
     fp = {"plan": p, "model_type": identity.get("model_type"), "num_experts": identity.get("num_experts"),
-          "config_sha256": identity.get("config_sha256"), "task_sizes": task_sizes, "keeps": keeps}
+          "architecture_sha256": identity.get("architecture_sha256"), "task_sizes": task_sizes, "keeps": keeps}
     return json.loads(json.dumps(fp))        # as it reads back from a report (tuples become lists)
 
 
@@ -105,10 +107,16 @@ def ladder_for_document(model, tokenizer, tasks, doc, plan: AttackPlan, *, check
     Returns:
         a :class:`moeharden.audit.ladder_records.LadderSection`.
     """
+    import hashlib
+
     from moeharden.attack.realign.suite import DEFAULT_TARGET_FRACTION
     from moeharden.audit.ladder_records import LadderSection
     from moeharden.console import progress_bar
 
+    # the architecture, not config.json's bytes (lock writes its policy there): every parameter's
+    # name, shape and dtype
+    arch = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters())
+                          .encode()).hexdigest()
     keepsets = {}
     for t in tasks:
         k = (keeps or {}).get(t.name) or ladder_keep(doc, t.name)
@@ -118,7 +126,8 @@ def ladder_for_document(model, tokenizer, tasks, doc, plan: AttackPlan, *, check
     attacked = [t for t in tasks if t.name in keepsets]
     full = {t.name: t.full for t in doc.tasks}
     with progress_bar("adaptive re-alignment ladder", total=planned_curves([t.name for t in attacked], plan)) as adv:
-        section = ladder_section(model, tokenizer, attacked, identity=doc.model.to_json(), full=full,
+        section = ladder_section(model, tokenizer, attacked, identity={**doc.model.to_json(), "architecture_sha256": arch},
+                                 full=full,
                                  keepsets=keepsets, plan=plan, target_fraction=DEFAULT_TARGET_FRACTION,
                                  checkpoint=checkpoint, reuse=None if reuse is None else reuse.to_json(),
                                  trust_remote_code=trust_remote_code, progress=adv)
