@@ -58,7 +58,7 @@ class ScanSettingsRecord(Record):
 class TaskRecord(Record):
     """One task of a scan and the full model's score on it."""
 
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"full_lo", "full_hi"})
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"full_lo", "full_hi", "option", "examples_sha256"})
     name: str = Field(description="Task name.")
     kind: str = Field(description="`multiple_choice`, `generation`, `perplexity` or `lm_eval`.")
     metric: str = Field(description="`accuracy`, `exact_match`, `rouge1`, `rouge2`, `rougeL`, `perplexity`, "
@@ -70,6 +70,12 @@ class TaskRecord(Record):
     chance: float | None = Field(description="Metric of a random guesser, or null.")
     n_attribution: int = Field(ge=0, description="Attribution (calibration) split size used.")
     n_evaluation: int = Field(ge=0, description="Evaluation split size used.")
+    option: str | None = Field(None, description="The `--task` value that loads this task again (absolute paths; "
+                                                 "absent for the checkpoint's own `moeharden-tasks.yaml`): what "
+                                                 "`verify --task` needs when the hardened checkpoint does not carry it.")
+    examples_sha256: str | None = Field(None, description="SHA-256 over the task's name, kind, metric and every "
+                                                          "example of its three splits as scanned: `verify` refuses "
+                                                          "to compare against a baseline whose task differs.")
 
 
 class SweepRecord(Record):

@@ -232,7 +232,8 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
                                     random_seeds=settings.random_seeds),
         tasks=[TaskRecord(name=t.name, kind=t.kind, metric=t.metric, full=round(full[t.name], 6),
                           full_lo=_round(full_iv[t.name][1]), full_hi=_round(full_iv[t.name][2]), chance=t.chance,
-                          n_attribution=len(t.attribution), n_evaluation=len(t.evaluation)) for t in tasks],
+                          n_attribution=len(t.attribution), n_evaluation=len(t.evaluation),
+                          option=t.option or None, examples_sha256=t.examples_sha256()) for t in tasks],
         # [L, E] score matrix per (method, task), rounded for the JSON
         attribution={m: {t.name: [[round(float(v), 6) for v in row] for row in scores[t.name][m].tolist()]
                          for t in tasks if m in scores[t.name]} for m in settings.methods},

@@ -12,6 +12,7 @@ threshold and pass/fail. A failing gate is a result (``passed`` False), not an e
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class VerifySettings:
     recover_steps: int | None = None    # None: the baseline's steps per round
     workers: int = 1                    # processes for the ladder's curves
     trust_remote_code: bool = False
+    tasks: tuple[str, ...] = ()         # --task values (default: the checkpoint's own file, else the baseline's)
 
 
 @dataclass
@@ -127,11 +129,10 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     """
     from moeharden.audit.gate import gate_rows, load_gate
     from moeharden.audit.report import render_verify
-    from moeharden.audit.scan import ScanSettings, limit_tasks, model_identity, scan_model
+    from moeharden.audit.scan import ScanSettings, model_identity, scan_model
     from moeharden.io.outputs import atomic_output_dir, check_output_dir
     from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint, validate_checkpoint
     from moeharden.model.registry import moe_layers
-    from moeharden.tasks.resolve import load_tasks
 
     settings = settings or VerifySettings()
     base = load_document(baseline, ScanDocument)
@@ -148,10 +149,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
                                  limit=st.limit, train_limit=st.train_limit, seed=st.seed,
                                  random_seeds=max(MIN_SEEDS, st.random_seeds),
                                  search=any(r.method == "search" for r in base.sweep), ladder=False)
-    tasks = limit_tasks(load_tasks([t.name for t in base.tasks] if not _own_tasks(path, base) else None,
-                                   checkpoint_dir=path, limit=None, seed=None), st.limit, st.train_limit)
-    names = {t.name for t in base.tasks}
-    tasks = [t for t in tasks if t.name in names]       # the baseline's tasks, not the whole task file
+    tasks = baseline_tasks(path, base, settings.tasks)
     t0 = time.perf_counter()
     model = load_model(path, trust_remote_code=settings.trust_remote_code)
     tokenizer = load_tokenizer(path)
@@ -187,3 +185,63 @@ def _own_tasks(path: Path, base: ScanDocument) -> bool:
 
     names = {t.name for t in read_task_file(f).tasks}
     return {t.name for t in base.tasks} <= names
+
+
+def _recorded_specs(base: ScanDocument) -> list[str]:
+    """The ``--task`` values of the baseline's tasks when none of them reads a file the user did
+    not name again (presets and lm-eval names; old baselines: the task names).
+
+    Raises:
+        TaskError: a baseline task came from a task file or a local data file; the message gives
+            the ``--task`` values to pass (a path recorded in scan.json is never opened on its own).
+    """
+    from moeharden.errors import TaskError
+    from moeharden.tasks.resolve import LM_EVAL_PREFIX, preset_names
+
+    presets = set(preset_names())
+    options = [t.option or t.name for t in base.tasks]
+    files = [o for o in options if not (o in presets or o.startswith(LM_EVAL_PREFIX))]
+    if files:
+        shown = " ".join(f"--task {shlex.quote(o)}" for o in files)
+        raise TaskError("The baseline was scanned on tasks from files that this checkpoint does not carry; "
+                        "verify reads a task file only when it is named on the command line.",
+                        hint=f"Pass the same tasks again: {shown}")
+    return options
+
+
+def baseline_tasks(path: Path, base: ScanDocument, specs: tuple[str, ...] = ()) -> list:
+    """The baseline's tasks, loaded for the checkpoint at ``path`` with the baseline's split caps.
+
+    From ``specs`` (``--task``) when given, else the checkpoint's own ``moeharden-tasks.yaml`` when
+    it holds every baseline task, else the baseline's recorded presets or lm-eval names. Each task's
+    examples must be the ones the baseline scanned (``examples_sha256``): the gate compares like
+    with like.
+
+    Raises:
+        TaskError: a baseline task is missing or differs from the baseline's, or comes from a
+            file that ``specs`` does not name.
+    """
+    from moeharden.audit.scan import limit_tasks
+    from moeharden.errors import TaskError
+    from moeharden.tasks.resolve import load_tasks
+
+    st = base.settings
+    if specs:
+        chosen: list[str] | None = list(specs)
+    elif _own_tasks(path, base):
+        chosen = None
+    else:
+        chosen = _recorded_specs(base)
+    loaded = {t.name: t for t in limit_tasks(load_tasks(chosen, checkpoint_dir=path, limit=None, seed=None),
+                                              st.limit, st.train_limit)}
+    missing = [t.name for t in base.tasks if t.name not in loaded]
+    if missing:
+        raise TaskError(f"The baseline's task(s) {', '.join(missing)} are not among the tasks loaded for verify.",
+                        hint="Pass the tasks the baseline was scanned on with --task.")
+    changed = [t.name for t in base.tasks
+               if t.examples_sha256 and loaded[t.name].examples_sha256() != t.examples_sha256]
+    if changed:
+        raise TaskError(f"Task(s) {', '.join(changed)} differ from the ones the baseline scanned (other data, "
+                        "split or size): the gate would compare different tasks.",
+                        hint="Verify with the task files and data the baseline scan used.")
+    return [loaded[t.name] for t in base.tasks]

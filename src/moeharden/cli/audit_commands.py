@@ -83,6 +83,9 @@ def verify(
     push_to_hub: PushOpt = None,
     public: PublicOpt = False,
     workers: Annotated[int, typer.Option("--workers", help="Processes for the ladder's curves.")] = 1,
+    task: Annotated[list[str] | None, typer.Option(
+        "--task", "-t", help="The baseline's tasks (as given to scan), when CKPT does not carry them in its "
+                             "moeharden-tasks.yaml and they came from a task file. Repeatable.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check signature and tensor hashes (exit 4 on failure); with --baseline, re-attack the model and
@@ -93,7 +96,7 @@ def verify(
     from moeharden.audit.verify import verify as run_verify
 
     settings = VerifySettings(baseline=baseline, out=out, gate=gate, pubkey=pubkey, manifest=manifest,
-                              workers=workers, trust_remote_code=trust_remote_code)
+                              workers=workers, trust_remote_code=trust_remote_code, tasks=tuple(task or ()))
     result = call(run_verify, ckpt, settings)
     if isinstance(result, IntegrityReport):
         if not emit(result.to_json()):

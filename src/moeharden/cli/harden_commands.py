@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from moeharden import console as ui
+from moeharden.cli import render
 from moeharden.cli.handler import call, emit, esc, json_flag, push
 from moeharden.cli.options import (
     CkptArg,
@@ -73,7 +74,7 @@ def demo(
 
     result = call(run_demo, out=out, retrain=retrain, model_only=model_only, quick=quick)
     if not emit(result):
-        ui.console.print(result.summary())     # the demo's own markup; its paths are the tool's own
+        render.demo(result)
 
 
 def entangle(

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moeharden import console as ui
 from moeharden.cli.handler import esc
+from moeharden.tasks.spec import TASK_FILE_NAME
 
 
 def _f(v: float | None) -> str:
@@ -72,3 +73,20 @@ def integrity(res) -> None:
         ui.console.print(f"  [red]policy[/] {esc(v)}")
     ui.console.print("[green]Intact: matches the signed release.[/]" if res.ok else
                      "[red]Integrity check failed.[/]")
+
+
+def demo(result) -> None:
+    """A :class:`~moeharden.demo.pipeline.DemoResult`: the model, its accuracy, the gate's verdict."""
+    acc = ", ".join(f"{esc(k)} {v:.3f}" for k, v in result.training.get("accuracy", {}).items())
+    how = ("reused from cache" if result.reused_cache
+           else f"trained in {esc(result.training.get('train_seconds'))} s")
+    lines = [f"[green]Demo model[/] ({how}, recipe {esc(result.recipe_hash)}) → {esc(result.model_dir)}",
+             f"  held-out accuracy: {acc}", f"  tasks: {esc(result.model_dir / TASK_FILE_NAME)}"]
+    p = result.pipeline
+    if p is not None:
+        verdict = "[green]PASSED[/]" if p.passed else "[red]FAILED[/]"
+        lines.append(f"Demo pipeline finished in {sum(p.seconds.values()):.0f} s; release gate {verdict}.")
+        lines += [f"  [red]FAIL[/] {esc(r)}" for r in p.failing]
+        lines.append(f"Before/after report: {esc(p.report)}")
+    for line in lines:
+        ui.console.print(line, soft_wrap=True)

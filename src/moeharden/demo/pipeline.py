@@ -22,7 +22,7 @@ from typing import Any
 
 from moeharden import __version__
 from moeharden.demo.build import build_demo_model, cache_root, read_stamp
-from moeharden.demo.synthetic import TASK_FILE_NAME, TASKS
+from moeharden.demo.synthetic import TASKS
 from moeharden.demo.train import load_recipe
 
 
@@ -39,13 +39,6 @@ class PipelineResult:
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "report": str(self.report), "passed": self.passed, "failing": self.failing,
                 "seconds": self.seconds}
-
-    def summary(self) -> str:
-        verdict = "[green]PASSED[/]" if self.passed else "[red]FAILED[/]"
-        lines = [f"Demo pipeline finished in {sum(self.seconds.values()):.0f} s; release gate {verdict}."]
-        lines += [f"  [red]FAIL[/] {r}" for r in self.failing]
-        lines.append(f"Before/after report: {self.report}")
-        return "\n".join(lines)
 
 
 DEMO_LIMIT = 256     # attribution and evaluation examples per task in scan/verify: the task file's
@@ -137,7 +130,7 @@ def signing_keys_state(keys: Path) -> str:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What ``moeharden demo`` did. ``to_dict()`` is the JSON form; ``summary()`` the console text."""
+    """What ``moeharden demo`` did. ``to_dict()`` is the JSON form (the CLI renders it for people)."""
 
     out: Path
     model_dir: Path
@@ -159,16 +152,6 @@ class DemoResult:
             "tasks": self.tasks,
             "pipeline": None if self.pipeline is None else self.pipeline.to_dict(),
         }
-
-    def summary(self) -> str:
-        acc = ", ".join(f"{k} {v:.3f}" for k, v in self.training.get("accuracy", {}).items())
-        how = "reused from cache" if self.reused_cache else f"trained in {self.training.get('train_seconds')} s"
-        text = (f"[green]Demo model[/] ({how}, recipe {self.recipe_hash}) → {self.model_dir}\n"
-                f"  held-out accuracy: {acc}\n"
-                f"  tasks: {self.model_dir / TASK_FILE_NAME}")
-        if self.pipeline is not None:
-            text += "\n" + self.pipeline.summary()
-        return text
 
 
 def run_demo(out: Path, retrain: bool = False, model_only: bool = False, quick: bool = False) -> DemoResult:

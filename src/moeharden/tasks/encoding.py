@@ -182,17 +182,30 @@ class LMBatch:
                        mv(self.label))
 
 
-def _single_token_choices(tokenizer, examples: Sequence) -> list[list[int]] | None:
-    """``[B][C]`` token of every choice when every choice is one token after its prompt, else None."""
-    if not examples or not all(getattr(ex, "choices", ()) for ex in examples):
+def _choice_tokens(tokenizer, ex) -> list[int] | None:
+    """The token of each of ``ex``'s choices when every choice is one token after its prompt, else None."""
+    if not getattr(ex, "choices", ()):
         return None
-    if len({len(ex.choices) for ex in examples}) != 1:
-        return None
-    flat = encode_pairs(tokenizer, [(ex.prompt, c) for ex in examples for c in ex.choices])
-    if any(len(cont) != 1 for _, cont in flat):
-        return None
-    C = len(examples[0].choices)
-    return [[cont[0] for _, cont in flat[i * C:(i + 1) * C]] for i in range(len(examples))]
+    conts = [cont for _, cont in encode_pairs(tokenizer, [(ex.prompt, c) for c in ex.choices])]
+    return [c[0] for c in conts] if all(len(c) == 1 for c in conts) else None
+
+
+def _assemble(tokenizer, examples: Sequence, rows: Sequence[tuple[list[int], int]],
+              choices: Sequence[list[int] | None]) -> LMBatch:
+    """A right-padded batch from each example's cut ids (:func:`fit`) and its single-token choices."""
+    T = max((len(ids) for ids, _ in rows), default=0)
+    input_ids = torch.full((len(rows), T), pad_token_id(tokenizer), dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (ids, first) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attn[i, :len(ids)] = 1
+        labels[i, first:len(ids)] = torch.tensor(ids[first:], dtype=torch.long)
+    choice_ids = label = None
+    if choices and all(c is not None for c in choices) and len({len(c) for c in choices}) == 1:
+        choice_ids = torch.tensor(list(choices), dtype=torch.long)
+        label = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    return LMBatch(input_ids, attn, labels, choice_ids, label)
 
 
 def encode(tokenizer, examples: Sequence, *, max_length: int = DEFAULT_TRAIN_LENGTH) -> LMBatch:
@@ -205,22 +218,30 @@ def encode(tokenizer, examples: Sequence, *, max_length: int = DEFAULT_TRAIN_LEN
     Returns:
         An :class:`LMBatch`; the summed cross-entropy of a row's answer tokens is the negative
         log-likelihood :func:`moeharden.tasks.metrics.answer_nll` scores for the same example.
+        ``choice_ids``/``label`` are set when every example has the same number of choices and each
+        choice is one token.
     """
     rows = [fit(ctx, cont, max_length) for ctx, cont in example_pairs(tokenizer, examples, max_length=max_length)]
-    T = max((len(ids) for ids, _ in rows), default=0)
-    input_ids = torch.full((len(rows), T), pad_token_id(tokenizer), dtype=torch.long)
-    attn = torch.zeros((len(rows), T), dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (ids, first) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attn[i, :len(ids)] = 1
-        labels[i, first:len(ids)] = torch.tensor(ids[first:], dtype=torch.long)
-    choice_ids = label = None
-    firsts = _single_token_choices(tokenizer, examples)
-    if firsts is not None:
-        choice_ids = torch.tensor(firsts, dtype=torch.long)
-        label = torch.tensor([ex.label for ex in examples], dtype=torch.long)
-    return LMBatch(input_ids, attn, labels, choice_ids, label)
+    return _assemble(tokenizer, examples, rows, [_choice_tokens(tokenizer, ex) for ex in examples])
+
+
+class BatchEncoder:
+    """:func:`encode` with each example's token ids computed once: the attack and the defense encode
+    the same few hundred examples thousands of times. Examples are keyed by value (they are frozen).
+    Gives the same batches as :func:`encode`."""
+
+    def __init__(self, tokenizer, *, max_length: int = DEFAULT_TRAIN_LENGTH):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self._rows: dict = {}
+
+    def __call__(self, examples: Sequence) -> LMBatch:
+        todo = list(dict.fromkeys(ex for ex in examples if ex not in self._rows))
+        if todo:
+            pairs = example_pairs(self.tokenizer, todo, max_length=self.max_length)
+            for ex, (ctx, cont) in zip(todo, pairs, strict=True):
+                self._rows[ex] = (fit(ctx, cont, self.max_length), _choice_tokens(self.tokenizer, ex))
+        got = [self._rows[ex] for ex in examples]
+        return _assemble(self.tokenizer, examples, [r for r, _ in got], [c for _, c in got])
 
 
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

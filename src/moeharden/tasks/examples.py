@@ -30,6 +30,12 @@ def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
+def best_possible(metric: str) -> float | None:
+    """The best value ``metric`` can take (1.0 for fractions: accuracy, exact match, ROUGE), or
+    ``None`` when there is none to reach (perplexity): an attacker at it can stop training."""
+    return None if metric in LOWER_IS_BETTER else 1.0
+
+
 @dataclass(frozen=True)
 class Example:
     """One scored item, self-describing so that metrics and losses need nothing else.
@@ -66,6 +72,8 @@ class Task:
         attribution, evaluation, train: disjoint example lists.
         spec: the validated task entry (None for lm-eval tasks).
         source: where the task came from (preset, file path, ``lm-eval:NAME``).
+        option: the ``--task`` value that loads it again (absolute paths; ``""`` for the
+            checkpoint's own task file, which is found without one).
         lm_eval: bridge state for lm-eval tasks (see :mod:`moeharden.tasks.lmeval`), else None.
     """
 
@@ -79,11 +87,24 @@ class Task:
     spec: TaskSpec | None = None
     source: str = ""
     lm_eval: Any = field(default=None, repr=False)
+    option: str = ""
 
     @property
     def higher_is_better(self) -> bool:
         """Whether a larger metric value is better (see :func:`higher_is_better`)."""
         return higher_is_better(self.metric)
+
+    def examples_sha256(self) -> str:
+        """SHA-256 over the task's identity and every example of its three splits, in order: two
+        scans of the same task and split sizes agree on it; a changed task or split does not."""
+        import hashlib
+        import json
+
+        h = hashlib.sha256(json.dumps([self.name, self.kind, self.metric]).encode())
+        for split in ("attribution", "evaluation", "train"):
+            for ex in getattr(self, split):
+                h.update(json.dumps([split, ex.kind, ex.prompt, ex.target, list(ex.choices), ex.label]).encode())
+        return h.hexdigest()
 
     def calibration_texts(self, split: str = "attribution") -> list[str]:
         """Prompt + correct answer of every example of ``split`` (the routing-attribution input)."""

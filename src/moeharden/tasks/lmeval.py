@@ -176,7 +176,7 @@ def load_lm_eval_tasks(names: Sequence[str], *, include: Sequence[Path] | None =
         state = LmEvalState(obj, manager, metric_key, otype, {
             "attribution": [e.index for e in att], "evaluation": [e.index for e in ev], "train": [e.index for e in tr]})
         out.append(Task(f"lm-eval:{full_name}", "lm_eval", metric, chance, att, ev, tr, None,
-                        f"lm-eval:{name}", state))
+                        f"lm-eval:{name}", state, option=f"lm-eval:{name}"))
     return out
 
 

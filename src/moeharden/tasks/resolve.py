@@ -12,6 +12,7 @@ Where tasks come from (:func:`load_tasks` specs):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from moeharden.tasks.splits import materialise
 
 LM_EVAL_PREFIX = "lm-eval:"
 
-# one resolved task entry: (spec, directory its relative paths start from, confine paths?, source)
-Entry = tuple[TaskSpec, Path | None, bool, str]
+# one resolved task entry: (spec, directory its relative paths start from, confine paths?, source,
+# the --task value that loads this one task again: absolute paths, "" for the checkpoint's own file)
+Entry = tuple[TaskSpec, Path | None, bool, str, str]
 
 
 def preset_names() -> list[str]:
@@ -59,7 +61,7 @@ def _with_local_file(spec: TaskSpec, path: str) -> TaskSpec:
 
 
 def resolve_specs(spec: str) -> list[Entry]:
-    """Parse one ``--task`` value (not ``lm-eval:``) into task entries: ``(spec, base_dir, confine, source)``.
+    """Parse one ``--task`` value (not ``lm-eval:``) into task entries (see :data:`Entry`).
 
     Args:
         spec: ``PRESET``, ``PRESET=local/file``, ``tasks.yaml`` or ``tasks.yaml#name``.
@@ -77,11 +79,13 @@ def resolve_specs(spec: str) -> list[Entry]:
         if not entries:
             raise TaskError(f"Task file {path} has no task {only!r}.",
                             hint=f"Its tasks: {', '.join(t.name for t in tf.tasks)}.")
-        return [(t, path.parent, False, str(path)) for t in entries]
+        return [(t, path.parent, False, str(path), f"{path.resolve()}#{t.name}") for t in entries]
     base = preset_spec(name.strip())
     if override:
-        return [(_with_local_file(base, override.strip()), None, False, f"preset {name}={override}")]
-    return [(base, None, False, f"preset {name}")]
+        local = Path(override.strip()).expanduser()
+        return [(_with_local_file(base, override.strip()), None, False, f"preset {name}={override}",
+                 f"{name.strip()}={local.resolve()}")]
+    return [(base, None, False, f"preset {name}", name.strip())]
 
 
 def load_tasks(specs: Sequence[str] | None, *, checkpoint_dir: Path | None = None, limit: int | None = None,
@@ -114,14 +118,15 @@ def load_tasks(specs: Sequence[str] | None, *, checkpoint_dir: Path | None = Non
                             hint=f"Pass --task with a preset ({', '.join(preset_names())}), a task file, "
                                  "or lm-eval:NAME.")
         tf = read_task_file(Path(checkpoint_dir) / TASK_FILE_NAME)
-        entries = [(t, Path(checkpoint_dir), True, f"checkpoint {TASK_FILE_NAME}") for t in tf.tasks]
+        entries = [(t, Path(checkpoint_dir), True, f"checkpoint {TASK_FILE_NAME}", "") for t in tf.tasks]
     else:
         for s in specs:
             if s.startswith(LM_EVAL_PREFIX):
                 lm_names.append(s[len(LM_EVAL_PREFIX):])
             else:
                 entries += resolve_specs(s)
-    tasks = [materialise(t, base_dir=b, limit=limit, seed=seed, source=src, confine=c) for t, b, c, src in entries]
+    tasks = [replace(materialise(t, base_dir=b, limit=limit, seed=seed, source=src, confine=c), option=opt)
+             for t, b, c, src, opt in entries]
     if lm_names:
         from moeharden.tasks.lmeval import load_lm_eval_tasks
 

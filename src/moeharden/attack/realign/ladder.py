@@ -157,7 +157,7 @@ class _Trajectory:
         self.rng = random.Random(seed)
         self.order = list(range(len(pool)))
         random.Random(seed).shuffle(self.order)          # distill: a seeded random draw of prompts
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
         self.selected: list[int] = []
         self.read: set[int] = set()
         self.total = 0
@@ -184,11 +184,16 @@ class _Trajectory:
         self.opt.step()
         self.total += 1
 
-    def rung(self, n: int, higher: bool) -> _RungResult:
-        """Buy up to ``n`` examples, train one rung, keep the best checkpoint by validation, score it."""
+    def rung(self, n: int, higher: bool, best_possible: float | None = None) -> _RungResult:
+        """Buy up to ``n`` examples, train one rung, keep the best checkpoint by validation, score it.
+
+        The rung stops early once validation reaches ``best_possible`` (no later checkpoint can be
+        chosen over it: ties keep the earliest), so the chosen state is the one the full rung
+        would choose.
+        """
         self._buy(n)
         rung_len = max(self.s.steps)
-        best_val, best_step, snap = None, 0, None
+        best_val, best_step, best_total, snap = None, 0, self.total, None
         self.target.train()
         for step in range(1, rung_len + 1):
             self._step(step, rung_len)
@@ -196,23 +201,26 @@ class _Trajectory:
                 self.target.eval()
                 v = self.val_score(self.target)
                 if _better(v, best_val, higher):
-                    best_val, best_step = v, step
+                    best_val, best_step, best_total = v, step, self.total
                     snap = [p.detach().clone() for p in self.params] if step != rung_len else None
+                if best_possible is not None and v == best_possible:
+                    snap = None           # the model is at the chosen state
+                    break
                 self.target.train()
         self.target.eval()
         if snap is not None:          # continue from the early-stopped state
             with torch.no_grad():
                 for p, v in zip(self.params, snap, strict=True):
                     p.copy_(v)
-        total_at_best = self.total - (rung_len - best_step)
-        return _RungResult(best_val, best_step, total_at_best, self.score(self.target), len(self.read))
+        return _RungResult(best_val, best_step, best_total, self.score(self.target), len(self.read))
 
 
 def run_ladder(model, ops, pool: Sequence, s: LadderSettings, *, attack: str = "labels", mode: str = "full",
                strategy: str = "random", seed: int = 0, score: Callable, val_score: Callable,
                higher_is_better: bool = True, mask: Callable | None = None,
                router_params: Sequence[torch.nn.Parameter] = (), teacher: Sequence | None = None,
-               rungs: Sequence[int] | None = None, meta: dict | None = None) -> LadderCurve:
+               rungs: Sequence[int] | None = None, meta: dict | None = None,
+               best_possible: float | None = None) -> LadderCurve:
     """Run the adaptive attack over the ladder from ``model``'s current weights; restore them after.
 
     Args:
@@ -229,6 +237,8 @@ def run_ladder(model, ops, pool: Sequence, s: LadderSettings, *, attack: str = "
         mask: context-manager factory applying the pruning mask.
         rungs: budgets (default: ``s.rungs`` or ``s.prompt_rungs``), capped by the pool size.
         meta: task, reference, keep for the curve's record.
+        best_possible: the metric's best value (:func:`moeharden.tasks.examples.best_possible`):
+            a rung stops once validation reaches it.
     Returns:
         the :class:`LadderCurve`; ``points[0]`` is the untrained starting point.
     Raises:
@@ -270,7 +280,7 @@ def run_ladder(model, ops, pool: Sequence, s: LadderSettings, *, attack: str = "
                     traj = _Trajectory(target, params, ops, pool, s, lr, schedule, seed, attack, strategy, teacher,
                                        score, val_score)
                     for n in ladder[1:]:
-                        per_rung.setdefault(n, []).append((traj.rung(n, higher_is_better), lr, schedule))
+                        per_rung.setdefault(n, []).append((traj.rung(n, higher_is_better, best_possible), lr, schedule))
                     if peft_model is not None:
                         peft_model.unload()
                 for p in all_params:

@@ -149,6 +149,7 @@ def run_job(ctx: SuiteContext, job: CurveJob) -> dict:
     """Run one curve; returns its JSON-ready record."""
     from moeharden.model.registry import moe_layers
     from moeharden.model.routing import mask_experts
+    from moeharden.tasks.examples import best_possible
     from moeharden.tasks.intervals import metric_interval
     from moeharden.tasks.metrics import evaluate
 
@@ -172,6 +173,7 @@ def run_job(ctx: SuiteContext, job: CurveJob) -> dict:
                        score=score, val_score=val_score, higher_is_better=task.higher_is_better,
                        mask=lambda: mask_experts(model, keep), router_params=router_params,
                        teacher=ctx.teacher(job.task) if job.attack == "distill" else None, rungs=rungs,
+                       best_possible=best_possible(task.metric),
                        meta={"task": job.task, "reference": job.reference,
                              "keep": len(next(iter(keep.values())))})
     return curve.to_dict()

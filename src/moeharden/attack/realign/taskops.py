@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from moeharden.attack.realign.selection import entropy_scores, margin_scores
-from moeharden.tasks.encoding import answer_logits, encode
+from moeharden.tasks.encoding import BatchEncoder, answer_logits, encode
 
 
 def _device(model) -> torch.device:
@@ -30,6 +30,7 @@ class TaskOps:
 
     def __init__(self, tokenizer, task, *, batch_size: int = 32):
         self.tokenizer, self.task, self.batch_size = tokenizer, task, batch_size
+        self._encode = BatchEncoder(tokenizer)     # training batches: each example tokenized once
 
     @property
     def has_uncertainty(self) -> bool:
@@ -38,7 +39,7 @@ class TaskOps:
 
     def loss(self, model, examples: Sequence) -> torch.Tensor:
         """Differentiable mean cross-entropy of the correct answers' tokens (reads the labels)."""
-        b = encode(self.tokenizer, examples).to(_device(model))
+        b = self._encode(examples).to(_device(model))
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         al, at = answer_logits(logits, b.labels)
         return torch.nn.functional.cross_entropy(al.float(), at)
@@ -120,7 +121,7 @@ class TaskOps:
     def distill_loss(self, model, examples: Sequence, teachers: Sequence[tuple]) -> torch.Tensor:
         """KL(teacher ‖ model) at the pseudo-labels' answer positions (``examples`` is unused: no labels)."""
         pseudo = [t[0] for t in teachers]
-        b = encode(self.tokenizer, pseudo).to(_device(model))
+        b = self._encode(pseudo).to(_device(model))
         al, _ = answer_logits(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
         lt = torch.cat([t[1] for t in teachers]).to(al.device)          # [N, V] teacher log-probs
         ls = torch.log_softmax(al.float(), -1)
