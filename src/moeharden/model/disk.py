@@ -44,8 +44,10 @@ _PER_EXPERT = re.compile(r"(\.experts\.)(\d+)(\.)")
 _SHARED = re.compile(r"shared_expert|shared_mlp")
 # MoE-block names on disk (they may differ from the module names: Mixtral's `mlp` is saved as
 # `block_sparse_moe`); router tensors are the block's gate/router weight/bias (DBRX/Granite: .layer.)
-_BLOCK_DISK = r"(?:mlp|block_sparse_moe|feed_forward|ffn|moe)"
-_ROUTER = re.compile(_BLOCK_DISK + r"\.(?:gate|router)(?:\.layer|\.wg)?\.(?:weight|bias)$")
+_BLOCK_DISK = r"(?:mlp|block_sparse_moe|feed_forward|ffn|moe|mixer)"
+_ROUTER = re.compile(r"(?:\.\d+|" + _BLOCK_DISK + r")\.(?:gate|router)(?:\.layer|\.wg|\.gate|\.proj)?\.(?:weight|bias)$")
+# selection-bias names on disk (HY-V3's module `e_score_correction_bias` is saved as `expert_bias`)
+_SELECTION_BIAS = ("e_score_correction_bias", "expert_bias")
 _FUSED_EXTRA = re.compile(_BLOCK_DISK + r"\.(?:input_linear|output_linear)\.weight$")
 
 
@@ -67,7 +69,7 @@ def classify_tensor(spec: FamilySpec, config: Any, name: str, shape: Sequence[in
         if E is not None and int(pe.group(2)) >= int(E):
             raise UnsupportedModelError(f"{name}: expert id {pe.group(2)} but the config has {E} experts per layer.")
         return TensorRole(layer, "expert", expert=int(pe.group(2)))
-    if "e_score_correction_bias" in name:
+    if spec.selection_bias and name.endswith(_SELECTION_BIAS + (spec.selection_bias.rsplit(".", 1)[-1],)):
         return TensorRole(layer, "selection_bias", axis=len(shape) - 1)
     if ".experts." in name or _FUSED_EXTRA.search(name):
         if spec.flat_rows_key:
@@ -78,7 +80,7 @@ def classify_tensor(spec: FamilySpec, config: Any, name: str, shape: Sequence[in
         if not shape or shape[0] != E:
             raise UnsupportedModelError(f"{name}: fused expert tensor of shape {shape}, expected {E} experts first.")
         return TensorRole(layer, "expert", axis=0)
-    if _ROUTER.search(name):
+    if _ROUTER.search(name) or name.endswith(spec.expert_vectors):
         if not shape or shape[0] != E:
             return None   # e.g. a 1-row gate of a dense block
         return TensorRole(layer, "router", axis=0)

@@ -2,7 +2,8 @@
 
 Every other module asks this one where a family keeps its router, experts, selection bias,
 shared experts, attention projections and config keys — nothing else branches on a family name.
-This module holds the families table and the **module view** (:func:`moe_layers`): the MoE
+The families table is :mod:`moeharden.model.families` (entries of :class:`~moeharden.model.spec.FamilySpec`);
+this module looks entries up and holds the **module view** (:func:`moe_layers`): the MoE
 blocks of a loaded (or meta-device) model, with their router weight ``[E, H]``, router bias,
 selection bias, fused expert module and top-k; plus parameter groups and LoRA targets. The
 **disk view** (which checkpoint tensors are indexed by expert) is :mod:`moeharden.model.disk`;
@@ -16,128 +17,55 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from moeharden.errors import UnsupportedModelError
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """Where one MoE family keeps things. Paths are attribute paths (dots) from the named parent.
-
-    Attributes:
-        name: display name; model_types: ``config.model_type`` values it covers.
-        layers_path: decoder-layer list from the top model; block_attrs: candidate MoE-block
-            attributes of a decoder layer (the first one holding an experts module wins; a layer
-            without one is dense and skipped).
-        router_attr / experts_attr: children of the block; selection_bias: path from the block
-            to a ``[E]`` (or ``[1, E]``) selection-bias tensor, if any.
-        shared_attrs: shared-expert children, and their gates (never pruned).
-        expert_keys / top_k_keys: config keys (dotted for nested configs) of expert count, top-k.
-        top_k_attrs: module attributes (paths from the block) holding top-k, capped by masking.
-        group_keys: (n_group, topk_group) keys for group-limited routing, if any.
-        groups_unless: (config key, value) under which the groups are ignored by the router
-            (DeepSeek-V2 ``topk_method: greedy``, e.g. V2-Lite).
-        score: how routing probabilities are formed from router logits (for ``probs``).
-        weight_on_input: the combine weight scales the expert's *input* (Llama-4).
-        flat_rows_key: config key of rows per expert in flattened ``[E·I, H]`` tensors (DBRX).
-        logits_at: position of the router logits ``[T, E]`` in the router's output tuple (a
-            router returning a bare tensor returns the logits).
-        attention_projs: module-name suffixes of the attention projections (LoRA targets); names
-            a given model lacks are ignored (DeepSeek's ``q_proj`` exists only without q-LoRA).
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    layers_path: str = "model.layers"
-    block_attrs: tuple[str, ...] = ("mlp",)
-    router_attr: str = "gate"
-    experts_attr: str = "experts"
-    selection_bias: str | None = None
-    shared_attrs: tuple[str, ...] = ()
-    expert_keys: tuple[str, ...] = ("num_local_experts",)
-    top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
-    top_k_attrs: tuple[str, ...] = ("gate.top_k",)
-    group_keys: tuple[str, str] | None = None
-    groups_unless: tuple[str, str] | None = None
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    weight_on_input: bool = False
-    flat_rows_key: str | None = None
-    router_linear: str | None = None
-    logits_at: int = 0
-    expert_mlp: Literal["swiglu", "custom"] = "swiglu"   # swiglu: act(x·Wg)·(x·Wu)·Wd from fused gate_up/down
-    min_keep: int = 1            # fewest experts per layer the routing can run with (Phi-MoE: 2)
-    group_min: int = 1           # fewest kept experts per routing group (top-2-sum group scores: 2)
-    attention_projs: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    notes: str = ""
-
-
-# DeepSeek multi-head latent attention: q_proj, or q_a_proj/q_b_proj with q-LoRA; kv_a/kv_b; o_proj
-_MLA_PROJS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-_DEEPSEEK_KEYS = dict(expert_keys=("n_routed_experts",), shared_attrs=("shared_experts",))
-
-FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec("Mixtral", ("mixtral",)),
-    FamilySpec("Qwen2-MoE", ("qwen2_moe",), expert_keys=("num_experts",),
-               shared_attrs=("shared_expert", "shared_expert_gate"),
-               notes="shared expert with a sigmoid gate"),
-    FamilySpec("Qwen3-MoE", ("qwen3_moe",), expert_keys=("num_local_experts", "num_experts")),
-    FamilySpec("OLMoE", ("olmoe",), expert_keys=("num_experts",)),
-    FamilySpec("DeepSeek-V2", ("deepseek_v2",), group_keys=("n_group", "topk_group"),
-               groups_unless=("topk_method", "greedy"), attention_projs=_MLA_PROJS, **_DEEPSEEK_KEYS,
-               notes="group-limited greedy routing; first_k_dense_replace dense layers"),
-    FamilySpec("DeepSeek-V3", ("deepseek_v3",), selection_bias="gate.e_score_correction_bias", score="sigmoid",
-               group_keys=("n_group", "topk_group"), group_min=2, attention_projs=_MLA_PROJS, **_DEEPSEEK_KEYS,
-               notes="sigmoid scores, bias-based selection, group-limited routing"),
-    FamilySpec("GLM4-MoE", ("glm4_moe",), selection_bias="gate.e_score_correction_bias", score="sigmoid",
-               group_keys=("n_group", "topk_group"), group_min=2, **_DEEPSEEK_KEYS),
-    FamilySpec("gpt-oss", ("gpt_oss",), router_attr="router", top_k_attrs=("router.top_k",), expert_mlp="custom",
-               notes="router bias; softmax over the top-k logits; fused experts with biases"),
-    FamilySpec("Phi-MoE", ("phimoe",), router_attr="router", top_k_attrs=("router.top_k",), min_keep=2,
-               notes="sparsemixer routing (always picks 2: keep at least 2)"),
-    FamilySpec("GraniteMoE", ("granitemoe",), block_attrs=("block_sparse_moe",), router_attr="router",
-               top_k_attrs=("router.top_k",)),
-    FamilySpec("DBRX", ("dbrx",), layers_path="transformer.blocks", block_attrs=("ffn",), router_attr="router",
-               expert_keys=("ffn_config.moe_num_experts",), top_k_keys=("ffn_config.moe_top_k",),
-               top_k_attrs=("top_k",), flat_rows_key="ffn_config.ffn_hidden_size", router_linear="layer",
-               expert_mlp="custom", attention_projs=("Wqkv", "out_proj"),
-               notes="experts stored flattened [E*I, H]"),
-    FamilySpec("Llama-4 (text)", ("llama4_text",), block_attrs=("feed_forward",), router_attr="router",
-               shared_attrs=("shared_expert",), top_k_attrs=("router.top_k", "top_k"), score="sigmoid", logits_at=1,
-               weight_on_input=True, expert_mlp="custom", notes="sigmoid of the top-k logits scales the expert input"),
-    FamilySpec("ERNIE-4.5-MoE", ("ernie4_5_moe",), selection_bias="gate.moe_statics.e_score_correction_bias",
-               expert_keys=("moe_num_experts",), top_k_keys=("moe_k",), shared_attrs=("shared_experts",),
-               notes="selection bias of shape [1, E]; moe_layer_start_index/interval dense layers"),
-    FamilySpec("MiniMax", ("minimax",), attention_projs=("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj",
-                                                          "out_proj", "output_gate"),
-               notes="lightning-attention layers project with qkv_proj/output_gate/out_proj"),
-    FamilySpec("HunYuan-MoE", ("hunyuan_v1_moe",), expert_keys=("num_experts",), top_k_keys=("moe_topk",),
-               shared_attrs=("shared_mlp",), router_linear="wg"),
-)
+from moeharden.model.families import FAMILIES
+from moeharden.model.spec import FamilySpec
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 
 def supported_families() -> list[str]:
     """Display names of every supported family."""
-    return [f.name for f in FAMILIES]
+    return [f.name for f in FAMILIES if not f.refuse]
+
+
+def lookup_spec(config: Any) -> FamilySpec | None:
+    """The table entry for a transformers config (refused families included), or ``None``.
+
+    A multimodal wrapper whose own type is not listed resolves through its ``text_config``.
+    """
+    model_type = getattr(config, "model_type", None)
+    text = getattr(config, "text_config", None)
+    if model_type not in _BY_TYPE and text is not None and getattr(text, "model_type", None) in _BY_TYPE:
+        model_type = text.model_type
+    return _BY_TYPE.get(model_type)
 
 
 def spec_for_config(config: Any) -> FamilySpec:
     """The adapter for a transformers config.
 
     Raises:
-        UnsupportedModelError: the model type is not a supported MoE family (dense models included).
+        UnsupportedModelError: the model type is not a supported MoE family (dense models
+            included), or a listed family whose routing cannot be pruned exactly (with the reason).
     """
+    spec = lookup_spec(config)
+    if spec is not None and spec.refuse:
+        raise UnsupportedModelError(
+            f"{spec.name} ({getattr(config, 'model_type', None)!r}) is refused: {spec.refuse}.",
+            hint="Masking and pruning would not compute what the model computes; see docs/families.md.")
+    if spec is not None:
+        for key, why in spec.refuse_when:
+            if config_value(config, (key,)) not in (None, 0, False):
+                raise UnsupportedModelError(
+                    f"This {spec.name} checkpoint is refused: it sets {key} = {config_value(config, (key,))!r}, and {why}.",
+                    hint="Masking and pruning would not compute what the model computes; see docs/families.md.")
+        return spec
     model_type = getattr(config, "model_type", None)
-    text = getattr(config, "text_config", None)
-    if model_type not in _BY_TYPE and text is not None and getattr(text, "model_type", None) in _BY_TYPE:
-        model_type = text.model_type
-    if model_type in _BY_TYPE:
-        return _BY_TYPE[model_type]
     raise UnsupportedModelError(
         f"Model type {model_type!r} is not a supported Mixture-of-Experts family. Supported: "
-        + ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES) + ".",
+        + ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES if not f.refuse) + ".",
         hint="moeharden audits MoE checkpoints only; a dense model has no experts to prune.")
 
 
@@ -213,7 +141,7 @@ def moe_layers(model: Any) -> list[MoELayer]:
     for i, layer in enumerate(layers):
         top_k_cfg = config_value(cfg, spec.top_k_keys, i)
         for attr in spec.block_attrs:
-            block = getattr(layer, attr, None)
+            block = layer if attr == "." else getattr(layer, attr, None)
             experts = getattr(block, spec.experts_attr, None) if block is not None else None
             if experts is None:
                 continue

@@ -1,0 +1,228 @@
+"""Every MoE family of the installed transformers, found by inspecting its modeling classes.
+
+For each discovered family a tiny config is built from its config class (``ConfigClass()``
+shrunk by :mod:`moeharden.model.tiny`: 2 layers, hidden 32, 8 experts, top-2) and the real model
+is checked end to end:
+
+(a) the routing record against an independent computation from the router's own logits (its
+    forward output, captured with a plain hook) under the registry's declared rule — score
+    function, selection bias, routing groups, combine weights, renormalisation, scaling;
+(b) masked ≡ physically pruned (``prune_checkpoint``), saved and reloaded (max-abs ≤ 1e-4);
+(c) the disk view of what ``save_pretrained`` writes against the module view.
+
+Refused families are listed with their reason, and a family the registry does not know fails
+the coverage test by name. ``docs/families.md``'s table is generated from the same registry table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from moeharden.model.discover import discover_moe_families
+from moeharden.model.registry import config_value, lookup_spec, moe_layers, routing_groups
+from moeharden.model.routing import mask_experts, record_routing
+
+DISCOVERED = discover_moe_families()
+SUPPORTED = [f.model_type for f in DISCOVERED
+             if lookup_spec(CONFIG_MAPPING[f.model_type]()) and not lookup_spec(CONFIG_MAPPING[f.model_type]()).refuse]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_coverage_table_every_discovered_family_is_listed():
+    rows, unknown = [], []
+    for fam in DISCOVERED:
+        spec = lookup_spec(CONFIG_MAPPING[fam.model_type]())
+        if spec is None:
+            unknown.append(fam.model_type)
+            continue
+        rows.append((fam.model_type, spec.name, "refused" if spec.refuse else "supported", spec.refuse))
+    print("\nfamily coverage (installed transformers):")
+    for mt, name, status, why in rows:
+        print(f"  {mt:22s} {name:32s} {status}{': ' + why if why else ''}")
+    assert not unknown, f"transformers has MoE families the registry does not list: {unknown}"
+    assert len(DISCOVERED) >= 50
+    assert len(SUPPORTED) >= 0.9 * len(DISCOVERED), (len(SUPPORTED), len(DISCOVERED))
+    for mt, _, status, why in rows:
+        assert status == "supported" or len(why) > 20, mt
+
+
+def test_docs_table_is_generated_from_the_registry():
+    from moeharden.model.famdoc import render_families_md
+
+    text = (ROOT / "docs" / "families.md").read_text()
+    assert render_families_md(text) == text, "docs/families.md drifted: run python -m moeharden.model.famdoc"
+
+
+@pytest.fixture(scope="module", params=SUPPORTED)
+def tiny(request):
+    from moeharden.model.tiny import build_tiny_model, tiny_config
+
+    base = CONFIG_MAPPING[request.param]()
+    cfg = tiny_config(base, lookup_spec(base))
+    return request.param, build_tiny_model(cfg), cfg
+
+
+def _ids(seed):
+    return torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def _group_mask(choice, G, topk_group, group_min):
+    T, E = choice.shape
+    g = choice.view(T, G, E // G)
+    score = g.max(-1).values if group_min == 1 else g.topk(2, -1).values.sum(-1)
+    keep = torch.zeros(T, G).scatter(1, score.topk(topk_group, -1).indices, 1.0)
+    return keep.repeat_interleave(E // G, dim=1).bool()
+
+
+def reference(li, cfg, logits):
+    """(indices [T,k], weights [T,k] or None) from the router's own logits, by the declared rule."""
+    spec, k = li.spec, li.top_k
+    logits = logits.float()
+    bias = 0.0 if li.selection_bias is None else li.selection_bias.detach().float().reshape(1, -1)
+    if spec.combine == "topk_logits_softmax":
+        v, i = logits.topk(k, -1)
+        return i, v.softmax(-1)
+    if spec.combine == "topk_logits_sigmoid":               # selection on logits (+ bias), sigmoid weights
+        i = (logits + bias).topk(k, -1).indices
+        w = logits.gather(1, i).sigmoid()
+        if spec.renorm_key and spec.renorm_key != "always" and config_value(cfg, (spec.renorm_key,)):
+            w = w / w.sum(-1, keepdim=True)
+        return i, w
+    s = {"softmax": lambda x: x.softmax(-1), "sigmoid": torch.sigmoid, "probs": lambda x: x}[spec.score](logits)
+    choice = s + bias
+    G = routing_groups(spec, cfg)
+    if G > 1:
+        tg = int(config_value(cfg, (spec.group_keys[1],)))
+        choice = choice.masked_fill(~_group_mask(choice, G, tg, spec.group_min), float("-inf"))
+    i = choice.topk(k, -1).indices
+    if spec.combine == "custom":
+        return i, None
+    w = s.gather(1, i)
+    renorm = spec.renorm_key == "always" or bool(spec.renorm_key and config_value(cfg, (spec.renorm_key,)))
+    if renorm:
+        w = w / w.sum(-1, keepdim=True)
+    scale = config_value(cfg, (spec.scale_key,)) if spec.scale_key else None
+    return i, w * (float(scale) if scale is not None else 1.0)
+
+
+def test_a_record_matches_routing_from_the_routers_own_logits(tiny):
+    family, model, cfg = tiny
+    layers = moe_layers(model)
+    logits = {}
+    hooks = [li.router.register_forward_hook(
+        lambda m, a, out, li=li: logits.__setitem__(
+            li.layer, (out[li.spec.logits_at] if isinstance(out, tuple) else out).detach().reshape(-1, li.num_experts)))
+        for li in layers]
+    with torch.no_grad(), record_routing(model, norms=False) as rec:
+        model(input_ids=_ids(1))
+    for h in hooks:
+        h.remove()
+    for li in layers:
+        ref_i, ref_w = reference(li, cfg, logits[li.layer])
+        got_i, got_w = rec.layers[li.layer].indices, rec.layers[li.layer].weights
+        assert got_i.shape == ref_i.shape, family
+        for t in range(got_i.shape[0]):
+            assert set(got_i[t].tolist()) == set(ref_i[t].tolist()), (family, li.layer, t)
+            if ref_w is not None:
+                want = dict(zip(ref_i[t].tolist(), ref_w[t].tolist(), strict=True))
+                for e, w in zip(got_i[t].tolist(), got_w[t].tolist(), strict=True):
+                    assert w == pytest.approx(want[e], rel=1e-4, abs=1e-5), (family, li.layer, t, e)
+
+
+def test_b_masked_equals_pruned_saved_and_reloaded(tiny, tmp_path):
+    from moeharden.attack.prune import prune_checkpoint
+    from moeharden.model.selfcheck import choose_keep
+
+    family, model, cfg = tiny
+    model.save_pretrained(tmp_path / "src")
+    with torch.no_grad(), record_routing(model, norms=False) as rec:
+        model(input_ids=_ids(2))
+    keep = choose_keep(model, cfg, rec)
+    prune_checkpoint(tmp_path / "src", tmp_path / "out", keep, self_check=False)
+    ids = _ids(3)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with mask_experts(model, keep):
+            masked = model(input_ids=ids).logits
+        pruned = type(model).from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        got = pruned(input_ids=ids).logits
+    assert (masked - plain).abs().max() > 1e-3, "the mask should remove experts the model was using"
+    assert (got - masked).abs().max() <= 1e-4, family
+    assert [li.num_experts for li in moe_layers(pruned)] == [4] * len(keep)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["moeharden"]["pruned"]["kept_experts"] == 4
+
+
+def test_c_disk_view_matches_module_view(tiny, tmp_path):
+    from safetensors import safe_open
+
+    from moeharden.model.disk import classify_tensor
+
+    family, model, cfg = tiny
+    spec = lookup_spec(cfg)
+    model.save_pretrained(tmp_path)
+    saved = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    want: dict[tuple[int, str], int] = {}
+    for li in moe_layers(model):
+        want[(li.layer, "expert")] = sum(p.numel() for p in li.experts.parameters())
+        # router rows: weight, bias, selection bias (when saved) and further [E] vectors
+        n = li.router_weight.numel() + (0 if li.router_bias is None else li.router_bias.numel())
+        n += li.selection_bias.numel() if li.selection_bias is not None and id(li.selection_bias) in saved else 0
+        n += sum(p.numel() for name, p in li.router.named_parameters() if f"router.{name}".endswith(spec.expert_vectors)
+                 ) if spec.expert_vectors else 0
+        want[(li.layer, "router")] = n
+    got: dict[tuple[int, str], int] = {}
+    for shard in tmp_path.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                shape = list(f.get_slice(name).get_shape())
+                role = classify_tensor(spec, cfg, name, shape)
+                if role is not None:   # a selection bias is sliced like router rows (some save it as gate.bias)
+                    kind = "expert" if role.kind == "expert" else "router"
+                    got[(role.layer, kind)] = got.get((role.layer, kind), 0) + int(torch.tensor(shape).prod())
+    assert got == want, family
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "qwen3_5_moe_text", "nemotron_h"])
+def test_self_check_passes_and_is_cached(model_type):
+    from moeharden.model.selfcheck import check_adapter, ensure_adapter
+
+    cfg = CONFIG_MAPPING[model_type]()
+    r = check_adapter(cfg)
+    assert r.ok, r.reason
+    assert r.prune_max_abs <= 1e-4 and r.record_max_abs <= 1e-4
+    assert ensure_adapter(cfg) is r            # cached: a process pays once per family
+
+
+def test_self_check_refuses_a_broken_adapter(monkeypatch):
+    """An adapter whose block path is wrong (as a transformers rename would make it) is refused, exit 3."""
+    import dataclasses
+
+    from moeharden.errors import UnsupportedModelError
+    from moeharden.model import families, registry, selfcheck
+
+    # the MoE block renamed (as a transformers release might): the adapter finds no experts
+    broken = dataclasses.replace(lookup_spec(CONFIG_MAPPING["mixtral"]()), block_attrs=("block_sparse_moe",))
+    monkeypatch.setattr(registry, "_BY_TYPE", {**registry._BY_TYPE, "mixtral": broken})
+    monkeypatch.setattr(selfcheck, "_CACHE", {})
+    with pytest.raises(UnsupportedModelError, match="Self-check") as exc:
+        selfcheck.ensure_adapter(CONFIG_MAPPING["mixtral"]())
+    assert exc.value.exit_code == 3
+    assert families.FAMILIES  # the real table is untouched
+
+
+def test_refused_families_say_why():
+    from moeharden.errors import UnsupportedModelError
+    from moeharden.model.registry import spec_for_config
+
+    for mt in ("longcat_flash", "deepseek_v4", "zaya", "jetmoe", "inkling_text"):
+        with pytest.raises(UnsupportedModelError, match="refused"):
+            spec_for_config(CONFIG_MAPPING[mt]())
+    # A.X K2 is refused only with group routing (light checkpoints route without groups)
+    with pytest.raises(UnsupportedModelError, match="n_group"):
+        spec_for_config(CONFIG_MAPPING["axk2"](n_group=8, topk_group=4))
+    assert spec_for_config(CONFIG_MAPPING["axk2"]()).name == "A.X K2"
