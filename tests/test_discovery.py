@@ -226,3 +226,27 @@ def test_refused_families_say_why():
     with pytest.raises(UnsupportedModelError, match="n_group"):
         spec_for_config(CONFIG_MAPPING["axk2"](n_group=8, topk_group=4))
     assert spec_for_config(CONFIG_MAPPING["axk2"]()).name == "A.X K2"
+
+
+def test_cli_prune_refuses_when_the_self_check_fails_and_skip_bypasses_it(tiny_mixtral_ckpt, tmp_path, monkeypatch):
+    """The self-check runs before prune touches the checkpoint: a failing adapter is exit 3 with the
+    reason and no output; ``--skip-self-check`` lets an expert through."""
+    from typer.testing import CliRunner
+
+    from moeharden.cli import app
+    from moeharden.model import selfcheck
+
+    keep = tmp_path / "keep.json"
+    keep.write_text(json.dumps({"keep": {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}}))
+    failing = selfcheck.SelfCheckResult("Mixtral", False, "the physically pruned model differs from the masked one")
+    monkeypatch.setattr(selfcheck, "check_adapter", lambda config, **kw: failing)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from", str(keep), "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    assert "Self-check" in res.output and "differs from the masked one" in res.output
+    assert not out.exists()
+    res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from", str(keep), "--out", str(out),
+                              "--skip-self-check"])
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").exists()

@@ -46,7 +46,7 @@ class PruneResult:
 
 def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_shard_size: str | int = "2GB",
                      source_label: str | None = None, overwrite: bool = True,
-                     trust_remote_code: bool = False) -> PruneResult:
+                     trust_remote_code: bool = False, self_check: bool = True) -> PruneResult:
     """Write ``src`` pruned to ``keep`` into ``out`` (atomically), streaming shard by shard.
 
     Args:
@@ -57,6 +57,8 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         max_shard_size: cap of each output shard (``"2GB"``, ``"40MB"`` or bytes).
         source_label: how the source is named in the result and record (e.g. the Hub id).
         overwrite: whether an earlier moeharden output at ``out`` may be replaced.
+        self_check: verify the family adapter on a tiny random model first
+            (:func:`moeharden.model.selfcheck.ensure_adapter`; a failure refuses ``src``).
     Returns:
         :class:`PruneResult`.
     Raises:
@@ -78,6 +80,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
     from moeharden.model.checkpoint import checkpoint_layout
 
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
+    if self_check:
+        from moeharden.model.selfcheck import ensure_adapter
+
+        ensure_adapter(cfg)
     keep = parse_keep({str(k): v for k, v in keep.items()}, moe_layers=layers, num_experts=E)
     check_keep_counts(spec, cfg, keep)
     K = len(next(iter(keep.values())))

@@ -43,6 +43,7 @@ class PruneSettings:
     keep: int | None = None
     max_shard_size: str = "2GB"
     trust_remote_code: bool = False
+    self_check: bool = True            # verify the family adapter on a tiny model first
     recover: bool = False
     recover_mode: str = "full"
     recover_strategy: str = "entropy"
@@ -98,6 +99,11 @@ def prune_command(ckpt: str, settings: PruneSettings) -> PruneResult:
     s = settings
     check_output_dir(s.out)               # fail before any expensive work
     src = resolve_checkpoint(ckpt, trust_remote_code=s.trust_remote_code)
+    if s.self_check:                      # before attribution: an adapter that fails refuses the checkpoint now
+        from moeharden.model.checkpoint import load_config
+        from moeharden.model.selfcheck import ensure_adapter
+
+        ensure_adapter(load_config(src, trust_remote_code=s.trust_remote_code))
     if s.recover and s.experts_from is not None:
         attack_tasks(src, s.task, None)   # an unknown --task fails now, not after the prune is written
     if s.experts_from is not None:
@@ -109,7 +115,7 @@ def prune_command(ckpt: str, settings: PruneSettings) -> PruneResult:
         chosen = attributed_keep(src, method=s.method, task=s.task, keep=s.keep,
                                  trust_remote_code=s.trust_remote_code)
     result = prune_checkpoint(src, s.out, chosen, max_shard_size=s.max_shard_size, source_label=str(ckpt),
-                              trust_remote_code=s.trust_remote_code)
+                              trust_remote_code=s.trust_remote_code, self_check=False)
     if s.recover:
         recover_pruned(s.out, task=s.task, mode=s.recover_mode, strategy=s.recover_strategy,
                        budget=s.recover_budget, seed=s.recover_seed, max_shard_size=s.max_shard_size)

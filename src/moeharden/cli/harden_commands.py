@@ -25,6 +25,7 @@ from moeharden.cli.options import (
     OutOpt,
     PublicOpt,
     PushOpt,
+    SkipSelfCheckOpt,
     TrustRemoteCodeOpt,
 )
 
@@ -44,6 +45,7 @@ def prune(
         "--recover-strategy", help="random | entropy | margin | kcenter.")] = "entropy",
     recover_budget: Annotated[int, typer.Option("--recover-budget", help="Labels the attacker buys.")] = 64,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    skip_self_check: SkipSelfCheckOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The attacker's artifact: a physically smaller checkpoint keeping only some experts."""
@@ -52,6 +54,7 @@ def prune(
 
     settings = call(PruneSettings, out=out, experts_from=experts_from, method=method, task=task, keep=keep,
                     max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, recover=recover,
+                    self_check=not skip_self_check,
                     recover_mode=recover_mode, recover_strategy=recover_strategy, recover_budget=recover_budget)
     result = call(prune_command, ckpt, settings)
     if not emit(result):
@@ -100,6 +103,7 @@ def entangle(
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir")] = None,
     limit: LimitOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    skip_self_check: SkipSelfCheckOpt = False,
     push_to_hub: PushOpt = None,
     public: PublicOpt = False,
     json_out: JsonOpt = False,
@@ -114,7 +118,8 @@ def entangle(
                     batch_size=batch_size, lambda_retain=lambda_retain, lambda_prune=lambda_prune,
                     lambda_spread=lambda_spread, recovery_term=recovery_term, mixed_precision=mixed_precision,
                     grad_accum=grad_accum, checkpoint_every=checkpoint_every, seed=seed, resume=resume,
-                    checkpoint_dir=checkpoint_dir, limit=limit, trust_remote_code=trust_remote_code)
+                    checkpoint_dir=checkpoint_dir, limit=limit, trust_remote_code=trust_remote_code,
+                    self_check=not skip_self_check)
     result = call(run_entangle, ckpt, settings)
     pushed = push(out, push_to_hub, "entangle", public) if result.completed else None
     if not emit({**result.to_dict(), "pushed": pushed}):
@@ -145,6 +150,7 @@ def lock(
     key: Annotated[Path | None, typer.Option("--key", help="Private key (KEYDIR/moeharden.key).")] = None,
     keyless: Annotated[bool, typer.Option("--keyless", help="Sigstore keyless signing (needs network).")] = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    skip_self_check: SkipSelfCheckOpt = False,
     push_to_hub: PushOpt = None,
     public: PublicOpt = False,
     json_out: JsonOpt = False,
@@ -160,7 +166,7 @@ def lock(
     from moeharden.defend.lock import LockSettings, lock_checkpoint
 
     settings = call(LockSettings, out=out, policy=policy, key=key, keyless=keyless,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, self_check=not skip_self_check)
     result = call(lock_checkpoint, ckpt, settings)
     pushed = push(out, push_to_hub, "lock", public)
     if not emit({**result.to_dict(), "pushed": pushed}):

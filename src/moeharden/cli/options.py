@@ -25,4 +25,6 @@ TaskOpt = Annotated[list[str] | None, typer.Option(
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow the checkpoint's own Python code (off by default).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Seeded sample of N examples per task.")]
+SkipSelfCheckOpt = Annotated[bool, typer.Option(
+    "--skip-self-check", help="Do not verify the family adapter on a tiny random model first (experts only).")]
 PubkeyOpt = Annotated[Path | None, typer.Option("--pubkey", help="Public key (KEYDIR/moeharden.pub).")]

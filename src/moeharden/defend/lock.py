@@ -106,6 +106,7 @@ class LockSettings:
     key: Path | None = None
     keyless: bool = False
     trust_remote_code: bool = False
+    self_check: bool = True      # verify the family adapter on a tiny random model first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -227,6 +228,10 @@ def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
     check_output_dir(out)
     src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
+    if settings.self_check:
+        from moeharden.model.selfcheck import ensure_adapter
+
+        ensure_adapter(cfg)
     groups = disk_groups(src, files, spec, cfg, roles)
     present = set(groups.values())
     empty = [g for g in pol.groups if g not in present]

@@ -12,7 +12,10 @@ checkpoint instead of rewriting it wrongly:
    view (:func:`~moeharden.model.disk.classify_tensor`, :func:`~moeharden.model.disk.pruned_config`)
    and reloaded; its logits equal the masked model's (max-abs ≤ 1e-4).
 
-Results are cached per config class and tiny config, so a process pays once per family (seconds).
+Successful results are cached in memory and on disk (``$MOEHARDEN_CACHE/selfcheck/``, keyed by the
+moeharden, transformers and torch versions, the registry entry, the tiny config and the family's
+modeling file), so the check runs again after any of them changes and costs nothing otherwise;
+a failure is never cached.
 """
 
 from __future__ import annotations
@@ -80,18 +83,87 @@ def check_adapter(config: Any, *, seed: int = 0) -> SelfCheckResult:
         tiny = tiny_config(config, spec)
     except Exception as err:        # the config class refuses the shrunk values: nothing to run on
         return SelfCheckResult(spec.name, False, f"cannot build a tiny {type(config).__name__}: {err}")
-    key = f"{type(tiny).__module__}.{type(tiny).__name__}:{seed}:{json.dumps(tiny.to_dict(), sort_keys=True, default=str)}"
+    key = _cache_key(spec, tiny, seed)
     if key in _CACHE:
         return _CACHE[key]
+    cached = _read_disk_cache(key)
+    if cached is not None:
+        _CACHE[key] = cached
+        return cached
+    import torch
+
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # tensors of a few KB: one thread is ~10x faster than several on a busy CPU
     try:
         rec, pruned = _run_checks(tiny, seed)
         reason = ""
     except _CheckFailed as err:
         rec, pruned, reason = err.args[1], err.args[2], err.args[0]
+    finally:
+        torch.set_num_threads(threads)
     result = SelfCheckResult(spec.name, not reason, reason, rec, pruned, time.perf_counter() - t0)
     _CACHE[key] = result
+    if result.ok:                  # failures are recomputed every time, so a fixed environment recovers
+        _write_disk_cache(key, result)
     return result
+
+
+def _cache_key(spec, tiny: Any, seed: int) -> str:
+    """sha256 over what the outcome depends on: moeharden, transformers and torch versions, the
+    registry entry, the tiny config, and the bytes of the family's modeling file (a patched or
+    upgraded transformers is checked again) — found without importing it."""
+    import hashlib
+    import importlib.util
+
+    import torch
+    import transformers
+
+    from moeharden import __version__
+
+    h = hashlib.sha256()
+    for part in (__version__, transformers.__version__, torch.__version__, repr(spec), str(seed),
+                 f"{type(tiny).__module__}.{type(tiny).__name__}", json.dumps(tiny.to_dict(), sort_keys=True, default=str)):
+        h.update(part.encode() + b"\0")
+    try:
+        origin = importlib.util.find_spec(type(tiny).__module__.replace(".configuration_", ".modeling_")).origin
+        h.update(Path(origin).read_bytes())
+    except (ImportError, AttributeError, TypeError, ValueError, OSError):
+        h.update(b"no modeling file")
+    return h.hexdigest()
+
+
+def _cache_file(key: str) -> Path:
+    """``$MOEHARDEN_CACHE``, else ``$XDG_CACHE_HOME/moeharden``, else ``~/.cache/moeharden``; ``selfcheck/<key>.json``."""
+    import os
+
+    root = os.environ.get("MOEHARDEN_CACHE")
+    base = Path(root).expanduser() if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeharden"
+    return base / "selfcheck" / f"{key}.json"
+
+
+def _read_disk_cache(key: str) -> SelfCheckResult | None:
+    try:
+        data = json.loads(_cache_file(key).read_text())
+        return SelfCheckResult(str(data["family"]), True, "", float(data["record_max_abs"]),
+                               float(data["prune_max_abs"]), float(data["seconds"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_disk_cache(key: str, result: SelfCheckResult) -> None:
+    """Best effort and atomic (a temporary sibling renamed); a read-only cache is simply not used."""
+    import os
+
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"family": result.family, "record_max_abs": result.record_max_abs,
+                                   "prune_max_abs": result.prune_max_abs, "seconds": result.seconds}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 class _CheckFailed(Exception):

@@ -71,6 +71,7 @@ class EntangleSettings:
     checkpoint_dir: Path | None = None
     limit: int | None = None
     trust_remote_code: bool = False
+    self_check: bool = True      # verify the family adapter on a tiny random model first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -137,6 +138,11 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     recipe = settings.recipe()
     check_output_dir(out)          # fail now, not after minutes of work
     src = resolve_checkpoint(ckpt)
+    if settings.self_check:
+        from moeharden.model.checkpoint import load_config
+        from moeharden.model.selfcheck import ensure_adapter
+
+        ensure_adapter(load_config(src))
     task_objs = load_tasks(list(settings.tasks) if settings.tasks else None, checkpoint_dir=src,
                            limit=settings.limit, seed=None)
     bad = [t.name for t in task_objs if t.kind not in ("multiple_choice", "generation", "perplexity")]
