@@ -1,8 +1,12 @@
 """Tiny real configs of every supported MoE family (hidden 32, 2-3 layers, 8 experts).
 
 ``build_tiny(family)`` returns a seeded, eval-mode model of the real transformers class with
-non-trivial router weights (so routing is not degenerate), and its config. Families with leading
-dense layers get one, so that layer skipping is exercised.
+non-trivial router weights (so routing is not degenerate), and its config. The first 15 families
+(``HAND_FAMILIES``) have hand-written configs below; families with leading dense layers get one,
+so that layer skipping is exercised. Every other supported family the installed transformers has
+(found by :func:`moeharden.model.discover.discover_moe_families`) gets the library's tiny config of
+its config class (:func:`moeharden.model.tiny.tiny_config`), so ``FAMILIES`` is every supported
+family and each test parametrised over it runs on all of them.
 """
 
 from __future__ import annotations
@@ -65,10 +69,51 @@ SPECS = {
                        dict(intermediate_size=24, num_hidden_layers=2, num_experts=8, moe_topk=2, head_dim=16)),
 }
 
-FAMILIES = sorted(SPECS)
+HAND_FAMILIES = sorted(SPECS)
+
+
+def _discovered() -> list[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from moeharden.model.discover import discover_moe_families
+    from moeharden.model.registry import lookup_spec
+
+    out = []
+    for fam in discover_moe_families():
+        spec = lookup_spec(CONFIG_MAPPING[fam.model_type]())
+        if spec is not None and not spec.refuse and not set(spec.model_types) & set(SPECS):
+            out.append(fam.model_type)
+    return out
+
+
+DISCOVERED_FAMILIES = _discovered()
+FAMILIES = sorted(set(SPECS) | set(DISCOVERED_FAMILIES))
+
+
+def model_class(family: str):
+    """The causal-LM class of ``family`` (Llama-4's text model is not what AutoModelForCausalLM picks)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from moeharden.model.registry import lookup_spec
+
+    if family in SPECS:
+        return SPECS[family][1]
+    spec = lookup_spec(CONFIG_MAPPING[family]())
+    if spec.model_class:
+        return getattr(T, spec.model_class)
+    return T.AutoModelForCausalLM._model_mapping[type(tiny_config(family))]
 
 
 def tiny_config(family: str, **overrides):
+    if family not in SPECS:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from moeharden.model import tiny
+        from moeharden.model.registry import lookup_spec
+
+        base = CONFIG_MAPPING[family]()
+        cfg = tiny.tiny_config(base, lookup_spec(base))
+        return type(cfg).from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
     cfg_cls, _, kw = SPECS[family]
     kw = {**({} if family == "dbrx" else COMMON), **kw, **overrides}
     if family == "dbrx":
@@ -81,6 +126,10 @@ def build_tiny(family: str, seed: int = 0, **overrides):
     from moeharden.model.registry import moe_layers
 
     cfg = tiny_config(family, **overrides)
+    if family not in SPECS:
+        from moeharden.model.tiny import build_tiny_model
+
+        return build_tiny_model(cfg, seed=seed), cfg
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg) if family != "llama4_text" else SPECS[family][1](cfg)
     model = model.float().eval()

@@ -92,8 +92,16 @@ def valid_keep(spec: FamilySpec, config: Any, keep: int) -> bool:
     if not spec.min_keep <= keep <= E or keep % G:
         return False
     if G == 1:
-        return True
+        return keep >= (spec.group_min if _group_scoring(spec, config) else 1)
     return keep // G >= spec.group_min and (keep // G) * _topk_group(spec, config) >= _top_k(spec, config, keep)
+
+
+def _group_scoring(spec: FamilySpec, config: Any) -> bool:
+    """Whether the router scores expert groups at all (DeepSeek-V3 style scores one group of all
+    experts by its top 2 when ``n_group`` is 1, so it still needs 2 experts)."""
+    if not spec.group_keys or config_value(config, (spec.group_keys[0],)) is None:
+        return False
+    return not (spec.groups_unless and config_value(config, (spec.groups_unless[0],)) == spec.groups_unless[1])
 
 
 def _topk_group(spec: FamilySpec, config: Any) -> int:
@@ -118,6 +126,11 @@ def check_keep_counts(spec: FamilySpec, config: Any, keep: dict[int, list[int]],
     if balanced:
         check_group_balance(spec, config, keep)
     G = routing_groups(spec, config)
+    if G == 1 and _group_scoring(spec, config):
+        for layer, ids in keep.items():
+            if len(ids) < spec.group_min:
+                raise KeepSetError(f"Layer {layer} keeps {len(ids)} expert(s); {spec.name} scores its (single) "
+                                   f"routing group by its top {spec.group_min}, so it needs at least that many.")
     if G > 1:
         E = int(config_value(config, spec.expert_keys))
         size = E // G

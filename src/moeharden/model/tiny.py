@@ -24,7 +24,7 @@ _SMALL: dict[str, int] = {
 }
 _OFF_WHEN_NONE = {"n_group", "topk_group"}   # None switches the feature off: keep it off
 _LAYER_KEYS = ("num_hidden_layers", "n_layers", "num_layers")
-_TOKEN_KEYS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_TOKEN_KEYS = {"bos_token_id": 1, "eos_token_id": 2}
 EXPERTS, TOP_K, VOCAB = 8, 2, 64
 
 
@@ -51,6 +51,8 @@ def _shrink(d: dict, *, n_layers: int, depth: int = 0) -> dict:
             out[k] = {x: y for x, y in v.items() if int(x) < n_layers}
         elif isinstance(v, dict) and depth < 2:
             out[k] = _shrink(v, n_layers=n_layers, depth=depth + 1)
+        elif k == "pad_token_id":          # no padding row: a zero embedding would make tokens degenerate
+            out[k] = None
         elif k in _TOKEN_KEYS and _is_int(v) and v >= VOCAB:
             out[k] = _TOKEN_KEYS[k]
         elif k in _TOKEN_KEYS and isinstance(v, list):
