@@ -98,6 +98,28 @@ def test_not_recovered_below_the_threshold_is_inconclusive():
     assert row.status == "inconclusive" and not row.passed          # nothing to compare against: no silent pass
 
 
+def _curve(rungs: list[int], metrics: list[float]) -> dict:
+    pts = [{"x": x, "metric": m, "lo": None, "hi": None, "val_metric": None, "lr": None, "schedule": None,
+            "steps": 0, "total_steps": 0, "labels_read": 0} for x, m in zip(rungs, metrics, strict=True)]
+    return {"task": "t", "reference": "pruned", "attack": "labels", "mode": "full", "strategy": "random",
+            "seed": 0, "keep": 2, "points": pts, "seconds": 0.0}
+
+
+@pytest.mark.parametrize(("recovered_at", "passes"), [(128, False), (256, True), (64, False)])
+def test_labels_to_recover_compares_the_rung_below(recovered_at, passes):
+    """Recovering at rung r proves only that the attacker needed more than the rung below r: with a
+    threshold of 80 and rungs 64, 128, a recovery at 128 may have needed 65 labels — not a pass."""
+    rungs = [0, 16, 32, 64, 128, 256, 512]
+    base = _with(_scan(1.0, []), lo=0.99, ladder=_ladder(16.0, 64.0))
+    lad = _ladder(float(recovered_at), 64.0, area=0.0)
+    lad["curves"] = [_curve(rungs, [1.0 if x >= recovered_at else 0.0 for x in rungs])]
+    hard = _with(_scan(0.99, []), lo=0.985, ladder=lad)
+    row = next(r for r in gate_rows(Gate(), base, hard) if r.check == "labels_to_recover")
+    below = max(x for x in rungs if x < recovered_at)
+    assert row.threshold == 80 and row.value == recovered_at and row.passed is passes
+    assert (row.lo, row.hi) == (below + 1, recovered_at)
+
+
 def test_perplexity_gate_fraction_is_baseline_over_hardened():
     base, hard = _scan(10.0, [], metric="perplexity"), _scan(12.5, [], metric="perplexity")
     (row,) = gate_rows(Gate(), base, hard)

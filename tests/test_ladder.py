@@ -150,3 +150,59 @@ def test_headstart_figures_by_hand():
     assert hs["area"] == pytest.approx((0.5 + 0.96 + 1.0) / 3 - ((0.5 + 0.6 + 0.96) / 3 * 2 + (0.5 + 0.6 + 0.7) / 3) / 3,
                                        abs=1e-5)
     assert s["theft_head_start"] is None
+
+
+def _recording(monkeypatch):
+    """Record (lr, rung, validation, evaluation metric) of every trajectory's every rung."""
+    from moeharden.attack.realign import ladder as lad
+
+    log = []
+    orig = lad._Trajectory.rung
+
+    def rung(self, n, higher, best_possible=None):
+        res = orig(self, n, higher, best_possible)
+        log.append((self.lr, n, res.val, res.metric[0]))
+        return res
+
+    monkeypatch.setattr(lad._Trajectory, "rung", rung)
+    return log
+
+
+def test_trajectories_advancing_together_do_not_leak_into_each_other(tiny_demo, monkeypatch):
+    """Each trajectory keeps its own weights and optimizer state while they take turns in one model:
+    the 3e-3 trajectory gives the same numbers alone and beside the 1e-3 one."""
+    model, tok, tasks = tiny_demo
+    task = tasks["sentiment"]
+    val, pool = attacker_splits(task, 8)
+    log = _recording(monkeypatch)
+    keep = _keep(model)
+
+    def go(lrs):
+        s = dataclasses.replace(SMALL, lrs=lrs, halving_every=0)
+        run_ladder(model, task_ops(tok, task), pool, s, seed=3, val_score=lambda m: evaluate(m, tok, task, examples=val).value,
+                   score=lambda m: metric_interval(evaluate(m, tok, task, examples=task.evaluation[:16])),
+                   mask=lambda: mask_experts(model, keep))
+
+    go((1e-3, 3e-3))
+    together = [r for r in log if r[0] == 3e-3]
+    log.clear()
+    go((3e-3,))
+    assert log == together and len(together) == 3
+
+
+def test_successive_halving_keeps_the_better_half(tiny_demo, monkeypatch):
+    model, tok, tasks = tiny_demo
+    task = tasks["sentiment"]
+    val, pool = attacker_splits(task, 8)
+    log = _recording(monkeypatch)
+    keep = _keep(model)
+    s = dataclasses.replace(SMALL, lrs=(3e-4, 1e-3, 3e-3), halving_every=2)
+    curve = run_ladder(model, task_ops(tok, task), pool, s, seed=3,
+                       val_score=lambda m: evaluate(m, tok, task, examples=val).value,
+                       score=lambda m: metric_interval(evaluate(m, tok, task, examples=task.evaluation[:16])),
+                       mask=lambda: mask_experts(model, keep))
+    at = lambda n: [r for r in log if r[1] == n]  # noqa: E731
+    assert len(at(4)) == len(at(8)) == 3 and len(at(16)) == 2           # ⌈3/2⌉ go on after two rungs
+    ranked = sorted(at(8), key=lambda r: -r[2])                          # by validation at rung 8
+    assert {r[0] for r in at(16)} == {r[0] for r in ranked[:2]} or ranked[1][2] == ranked[2][2]
+    assert curve.points[-1].lr in {r[0] for r in at(16)}               # the last rung's choice is a survivor

@@ -162,8 +162,15 @@ def _recovery_rows(gate: Gate, baseline: ScanDocument, hardened: ScanDocument) -
                              note=None if reached else f"not recovered, but the ladder stops at {h.top} labels, "
                                                        f"below the threshold"))
             continue
+        # the ladder shows the attacker needed more than the rung below the one it recovered at and
+        # at most that one: the row holds only when that interval's lower end meets the threshold
+        below = max((p.x for c in hardened.ladder.curves if c.task == t.name and c.attack == "labels"
+                     for p in c.points if p.x < h_labels), default=0)
+        lo = below + 1 if h_labels > 0 else 0
         rows.append(_row("labels_to_recover", t.name, h_labels, threshold, ">= or not recovered",
-                         h_labels >= threshold, gate, baseline_labels=b_labels))
+                         lo >= threshold, gate, baseline_labels=b_labels, lo=float(lo), hi=float(h_labels),
+                         note=None if lo >= threshold or h_labels < threshold else
+                         f"recovered with {lo}–{h_labels:g} labels: the ladder cannot show {threshold:g} are needed"))
     return rows
 
 

@@ -54,6 +54,9 @@ class LadderSettings:
             picks one by validation.
         batch_size: examples per optimizer step.
         lora_rank: LoRA rank in ``lora`` mode.
+        halving_every: successive halving — after every this many rungs only the better half of
+            the (learning rate, schedule) trajectories, by validation, trains on (0: every
+            trajectory runs every rung; ``lora`` mode never halves).
     """
 
     rungs: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512)
@@ -63,6 +66,7 @@ class LadderSettings:
     steps: tuple[int, ...] = (50, 100, 200)
     batch_size: int = 16
     lora_rank: int = 8
+    halving_every: int = 2
 
     def __post_init__(self) -> None:
         for name in ("rungs", "prompt_rungs"):
@@ -77,6 +81,8 @@ class LadderSettings:
             raise UsageError("The step checkpoints must be positive and increasing.")
         if self.batch_size < 1:
             raise UsageError("The attack's batch size must be at least 1.")
+        if self.halving_every < 0:
+            raise UsageError("halving_every must be 0 (off) or a positive number of rungs.")
 
 
 @dataclass
@@ -220,7 +226,7 @@ def run_ladder(model, ops, pool: Sequence, s: LadderSettings, *, attack: str = "
                higher_is_better: bool = True, mask: Callable | None = None,
                router_params: Sequence[torch.nn.Parameter] = (), teacher: Sequence | None = None,
                rungs: Sequence[int] | None = None, meta: dict | None = None,
-               best_possible: float | None = None) -> LadderCurve:
+               best_possible: float | None = None, val_loss: Callable | None = None) -> LadderCurve:
     """Run the adaptive attack over the ladder from ``model``'s current weights; restore them after.
 
     Args:
@@ -239,6 +245,8 @@ def run_ladder(model, ops, pool: Sequence, s: LadderSettings, *, attack: str = "
         meta: task, reference, keep for the curve's record.
         best_possible: the metric's best value (:func:`moeharden.tasks.examples.best_possible`):
             a rung stops once validation reaches it.
+        val_loss: ``val_loss(model) -> float`` on the validation split (lower is better): breaks
+            ties between trajectories when successive halving drops some (``s.halving_every``).
     Returns:
         the :class:`LadderCurve`; ``points[0]`` is the untrained starting point.
     Raises:
@@ -261,30 +269,12 @@ def run_ladder(model, ops, pool: Sequence, s: LadderSettings, *, attack: str = "
     with mask_ctx():
         m, lo, hi = score(model)
         curve.points.append(LadderPoint(0, m, lo, hi, val_metric=val_score(model)))
-        for lr in s.lrs:
-            for schedule in s.schedules:
-                with restored(all_params if mode != "router" else list(router_params)):
-                    for p in all_params:
-                        p.requires_grad_(False)
-                    target, peft_model = model, None
-                    if mode == "lora":
-                        from moeharden.attack.realign.run import RecoverySettings
-
-                        peft_model, params = _attach_lora(model, RecoverySettings(lora_rank=s.lora_rank), None)
-                        target = peft_model
-                    else:
-                        params = _trainable(model, mode, router_params)
-                    for p in params:
-                        p.requires_grad_(True)
-                    torch.manual_seed(seed)
-                    traj = _Trajectory(target, params, ops, pool, s, lr, schedule, seed, attack, strategy, teacher,
-                                       score, val_score)
-                    for n in ladder[1:]:
-                        per_rung.setdefault(n, []).append((traj.rung(n, higher_is_better, best_possible), lr, schedule))
-                    if peft_model is not None:
-                        peft_model.unload()
-                for p in all_params:
-                    p.grad = None
+        if mode == "lora":
+            _sequential(model, ops, pool, s, ladder, per_rung, all_params, router_params, seed, attack, strategy,
+                        teacher, score, val_score, higher_is_better, best_possible)
+        else:
+            _halving(model, ops, pool, s, ladder, per_rung, all_params, router_params, mode, seed, attack, strategy,
+                     teacher, score, val_score, val_loss, higher_is_better, best_possible)
     for n in ladder[1:]:
         best = None
         for res, lr, schedule in per_rung[n]:
@@ -296,3 +286,67 @@ def run_ladder(model, ops, pool: Sequence, s: LadderSettings, *, attack: str = "
                                         total_steps=res.total_steps, labels_read=res.labels_read))
     curve.seconds = round(time.perf_counter() - t0, 3)
     return curve
+
+
+def _sequential(model, ops, pool, s: LadderSettings, ladder, per_rung, all_params, router_params, seed, attack,
+                strategy, teacher, score, val_score, higher, best_possible) -> None:
+    """``lora`` mode: each (learning rate, schedule) trajectory runs every rung, one after another
+    (a fresh adapter each); no halving."""
+    from moeharden.attack.realign.run import RecoverySettings
+
+    for lr in s.lrs:
+        for schedule in s.schedules:
+            with restored(all_params):
+                for p in all_params:
+                    p.requires_grad_(False)
+                peft_model, params = _attach_lora(model, RecoverySettings(lora_rank=s.lora_rank), None)
+                for p in params:
+                    p.requires_grad_(True)
+                torch.manual_seed(seed)
+                traj = _Trajectory(peft_model, params, ops, pool, s, lr, schedule, seed, attack, strategy, teacher,
+                                   score, val_score)
+                for n in ladder[1:]:
+                    per_rung.setdefault(n, []).append((traj.rung(n, higher, best_possible), lr, schedule))
+                peft_model.unload()
+            for p in all_params:
+                p.grad = None
+
+
+def _halving(model, ops, pool, s: LadderSettings, ladder, per_rung, all_params, router_params, mode, seed, attack,
+             strategy, teacher, score, val_score, val_loss, higher, best_possible) -> None:
+    """``full``/``router`` mode: the trajectories advance rung by rung together (each keeps its own
+    weights and optimizer state, swapped into the model for its turn); after every
+    ``s.halving_every`` rungs the better half by validation (ties: lower ``val_loss``) goes on —
+    successive halving, so the ladder's later, costlier rungs train fewer trajectories."""
+    with restored(all_params if mode != "router" else list(router_params)):
+        for p in all_params:
+            p.requires_grad_(False)
+        params = _trainable(model, mode, router_params)
+        for p in params:
+            p.requires_grad_(True)
+        start = [p.detach().clone() for p in params]
+        torch.manual_seed(seed)
+        alive = [(lr, sch) for lr in s.lrs for sch in s.schedules]
+        trajs = {g: _Trajectory(model, params, ops, pool, s, g[0], g[1], seed, attack, strategy, teacher, score,
+                                val_score) for g in alive}
+        state = {g: start for g in alive}
+        for i, n in enumerate(ladder[1:], start=1):
+            results = {}
+            for g in alive:
+                with torch.no_grad():
+                    for p, v in zip(params, state[g], strict=True):
+                        p.copy_(v)
+                results[g] = trajs[g].rung(n, higher, best_possible)
+                per_rung.setdefault(n, []).append((results[g], g[0], g[1]))
+                tie = val_loss(model) if val_loss is not None and s.halving_every else 0.0
+                results[g] = (results[g], tie)
+                state[g] = [p.detach().clone() for p in params]
+            if s.halving_every and i % s.halving_every == 0 and len(alive) > 1:
+                sign = -1.0 if higher else 1.0
+                ranked = sorted(alive, key=lambda g: (sign * results[g][0].val, results[g][1]))
+                alive = [g for g in alive if g in ranked[:math.ceil(len(alive) / 2)]]
+                for g in list(state):
+                    if g not in alive:
+                        del state[g], trajs[g]
+        for p in all_params:
+            p.grad = None

@@ -165,6 +165,12 @@ def run_job(ctx: SuiteContext, job: CurveJob) -> dict:
     def val_score(m):
         return float(evaluate(m, tok, task, examples=val).value)
 
+    def val_loss(m):
+        import torch
+
+        with torch.no_grad():
+            return float(ops.loss(m, val))
+
     info = moe_layers(model)
     router_params = [li.router_weight for li in info] + [li.router_bias for li in info if li.router_bias is not None]
     s = ctx.plan.ladder
@@ -173,7 +179,7 @@ def run_job(ctx: SuiteContext, job: CurveJob) -> dict:
                        score=score, val_score=val_score, higher_is_better=task.higher_is_better,
                        mask=lambda: mask_experts(model, keep), router_params=router_params,
                        teacher=ctx.teacher(job.task) if job.attack == "distill" else None, rungs=rungs,
-                       best_possible=best_possible(task.metric),
+                       best_possible=best_possible(task.metric), val_loss=val_loss,
                        meta={"task": job.task, "reference": job.reference,
                              "keep": len(next(iter(keep.values())))})
     return curve.to_dict()
@@ -253,6 +259,7 @@ def plan_from_dict(d: dict, *, workers: int = 1) -> AttackPlan:
     """
     try:
         lad = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d["ladder"]).items()}
+        lad.setdefault("halving_every", 0)          # plans recorded before successive halving ran without it
         return AttackPlan(references=tuple(d["references"]), strategies=tuple(d["strategies"]),
                           distill=bool(d["distill"]), seeds=tuple(d["seeds"]),
                           validation_size=int(d["validation_size"]), ladder=LadderSettings(**lad), workers=workers)
