@@ -38,9 +38,9 @@ def discover_moe_families() -> list[DiscoveredFamily]:
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    by_class: dict[str, list[str]] = {}
+    aliases: dict[str, list[str]] = {}         # family key (the class's config type) -> model types
     experts: dict[str, tuple[str, ...]] = {}
-    own_type: dict[str, str] = {}
+    causal_lm: dict[str, str] = {}             # family key -> its causal-LM class name
     for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         mod_name = model_type_to_module_name(model_type)
         try:
@@ -51,18 +51,17 @@ def discover_moe_families() -> list[DiscoveredFamily]:
         found = _experts_classes(module)
         if not found:
             continue
-        cfg_type = getattr(getattr(cls, "config_class", None), "model_type", None) or model_type
-        if getattr(cls, "config_class", None) is not None and "ForConditionalGeneration" in class_name:
-            text = _text_type(cls.config_class)
-            cfg_type = text or cfg_type
-        key = cfg_type
-        by_class.setdefault(key, []).append(model_type)
+        config_class = getattr(cls, "config_class", None)
+        key = getattr(config_class, "model_type", None) or model_type
+        wrapper = "ForConditionalGeneration" in class_name
+        if wrapper and config_class is not None:  # a multimodal wrapper: the family is its text model
+            key = _text_type(config_class) or key
+        aliases.setdefault(key, []).append(model_type)
         experts[key] = found
-        own_type[key] = class_name
-    out = []
-    for key, types in sorted(by_class.items()):
-        out.append(DiscoveredFamily(key, tuple(sorted(set(types) | {key})), own_type[key], experts[key]))
-    return out
+        if not wrapper or key not in causal_lm:
+            causal_lm[key] = class_name
+    return [DiscoveredFamily(key, tuple(sorted(set(types) | {key})), causal_lm[key], experts[key])
+            for key, types in sorted(aliases.items())]
 
 
 def _text_type(config_class) -> str | None:
