@@ -430,3 +430,22 @@ def test_alias_bomb_in_a_model_card_is_bounded(tmp_path):
     t0 = time.perf_counter()
     meta, body = _front_matter(bomb)
     assert meta == {} and body == "body\n" and time.perf_counter() - t0 < 2
+
+
+def test_the_demo_summary_prints_user_paths_and_names_as_written():
+    """`demo --out 'a[bold]b'`: every path, task name and gate row of the summary is escaped."""
+    from pathlib import Path
+
+    from moeharden import console as ui
+    from moeharden.cli import render
+    from moeharden.demo.pipeline import DemoResult, PipelineResult
+
+    out = Path("a[bold]b/x[/]y")
+    res = DemoResult(out=out, model_dir=out / "model", reused_cache=True, recipe_hash="h[red]",
+                     training={"accuracy": {"t[i]": 1.0}},
+                     pipeline=PipelineResult(out, out / "report.html", False, ["row [bold]x"], {"scan": 1.0}))
+    with ui.console.capture() as cap:
+        render.demo(res)
+    text = cap.get().replace("\n", "")
+    for s in (str(out / "model"), "h[red]", "t[i]", "row [bold]x", str(out / "report.html")):
+        assert s in text
