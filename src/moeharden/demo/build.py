@@ -18,7 +18,6 @@ The whole ``moeharden demo`` run on top of it is :func:`moeharden.demo.pipeline.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,18 +28,11 @@ from moeharden import __version__
 from moeharden.demo.synthetic import TASK_FILE_NAME, TASKS, write_task_file
 from moeharden.demo.train import DemoRecipe, load_recipe
 from moeharden.errors import CheckpointError
+from moeharden.io.cache import cache_root
 from moeharden.io.outputs import atomic_output_dir, replace_dir, temp_sibling
 
 RECIPE_FILE_NAME = "moeharden-demo-recipe.json"
 RECIPE_SCHEMA = "moeharden.demo-recipe/1"
-
-
-def cache_root() -> Path:
-    """``$MOEHARDEN_CACHE``, else ``$XDG_CACHE_HOME/moeharden``, else ``~/.cache/moeharden``."""
-    if os.environ.get("MOEHARDEN_CACHE"):
-        return Path(os.environ["MOEHARDEN_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "moeharden"
 
 
 def read_stamp(model_dir: Path) -> dict[str, Any] | None:

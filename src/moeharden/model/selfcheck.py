@@ -134,12 +134,10 @@ def _cache_key(spec, tiny: Any, seed: int) -> str:
 
 
 def _cache_file(key: str) -> Path:
-    """``$MOEHARDEN_CACHE``, else ``$XDG_CACHE_HOME/moeharden``, else ``~/.cache/moeharden``; ``selfcheck/<key>.json``."""
-    import os
+    """``selfcheck/<key>.json`` under :func:`moeharden.io.cache.cache_root`."""
+    from moeharden.io.cache import cache_root
 
-    root = os.environ.get("MOEHARDEN_CACHE")
-    base = Path(root).expanduser() if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeharden"
-    return base / "selfcheck" / f"{key}.json"
+    return cache_root() / "selfcheck" / f"{key}.json"
 
 
 def _read_disk_cache(key: str) -> SelfCheckResult | None:
