@@ -18,7 +18,7 @@ from families import FAMILIES, HAND_FAMILIES, build_tiny
 
 from moeharden.model.disk import pruned_config
 from moeharden.model.keepset import check_keep_counts, valid_keep
-from moeharden.model.registry import moe_layers, routing_groups, spec_for_config
+from moeharden.model.registry import moe_layers, spec_for_config
 from moeharden.model.routing import mask_experts, record_routing
 
 
@@ -310,18 +310,12 @@ def _physically_pruned(model, cfg, keep, kept):
 def _busy_keep(model, cfg, kept):
     """Per layer, ``kept`` experts (equally many per routing group) that are the LEAST used, so the
     mask removes experts the model was really using; layers keep different sets."""
-    layers = moe_layers(model)
-    G = routing_groups(layers[0].spec, cfg)
+    from moeharden.model.selfcheck import choose_keep
+
     ids, _ = _inputs(5)
     with torch.no_grad(), record_routing(model, norms=False, probs=False) as rec:
         model(input_ids=ids)
-    keep = {}
-    for li in layers:
-        used = rec.layers[li.layer].indices.reshape(-1).bincount(minlength=li.num_experts)
-        size = li.num_experts // G
-        keep[li.layer] = sorted(e for g in range(G) for e in sorted(
-            range(g * size, (g + 1) * size), key=lambda e: (int(used[e]), e))[: kept // G])
-    return keep
+    return choose_keep(model, cfg, rec, kept)
 
 
 @pytest.mark.parametrize("kept", ["half", "fewest"])
