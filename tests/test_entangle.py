@@ -132,3 +132,77 @@ def test_recovery_term_matches_an_independent_computation(tiny_demo_path, update
         torch.testing.assert_close(p.grad, expect, rtol=1e-4, atol=1e-6, msg=n)
         nonzero += int(q.grad is not None and bool(q.grad.abs().sum() > 0))
     assert nonzero > 0
+
+
+def test_divergence_term_matches_an_independent_computation(tiny_demo_path):
+    """The block outputs BlockTap captures equal the routed experts' weighted sum computed by hand, a
+    token whose routed experts are all kept has zero divergence in the first MoE layer, and the
+    term is relu(ρ − d) averaged — bounded by ρ, 0 once the pruned outputs are far enough away."""
+    import torch.nn.functional as F
+
+    from moeharden.defend.entangle.losses import BlockTap, pruned_divergence
+    from moeharden.model.registry import moe_layers
+    from moeharden.model.routing import mask_experts
+    from moeharden.tasks.encoding import encode
+
+    model, tok, tasks = _load(tiny_demo_path)
+    batch = encode(tok, tasks[0].train[:8])
+    info = moe_layers(model)
+    li = info[0]
+    keep = {x.layer: [0, 1, 2, 3] for x in info}
+    captured = {}
+    def grab(module, args, kwargs):
+        captured.setdefault("x", args[0] if args else kwargs["hidden_states"])
+
+    h = li.block.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad(), BlockTap(info) as full:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    h.remove()
+    with torch.no_grad(), mask_experts(model, keep), BlockTap(info) as pruned:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    # independent: Mixtral's block = Σ over the top-2 of softmax(router) renormalised, of each expert's SwiGLU
+    x = captured["x"].reshape(-1, captured["x"].shape[-1])
+    probs = torch.softmax(F.linear(x, li.router_weight).float(), -1)
+    w, idx = probs.topk(li.top_k, -1)
+    w = w / w.sum(-1, keepdim=True)
+    ex = li.experts
+    by_hand = torch.zeros_like(x)
+    for e in range(li.num_experts):
+        gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, -1)
+        y = F.linear(F.silu(gate) * up, ex.down_proj[e])
+        by_hand += (w * (idx == e)).sum(-1, keepdim=True) * y
+    torch.testing.assert_close(full.outputs[0].reshape(by_hand.shape), by_hand, rtol=1e-4, atol=1e-5)
+    kept_pair = (idx < 4).all(-1)
+    d0 = ((pruned.outputs[0] - full.outputs[0]) ** 2).sum(-1).reshape(-1)
+    assert kept_pair.any() and (~kept_pair).any()
+    assert float(d0[kept_pair].max()) < 1e-10 and float(d0[~kept_pair].min()) > 0
+    ratio = 2.0
+    m = batch.attention_mask.reshape(-1).bool()
+    expect = 0.0
+    for ys, yf in zip(pruned.outputs, full.outputs, strict=True):
+        ys, yf = ys.reshape(-1, ys.shape[-1])[m], yf.reshape(-1, yf.shape[-1])[m]
+        d = ((ys - yf) ** 2).sum(-1) / (yf ** 2).sum(-1).mean()
+        expect += float(torch.clamp(ratio - d, min=0).mean()) / len(info)
+    value = float(pruned_divergence(pruned.outputs, full.outputs, batch.attention_mask, ratio))
+    assert value == pytest.approx(expect, rel=1e-5) and 0 < value <= ratio
+    far = [y * 0 + 100.0 for y in pruned.outputs]
+    assert float(pruned_divergence(far, full.outputs, batch.attention_mask, ratio)) == 0.0
+
+
+def test_scratch_init_trains_fresh_weights_against_the_original(tiny_demo_path):
+    """``init: scratch``: the student starts from the class's own initialiser under the seed (what
+    ``from_config`` builds), the KL teacher stays the original; ``polish_steps`` skips the pruned
+    terms in the last steps (their losses log 0)."""
+    from moeharden.attack.references import fresh_model
+
+    model, tok, tasks = _load(tiny_demo_path)
+    want = {n: p.detach().clone() for n, p in fresh_model(model, 5).named_parameters()}
+    orig = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = EntangleRecipe(steps=2, batch_size=4, lr=1e-12, init="scratch", seed=5, subsets_per_step=1,
+                            adversarial_swaps=1, polish_steps=1, lambda_diverge=1.0)
+    hist, _ = entangle_model(model, tok, tasks, recipe)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[n], rtol=0, atol=1e-6, msg=n)
+    assert any(not torch.equal(want[n], orig[n]) for n in want)
+    assert hist[0]["retain"] > 0.1                         # a fresh student is far from the original teacher
+    assert hist[0]["prune"] > 0 and hist[1]["prune"] == 0.0 and hist[1]["diverge"] == 0.0

@@ -2,7 +2,8 @@
 
 Objective per step, on one single-task batch of every task (terms in :mod:`.losses`):
 
-    L = λ_T · L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread [+ λ_rec · ℓ(θ'_S)]
+    L = λ_T · L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread
+        [+ λ_D · mean_S D(θ_S)] [+ λ_rec · ℓ(θ'_S)]
 
 * ``L_task``: cross-entropy of the answers under the full model.
 * ``KL``: keeps the released model's output distribution close to the original's (all positions).
@@ -13,6 +14,10 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
 * S is drawn from the pools of :mod:`.pools`: attribution-picked keep-sets (recomputed every
   ``recompute_every`` steps as routing moves), random subsets at keep-ratios 1/8..3/4, and
   adversarially searched keep-sets (the attacker's best choice on a batch).
+* ``D(θ_S)`` (optional, ``lambda_diverge``): the bounded push of the pruned sub-model's MoE-block
+  outputs away from the full model's, relu(ρ − ‖y_S − y_full‖² / mean ‖y_full‖²) per token and
+  layer (ρ = ``diverge_ratio``): an expert is made harmful on the tokens its router does not send
+  it, so a strict subset corrupts the residual stream (same masked forward as ℓ, no extra pass).
 * ``L_spread``: per-task load balance, on single-task batches: Σ_layers (E·Σ_e p̄_e² − 1), where p̄
   is the task's mean routing distribution (softmax of router logits); 0 when uniform.
 * optional TAR-style first-order simulated recovery: ``recovery_steps`` attacker steps on the
@@ -21,6 +26,10 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
   the updated sub-model on a *different* batch after every step; the mean of those gradients
   is added at θ (first order). Keep-sets for it come from the attribution and adversarial
   pools at keep ≤ ``recovery_keep_max`` · E — the attacker's choices.
+
+The last ``polish_steps`` steps train the full model only (task, retain, spread terms).
+``init: scratch`` trains the release from freshly initialised weights (the model class's own
+initialiser under ``seed``) with the original as the KL teacher — entangled from its first step.
 
 Checkpoints every ``checkpoint_every`` steps (:mod:`.resume`) allow ``--resume``; per-step
 randomness is derived from (seed, step), so a resumed run gives the same weights as an
@@ -41,8 +50,10 @@ import torch
 import torch.nn.functional as F
 
 from moeharden.defend.entangle.losses import (
+    BlockTap,
     RouterTap,
     kl_retain,
+    pruned_divergence,
     pruned_hinge,
     simulated_recovery,
     spread_loss,
@@ -95,6 +106,11 @@ def _setup(model, tokenizer, tasks, recipe: EntangleRecipe) -> _Trainer:
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if recipe.init == "scratch":            # entangle from the first step: fresh weights, the original as teacher
+        from moeharden.attack.references import fresh_model
+
+        with torch.no_grad():
+            model.load_state_dict(fresh_model(model, recipe.seed).state_dict())
     model.train()
     for p in model.parameters():
         p.requires_grad_(p.is_floating_point())
@@ -129,7 +145,7 @@ def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, f
     batch = encode(tr.tokenizer, ex).to(device)
     with torch.no_grad():
         t_logits = tr.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    with RouterTap(tr.info) as tap, accel.autocast():
+    with RouterTap(tr.info) as tap, BlockTap(tr.info) as blocks, accel.autocast():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits   # [B, T, V]
         al, at = answer_logits(logits, batch.labels)
         l_task = F.cross_entropy(al.float(), at)
@@ -138,15 +154,21 @@ def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, f
         loss = r.lambda_task * l_task + r.lambda_retain * l_ret + r.lambda_spread * l_spr
     accel.backward(loss / n_units)
     attr, adv = tr.attr_pool.get(t.name, []), tr.adv_pool.get(t.name, [])
-    l_prune = 0.0
-    for _ in range(r.subsets_per_step):
+    full_blocks = [y.detach() for y in blocks.outputs]
+    l_prune = l_div = 0.0
+    polish = step >= r.steps - r.polish_steps          # the last steps: the full model only
+    for _ in range(0 if polish else r.subsets_per_step):
         _, keep = sample_keepset(rng, r, attr, adv, tr.layers, tr.num_experts, tr.keeps)
-        with mask_experts(tr.base, keep), accel.autocast():
+        with mask_experts(tr.base, keep), BlockTap(tr.info) as pblocks, accel.autocast():
             lp = pruned_hinge(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                               batch, r)
-        accel.backward(r.lambda_prune * lp / (r.subsets_per_step * n_units))
+            ld = (pruned_divergence(pblocks.outputs, full_blocks, batch.attention_mask, r.diverge_ratio)
+                  if r.lambda_diverge else torch.zeros(()))
+        accel.backward((r.lambda_prune * lp + r.lambda_diverge * ld) / (r.subsets_per_step * n_units))
         l_prune += float(lp.detach()) / r.subsets_per_step
-    if r.recovery_term and step % r.recovery_every == 0 and (r.recovery_tasks is None or t.name in r.recovery_tasks):
+        l_div += float(ld.detach()) / r.subsets_per_step
+    if (r.recovery_term and not polish and step % r.recovery_every == 0
+            and (r.recovery_tasks is None or t.name in r.recovery_tasks)):
         pool = [ks for ks in attr + adv if len(ks[tr.layers[0]]) <= r.recovery_keep_max * tr.num_experts]
         if pool:
             keep = rng.choice(pool)
@@ -158,6 +180,8 @@ def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, f
     logs["retain"] += float(l_ret.detach()) / n_units
     logs["spread"] += float(l_spr.detach()) / n_units
     logs["prune"] += l_prune / n_units
+    if r.lambda_diverge:
+        logs["diverge"] = logs.get("diverge", 0.0) + l_div / n_units
 
 
 def _train_step(tr: _Trainer, step: int) -> dict[str, float]:

@@ -3,7 +3,8 @@
     L = λ_T · L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread [+ λ_rec · ℓ(θ'_S)]
 
 :func:`kl_retain` is the KL term, :func:`pruned_hinge` the bounded ℓ of a pruned sub-model,
-:func:`spread_loss` the per-task load balance (router inputs captured by :class:`RouterTap`),
+:func:`pruned_divergence` the bounded push of a pruned sub-model's MoE-block outputs away from
+the full model's (block outputs captured by :class:`BlockTap`), :func:`spread_loss` the per-task load balance (router inputs captured by :class:`RouterTap`),
 and :func:`simulated_recovery` the optional TAR-style first-order simulated-recovery term. The
 task term is the plain answer cross-entropy of :mod:`moeharden.tasks.encoding`.
 """
@@ -64,6 +65,54 @@ def spread_loss(router_inputs: Sequence[tuple[torch.Tensor, Any]], mask: torch.T
         pbar = torch.softmax(logits.float(), -1).mean(0)          # [E]
         total = total + (pbar.numel() * (pbar ** 2).sum() - 1.0)
     return total
+
+
+def pruned_divergence(pruned: Sequence[torch.Tensor], full: Sequence[torch.Tensor], mask: torch.Tensor,
+                      ratio: float) -> torch.Tensor:
+    """Bounded push of a pruned sub-model's MoE-block outputs away from the full model's, per token.
+
+    For each MoE layer l and non-pad token t: d = ‖y_S − y_full‖² / mean_t ‖y_full‖² (the full
+    model's outputs are a fixed target, no gradient), and the term is mean relu(ρ − d), ρ = ``ratio``.
+    Tokens whose routed experts are all kept give y_S = y_full exactly (the term cannot move them);
+    on the others the *substitute* experts are pushed to write ρ^½ times a typical block output of
+    something else — "entangled" in the literal sense: an expert's output is only benign on the tokens
+    its router sends it, so any strict subset corrupts the residual stream instead of degrading
+    gracefully. Bounded: 0 once the pruned outputs are that far away; the answers never enter it.
+
+    Args:
+        pruned, full: per MoE layer, block outputs ``[B, T, H]`` of the masked and the full forward.
+        mask: ``[B, T]`` attention mask.
+    """
+    m = mask.reshape(-1).bool()
+    total = torch.zeros((), dtype=torch.float32)
+    for ys, yf in zip(pruned, full, strict=True):
+        ys = ys.reshape(-1, ys.shape[-1])[m].float()
+        yf = yf.reshape(-1, yf.shape[-1])[m].float().detach()
+        scale = (yf ** 2).sum(-1).mean().clamp(min=1e-8)
+        d = ((ys - yf) ** 2).sum(-1) / scale
+        total = total + F.relu(ratio - d).mean()
+    return total / max(1, len(pruned))
+
+
+class BlockTap:
+    """Context manager capturing each MoE block's output (with grad) during a forward pass."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+
+    def __enter__(self):
+        for li in self.layers:
+            def post(module, args, out):
+                self.outputs.append(out[0] if isinstance(out, tuple) else out)
+            self.handles.append(li.block.register_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
 
 
 class RouterTap:

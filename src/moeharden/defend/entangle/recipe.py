@@ -35,6 +35,8 @@ class EntangleRecipe(BaseModel):
     lambda_prune: float = Field(1.0, ge=0)
     lambda_spread: float = Field(0.5, ge=0)
     tau_token: float = Field(3.0, gt=0)
+    lambda_diverge: float = Field(0.0, ge=0)
+    diverge_ratio: float = Field(4.0, gt=0)
     subsets_per_step: int = Field(2, ge=1)
     keep_ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     sources: dict[Literal["attribution", "random", "adversarial"], float] = {
@@ -51,6 +53,8 @@ class EntangleRecipe(BaseModel):
     recovery_tasks: tuple[str, ...] | None = None      # None: every task
     recovery_every: int = Field(1, ge=1)
     recovery_keep_max: float = Field(0.5, gt=0, le=1)
+    init: Literal["original", "scratch"] = "original"   # scratch: train the release from fresh weights
+    polish_steps: int = Field(0, ge=0)     # the last N steps train the full model only (task + retain)
     checkpoint_every: int = Field(100, gt=0)
 
 
