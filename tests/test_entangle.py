@@ -206,3 +206,39 @@ def test_scratch_init_trains_fresh_weights_against_the_original(tiny_demo_path):
     assert any(not torch.equal(want[n], orig[n]) for n in want)
     assert hist[0]["retain"] > 0.1                         # a fresh student is far from the original teacher
     assert hist[0]["prune"] > 0 and hist[1]["prune"] == 0.0 and hist[1]["diverge"] == 0.0
+
+
+def test_cancellation_term_matches_an_independent_computation(tiny_demo_path):
+    """Each routed slot's expert alone (weight 1) equals that expert's SwiGLU computed by hand, the
+    block's experts output is their weighted sum, and the term is mean relu(ρ − ‖E_s − y‖²/mean‖y‖²)."""
+    import torch.nn.functional as F
+
+    from moeharden.defend.entangle.losses import ExpertsTap, pair_cancellation
+    from moeharden.model.registry import moe_layers
+    from moeharden.tasks.encoding import encode
+
+    model, tok, tasks = _load(tiny_demo_path)
+    batch = encode(tok, tasks[1].train[:4])
+    info = moe_layers(model)
+    with torch.no_grad(), ExpertsTap(info) as tap:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert len(tap.taps) == len(info)
+    ratio, expect = 3.0, []
+    m = batch.attention_mask.reshape(-1).bool()
+    for li, (_, (hidden, idx, w), y) in zip(info, tap.taps, strict=True):
+        ex = li.experts
+        per_slot = []
+        for s in range(idx.shape[1]):
+            out = torch.zeros_like(hidden)
+            for e in range(li.num_experts):
+                rows = idx[:, s] == e
+                gate, up = F.linear(hidden[rows], ex.gate_up_proj[e]).chunk(2, -1)
+                out[rows] = F.linear(F.silu(gate) * up, ex.down_proj[e])
+            per_slot.append(out)
+        torch.testing.assert_close(sum(w[:, s:s + 1] * per_slot[s] for s in range(len(per_slot))), y,
+                                   rtol=1e-4, atol=1e-5)
+        scale = (y[m] ** 2).sum(-1).mean()
+        expect += [float(torch.clamp(ratio - ((es[m] - y[m]) ** 2).sum(-1) / scale, min=0).mean()) for es in per_slot]
+    with torch.no_grad():
+        value = float(pair_cancellation(tap.taps, batch.attention_mask, ratio))
+    assert value == pytest.approx(sum(expect) / len(expect), rel=1e-5) and 0 < value <= ratio

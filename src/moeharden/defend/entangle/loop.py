@@ -18,6 +18,9 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
   outputs away from the full model's, relu(ρ − ‖y_S − y_full‖² / mean ‖y_full‖²) per token and
   layer (ρ = ``diverge_ratio``): an expert is made harmful on the tokens its router does not send
   it, so a strict subset corrupts the residual stream (same masked forward as ℓ, no extra pass).
+* ``C`` (optional, ``lambda_cancel``): on the full forward, each routed expert's own output is
+  pushed away from the routed combination, relu(ρ − ‖E_s − y‖² / mean ‖y‖²) (ρ = ``cancel_ratio``):
+  a token's experts disagree strongly and only their weighted sum is right (:func:`pair_cancellation`).
 * ``L_spread``: per-task load balance, on single-task batches: Σ_layers (E·Σ_e p̄_e² − 1), where p̄
   is the task's mean routing distribution (softmax of router logits); 0 when uniform.
 * optional TAR-style first-order simulated recovery: ``recovery_steps`` attacker steps on the
@@ -42,6 +45,7 @@ from __future__ import annotations
 import copy
 import random
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +55,10 @@ import torch.nn.functional as F
 
 from moeharden.defend.entangle.losses import (
     BlockTap,
+    ExpertsTap,
     RouterTap,
     kl_retain,
+    pair_cancellation,
     pruned_divergence,
     pruned_hinge,
     simulated_recovery,
@@ -145,13 +151,19 @@ def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, f
     batch = encode(tr.tokenizer, ex).to(device)
     with torch.no_grad():
         t_logits = tr.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    with RouterTap(tr.info) as tap, BlockTap(tr.info) as blocks, accel.autocast():
+    with RouterTap(tr.info) as tap, BlockTap(tr.info) as blocks, accel.autocast(), \
+            (ExpertsTap(tr.info) if r.lambda_cancel else nullcontext()) as etap:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits   # [B, T, V]
         al, at = answer_logits(logits, batch.labels)
         l_task = F.cross_entropy(al.float(), at)
         l_ret = kl_retain(logits, t_logits, batch.attention_mask)
         l_spr = spread_loss(tap.inputs, batch.attention_mask)
         loss = r.lambda_task * l_task + r.lambda_retain * l_ret + r.lambda_spread * l_spr
+    if r.lambda_cancel:
+        with accel.autocast():
+            l_can = pair_cancellation(etap.taps, batch.attention_mask, r.cancel_ratio)
+        loss = loss + r.lambda_cancel * l_can
+        logs["cancel"] = logs.get("cancel", 0.0) + float(l_can.detach()) / n_units
     accel.backward(loss / n_units)
     attr, adv = tr.attr_pool.get(t.name, []), tr.adv_pool.get(t.name, [])
     full_blocks = [y.detach() for y in blocks.outputs]

@@ -94,6 +94,66 @@ def pruned_divergence(pruned: Sequence[torch.Tensor], full: Sequence[torch.Tenso
     return total / max(1, len(pruned))
 
 
+def pair_cancellation(taps: Sequence[tuple[Any, tuple, torch.Tensor]], mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Bounded push of each routed expert's own output away from the routed combination, per token.
+
+    For each MoE layer, token and routed slot s: d_s = ‖E_s(x) − y(x)‖² / mean ‖y‖², where E_s is
+    the slot's expert alone (weight 1) and y the block's experts output (a fixed target); the term
+    is mean relu(ρ − d_s). Since y = Σ_t w_t E_t, E_s − y = Σ_{t≠s} w_t (E_s − E_t): the routed
+    experts of a token are made to disagree strongly while their weighted sum stays what the full
+    model needs — a cancellation structure, so a token that keeps only some of its experts gets
+    a large wrong update, and the kept experts' own outputs are no usable starting point.
+
+    Args:
+        taps: per MoE layer, ``(experts module, (hidden [N, H], top-k index [N, k], weights [N, k]),
+            output [N, H])`` as :class:`ExpertsTap` captured them (with grad).
+        mask: ``[B, T]`` attention mask (N = B·T).
+    """
+    m = mask.reshape(-1).bool()
+    total, n = torch.zeros((), dtype=torch.float32), 0
+    for experts, (hidden, idx, weights), y in taps:
+        yf = y.reshape(-1, y.shape[-1])[m].float().detach()
+        scale = (yf ** 2).sum(-1).mean().clamp(min=1e-8)
+        for s in range(idx.shape[-1]):
+            one = torch.zeros_like(weights)
+            one[:, s] = 1.0
+            es = experts(hidden, idx, one).reshape(-1, y.shape[-1])[m].float()
+            total = total + F.relu(ratio - ((es - yf) ** 2).sum(-1) / scale).mean()
+            n += 1
+    return total / max(1, n)
+
+
+class ExpertsTap:
+    """Context manager capturing each experts module's inputs (hidden, top-k index, weights) and output.
+
+    Families whose experts module is called as ``experts(hidden, top_k_index, top_k_weights)``
+    (transformers 5's fused-experts convention) only; other calls raise InputError.
+    """
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.taps: list[tuple[Any, tuple, torch.Tensor]] = []
+        self.handles = []
+
+    def __enter__(self):
+        from moeharden.errors import InputError
+
+        for li in self.layers:
+            def post(module, args, out, li=li):
+                if len(args) != 3 or not all(isinstance(a, torch.Tensor) for a in args):
+                    raise InputError(f"The {li.spec.name} experts module is not called as experts(hidden, index, "
+                                     "weights); the cancellation term (lambda_cancel) does not apply to it.",
+                                     hint="Set lambda_cancel: 0 in the recipe.")
+                self.taps.append((module, args, out))
+            self.handles.append(li.experts.register_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+
 class BlockTap:
     """Context manager capturing each MoE block's output (with grad) during a forward pass."""
 
