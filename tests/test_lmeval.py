@@ -75,3 +75,38 @@ def test_include_with_code_is_refused(tmp_path):
         load_tasks(["lm-eval:evil"], lm_eval_include=[tmp_path])
     with pytest.raises(TaskError, match="not a directory"):
         load_tasks(["lm-eval:evil"], lm_eval_include=[tmp_path / "nope"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SST2.is_file(), reason=f"real eval data not found at {SST2}")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_pruned_checkpoint_is_an_ordinary_one_for_transformers_and_lm_eval(tmp_path, family):
+    """Ecosystem proof: ``prune`` writes a checkpoint that AutoModelForCausalLM loads (with the kept
+    expert count) and generates from, and that lm-eval's HFLM evaluates offline on a local task
+    file — with the same accuracy as moeharden's own log-likelihood scoring of those documents."""
+    from families import build_tiny
+    from transformers import AutoModelForCausalLM
+
+    from moeharden.attack.prune import prune_checkpoint
+    from moeharden.model.registry import moe_layers
+
+    tok = build_tokenizer()
+    model, _ = build_tiny(family, vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    layers = moe_layers(model)
+    E = layers[0].num_experts
+    prune_checkpoint(tmp_path / "src", tmp_path / "pruned", {li.layer: list(range(0, E, 2)) for li in layers})
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert {li.num_experts for li in moe_layers(pruned)} == {E // 2}
+    ids = tok("the movie was", return_tensors="pt").input_ids
+    out = pruned.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+    inc = tmp_path / "lmtasks"
+    inc.mkdir()
+    (inc / "sst2_local_test.yaml").write_text(TASK_YAML.format(path=SST2))
+    (task,) = load_tasks(["lm-eval:sst2_local_test"], lm_eval_include=[inc], limit=8, seed=0)
+    res = evaluate(pruned, tok, task, batch_size=4)
+    lp = choice_logprobs(pruned, tok, task.evaluation)
+    own = sum(int(lp[i].argmax()) == e.label for i, e in enumerate(task.evaluation)) / len(task.evaluation)
+    assert res.n == 8 and res.value == pytest.approx(own)
