@@ -57,17 +57,21 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         max_shard_size: cap of each output shard (``"2GB"``, ``"40MB"`` or bytes).
         source_label: how the source is named in the result and record (e.g. the Hub id).
         overwrite: whether an earlier moeharden output at ``out`` may be replaced.
-        self_check: verify the family adapter on a tiny random model
-            (:func:`moeharden.model.selfcheck_job.adapter_check`: in a child process while the shards
-            are written; a failure refuses ``src`` and nothing is committed at ``out``).
+        self_check: verify the family adapter on a tiny random model first
+            (:func:`moeharden.model.selfcheck.ensure_adapter`; a failure refuses ``src``).
     Returns:
         :class:`PruneResult`.
     Raises:
         KeepSetError: invalid keep-set (wrong layers, counts, ids, group imbalance).
         CheckpointError, UnsupportedModelError, InputError (``out`` not replaceable, bad size).
     """
-    from moeharden.io.outputs import check_output_dir
-    from moeharden.io.shards import parse_size
+    from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.records import tool_info
+    from moeharden.io.shards import parse_size, write_streaming_shards
+    from moeharden.model.checkpoint import checkpoint_digest
+    from moeharden.model.disk import pruned_config
+    from moeharden.model.keepset import check_keep_counts, parse_keep, to_json
+    from moeharden.model.registry import config_value
 
     t0 = time.perf_counter()
     src = Path(src)
@@ -76,23 +80,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
     from moeharden.model.checkpoint import checkpoint_layout
 
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
-    from moeharden.model.selfcheck_job import adapter_check
+    if self_check:
+        from moeharden.model.selfcheck import ensure_adapter
 
-    with adapter_check(cfg, enabled=self_check) as check:   # runs beside the work; checked before commit
-        return _prune(src, out, keep, cfg, spec, E, files, roles, layers, cap, check, t0, overwrite=overwrite,
-                      source_label=source_label, trust_remote_code=trust_remote_code)
-
-
-def _prune(src, out, keep, cfg, spec, E, files, roles, layers, cap, check, t0, *, overwrite, source_label,
-           trust_remote_code) -> PruneResult:
-    from moeharden.io.outputs import atomic_output_dir, copy_side_files
-    from moeharden.io.records import tool_info
-    from moeharden.io.shards import write_streaming_shards
-    from moeharden.model.checkpoint import checkpoint_digest
-    from moeharden.model.disk import pruned_config
-    from moeharden.model.keepset import check_keep_counts, parse_keep, to_json
-    from moeharden.model.registry import config_value
-
+        ensure_adapter(cfg)
     keep = parse_keep({str(k): v for k, v in keep.items()}, moe_layers=layers, num_experts=E)
     check_keep_counts(spec, cfg, keep)
     K = len(next(iter(keep.values())))
@@ -127,7 +118,6 @@ def _prune(src, out, keep, cfg, spec, E, files, roles, layers, cap, check, t0, *
                                                                  safetensors_digest=digest),
                              num_experts_before=E, num_experts_after=K, keep=to_json(keep)["keep"])
         (tmp / PRUNE_RECORD).write_text(record.to_file_text())
-        check.ensure()                                        # a failed self-check: nothing is committed
     t2 = time.perf_counter()
     top_k = config_value(new_cfg, spec.top_k_keys)
     return PruneResult(str(source_label or src), str(out), E, K, None if top_k is None else int(top_k), sorted(keep),

@@ -99,10 +99,7 @@ def prune_command(ckpt: str, settings: PruneSettings) -> PruneResult:
     s = settings
     check_output_dir(s.out)               # fail before any expensive work
     src = resolve_checkpoint(ckpt, trust_remote_code=s.trust_remote_code)
-    # a keep-set file: prune_checkpoint runs the self-check in a child while it writes (nothing else
-    # here imports the modeling code); attribution and recovery load the model, so check first here
-    inline_check = s.self_check and (s.experts_from is None or s.recover)
-    if inline_check:                      # before attribution: an adapter that fails refuses the checkpoint now
+    if s.self_check:                      # before attribution: an adapter that fails refuses the checkpoint now
         from moeharden.model.checkpoint import load_config
         from moeharden.model.selfcheck import ensure_adapter
 
@@ -118,7 +115,7 @@ def prune_command(ckpt: str, settings: PruneSettings) -> PruneResult:
         chosen = attributed_keep(src, method=s.method, task=s.task, keep=s.keep,
                                  trust_remote_code=s.trust_remote_code)
     result = prune_checkpoint(src, s.out, chosen, max_shard_size=s.max_shard_size, source_label=str(ckpt),
-                              trust_remote_code=s.trust_remote_code, self_check=s.self_check and not inline_check)
+                              trust_remote_code=s.trust_remote_code, self_check=False)
     if s.recover:
         recover_pruned(s.out, task=s.task, mode=s.recover_mode, strategy=s.recover_strategy,
                        budget=s.recover_budget, seed=s.recover_seed, max_shard_size=s.max_shard_size)

@@ -216,8 +216,11 @@ def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
         ConfigFileError: invalid policy, or a policy group that matches no tensor.
         InputError: an output directory that may not be replaced; CheckpointError; UnsupportedModelError.
     """
+    from moeharden.defend.manifest import disk_groups
     from moeharden.defend.policy import load_policy
-    from moeharden.io.outputs import check_output_dir
+    from moeharden.defend.signing import sign_directory
+    from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.shards import INDEX_NAME, PlannedTensor, write_streaming_shards
     from moeharden.model.checkpoint import checkpoint_layout, resolve_checkpoint
 
     out, trust_remote_code = settings.out, settings.trust_remote_code
@@ -225,19 +228,10 @@ def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
     check_output_dir(out)
     src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
-    from moeharden.model.selfcheck_job import adapter_check
+    if settings.self_check:
+        from moeharden.model.selfcheck import ensure_adapter
 
-    with adapter_check(cfg, enabled=settings.self_check) as check:   # beside the work; checked before commit
-        return _write_locked(ckpt, src, out, settings, pol, cfg, spec, files, roles, check)
-
-
-def _write_locked(ckpt, src, out, settings, pol, cfg, spec, files, roles, check) -> LockResult:
-    from moeharden.defend.manifest import disk_groups
-    from moeharden.defend.signing import sign_directory
-    from moeharden.io.outputs import atomic_output_dir, copy_side_files
-    from moeharden.io.shards import INDEX_NAME, PlannedTensor, write_streaming_shards
-
-    trust_remote_code = settings.trust_remote_code
+        ensure_adapter(cfg)
     groups = disk_groups(src, files, spec, cfg, roles)
     present = set(groups.values())
     empty = [g for g in pol.groups if g not in present]
@@ -268,7 +262,6 @@ def _write_locked(ckpt, src, out, settings, pol, cfg, spec, files, roles, check)
         manifest = build_manifest(tmp, pol, source=str(ckpt))
         (tmp / MANIFEST_NAME).write_text(manifest.to_file_text(indent=1))
         sign_directory(tmp, key=settings.key, keyless=settings.keyless)
-        check.ensure()                              # a failed self-check: nothing is committed
     return LockResult(str(out), str(out / MANIFEST_NAME), str(out / "model.sig"), len(manifest.tensors),
                       pol.to_json())
 

@@ -1,8 +1,7 @@
 """Self-check of a family adapter on a tiny random instance, before a checkpoint is rewritten.
 
-``entangle`` (and ``prune`` with attribution or recovery) call :func:`ensure_adapter` on the real
-checkpoint's config; ``prune --experts-from`` and ``lock`` run the same check in a child process
-while they write (:mod:`moeharden.model.selfcheck_job`) and commit only after it passed. A tiny model of the same config class (:mod:`moeharden.model.tiny`) is built and the registry's
+``prune``, ``entangle`` and ``lock`` call :func:`ensure_adapter` on the real checkpoint's config:
+a tiny model of the same config class (:mod:`moeharden.model.tiny`) is built and the registry's
 adapter is verified on it, so that an adapter a transformers upgrade silently broke refuses the
 checkpoint instead of rewriting it wrongly:
 
@@ -53,20 +52,16 @@ def ensure_adapter(config: Any) -> SelfCheckResult:
     """
     from moeharden.model.registry import spec_for_config
 
-    spec_for_config(config)
+    spec = spec_for_config(config)
     result = check_adapter(config)
     if not result.ok:
-        raise refusal_error(result, type(config).__name__)
+        raise UnsupportedModelError(
+            f"Self-check of the {spec.name} adapter failed on a tiny random {type(config).__name__} model: "
+            f"{result.reason}. The real checkpoint was not touched.",
+            hint="The installed transformers may route this family differently from moeharden's registry; "
+                 "pin the transformers version moeharden was tested with, or pass --skip-self-check if you "
+                 "know the adapter is right.")
     return result
-
-
-def refusal_error(result: SelfCheckResult, cls: str = "") -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"Self-check of the {result.family} adapter failed on a tiny random {cls + ' ' if cls else ''}model: "
-        f"{result.reason}. The real checkpoint was not touched.",
-        hint="The installed transformers may route this family differently from moeharden's registry; "
-             "pin the transformers version moeharden was tested with, or pass --skip-self-check if you "
-             "know the adapter is right.")
 
 
 def check_adapter(config: Any, *, seed: int = 0) -> SelfCheckResult:
@@ -75,14 +70,8 @@ def check_adapter(config: Any, *, seed: int = 0) -> SelfCheckResult:
     Raises:
         UnsupportedModelError: unsupported or refused family.
     """
-    prepared = prepare(config, seed)
-    if isinstance(prepared, SelfCheckResult):
-        return prepared
-    return remember(prepared[0], run_check(prepared[1], prepared[2], seed))
+    import time
 
-
-def prepare(config: Any, seed: int) -> SelfCheckResult | tuple[str, Any, Any]:
-    """The known result (cached, or a config that cannot shrink), else ``(cache key, tiny config, spec)``."""
     from moeharden.model.registry import spec_for_config
     from moeharden.model.tiny import tiny_config
 
@@ -101,20 +90,6 @@ def prepare(config: Any, seed: int) -> SelfCheckResult | tuple[str, Any, Any]:
     if cached is not None:
         _CACHE[key] = cached
         return cached
-    return key, tiny, spec
-
-
-def remember(key: str, result: SelfCheckResult) -> SelfCheckResult:
-    _CACHE[key] = result
-    if result.ok:                  # failures are recomputed every time, so a fixed environment recovers
-        _write_disk_cache(key, result)
-    return result
-
-
-def run_check(tiny: Any, spec, seed: int) -> SelfCheckResult:
-    """Run the checks on ``tiny`` (no cache)."""
-    import time
-
     import torch
 
     t0 = time.perf_counter()
@@ -127,7 +102,11 @@ def run_check(tiny: Any, spec, seed: int) -> SelfCheckResult:
         rec, pruned, reason = err.args[1], err.args[2], err.args[0]
     finally:
         torch.set_num_threads(threads)
-    return SelfCheckResult(spec.name, not reason, reason, rec, pruned, time.perf_counter() - t0)
+    result = SelfCheckResult(spec.name, not reason, reason, rec, pruned, time.perf_counter() - t0)
+    _CACHE[key] = result
+    if result.ok:                  # failures are recomputed every time, so a fixed environment recovers
+        _write_disk_cache(key, result)
+    return result
 
 
 def _cache_key(spec, tiny: Any, seed: int) -> str:
