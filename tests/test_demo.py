@@ -67,6 +67,39 @@ def test_generated_answers_are_right():
         assert r["answer"] == "".join(reversed(r["text"]))
 
 
+def test_licensee_tasks_are_new_and_right():
+    """The tasks a licensee adapts the release to: answers recomputed from the text, and never a
+    prompt of the demo's own tasks (different characters or markers)."""
+    for r in syn.generate("copy", 200, seed=0):
+        assert r["answer"] == r["text"] and len(r["text"]) == 4 and r["text"].isupper()
+    rows = syn.generate("majority", 500, seed=0)
+    for r in rows:
+        pos = sum(c in "lmnopqrstuv" for c in r["text"])
+        assert len(r["text"]) == 7 and r["label"] == int(pos > 7 - pos)
+    assert 150 < sum(r["label"] for r in rows) < 350
+    own = {syn.TASKS[n].prompt_of(r) for n in syn.TASKS for r in syn.generate(n, 300, seed=0)}
+    new = {syn.LICENSEE_TASKS[n].prompt_of(r) for n in syn.LICENSEE_TASKS for r in syn.generate(n, 300, seed=0)}
+    assert not own & new and not set(syn.LICENSEE_TASKS) & set(syn.TASKS)
+
+
+def test_owner_data_is_the_training_pool_and_never_a_held_out_row(tmp_path):
+    """entangle's data in the demo: the first rows of the demo model's training stream, no text of
+    the checkpoint's task file (evaluation stays held out), as a valid task file."""
+    from moeharden.demo.build import write_owner_tasks
+    from moeharden.demo.train import load_recipe
+
+    recipe = load_recipe()
+    path = write_owner_tasks(tmp_path / "owner", train_rows=300)
+    _check_task_file(path)
+    for name in syn.TASKS:
+        held = syn.generate(name, recipe.data.rows_per_task, recipe.data.split["seed"], distinct=True)
+        rows = [json.loads(x) for x in (path.parent / "tasks" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 128 + 64 + 300
+        assert not {r["text"] for r in rows} & {r["text"] for r in held}
+        pool = syn.generate(name, len(rows), recipe.seed + 1, exclude={r["text"] for r in held})
+        assert rows == pool                                  # the pool demo training draws from
+
+
 def _check_task_file(path: Path) -> dict:
     """Minimal check of the task-file schema of docs/CONTRACTS.md (independent of moeharden.tasks.spec)."""
     spec = yaml.safe_load(path.read_text())

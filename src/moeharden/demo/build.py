@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from moeharden import __version__
-from moeharden.demo.synthetic import TASK_FILE_NAME, TASKS, write_task_file
+from moeharden.demo.synthetic import TASK_FILE_NAME, TASKS, generate, write_rows, write_task_file
 from moeharden.demo.train import DemoRecipe, load_recipe
 from moeharden.errors import CheckpointError
 from moeharden.io.cache import cache_root
@@ -132,3 +132,33 @@ def build_demo_model(out_dir: Path, *, retrain: bool = False, recipe: DemoRecipe
             raise CheckpointError(f"Cannot write the demo model to {out_dir}: {err}",
                                   hint="Choose a writable --out directory.") from err
     return out_dir
+
+
+OWNER_TRAIN_ROWS = 4096     # rows per task of the owner's training data that `entangle` trains on
+
+
+def write_owner_tasks(out_dir: Path, *, recipe: DemoRecipe | None = None, train_rows: int = OWNER_TRAIN_ROWS) -> Path:
+    """The release owner's own data for ``entangle``: a task file of the demo tasks over the first
+    ``train_rows`` rows of the demo model's training pool (the same seeded stream, so never a
+    held-out text of the checkpoint's task file), written atomically into ``out_dir``.
+
+    The owner trained the model, so it holds far more than the few hundred rows of the checkpoint's
+    ``train`` split (which stand for what an attacker can buy): on those alone the entangled model
+    fits them and loses exact match on unseen sums (train 0.99, evaluation 0.90 on ``addition``).
+
+    Returns:
+        the task file's path (for ``entangle --task``).
+    """
+    from moeharden.io.outputs import atomic_output_dir
+
+    recipe = recipe or load_recipe()
+    d = recipe.data
+    split = {"attribution": 128, "evaluation": 64, "train": train_rows, "seed": 0}
+    rows = {}
+    for name in TASKS:
+        heldout = generate(name, d.rows_per_task, d.split["seed"], distinct=True)
+        rows[name] = generate(name, sum(v for k, v in split.items() if k != "seed"), recipe.seed + 1,
+                              exclude={r["text"] for r in heldout})
+    with atomic_output_dir(Path(out_dir)) as tmp:
+        write_rows(tmp, rows, split)
+    return Path(out_dir) / TASK_FILE_NAME

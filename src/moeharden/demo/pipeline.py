@@ -5,6 +5,9 @@ comes from :func:`moeharden.demo.build.build_demo_model`). Layout of ``DIR``::
 
     DIR/model/        the embedded demo MoE (cached; copied here)
     DIR/scan/         scan.json, report.md, report.html of the original
+    DIR/owner-data/   the owner's training data entangle trains on (a task file: 4,096 rows per task
+                      of the demo model's training pool; the checkpoint's own train split stands for
+                      what an attacker buys)
     DIR/entangled/    the entangled checkpoint (+ entangle.json)
     DIR/keys/         a signing key pair (demo only): generated once, reused after, never deleted
     DIR/locked/       the entangled checkpoint with policy, manifest and signature
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moeharden import __version__
-from moeharden.demo.build import build_demo_model, cache_root, read_stamp
+from moeharden.demo.build import build_demo_model, cache_root, read_stamp, write_owner_tasks
 from moeharden.demo.synthetic import TASKS
 from moeharden.demo.train import load_recipe
 
@@ -90,9 +93,10 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
     scan_res = stage("scan", scan, ckpt=str(model_dir), out=out / "scan",
                      settings=ScanSettings(ladder=True, limit=limit, workers=workers, plan=plan or demo_plan()))
     recipe = resources.files("moeharden").joinpath("data/demo_entangle.yaml")
+    owner = write_owner_tasks(out / "owner-data")     # the owner's own training data (not the attacker's split)
     with resources.as_file(recipe) as recipe_path:
         stage("entangle", entangle, ckpt=str(model_dir), settings=EntangleSettings(
-            out=out / "entangled", recipe_path=recipe_path, **(entangle_overrides or {})))
+            out=out / "entangled", tasks=(str(owner),), recipe_path=recipe_path, **(entangle_overrides or {})))
     keys = out / "keys"
     if signing_keys_state(keys) == "none":
         stage("keygen", keygen, out=keys)

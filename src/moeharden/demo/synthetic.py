@@ -120,6 +120,31 @@ TASKS: dict[str, SyntheticTask] = {
     )
 }
 
+def _copy_row(rng: random.Random) -> dict[str, Any]:
+    word = "".join(rng.choice(string.ascii_uppercase) for _ in range(4))
+    return {"text": word, "answer": word}
+
+
+def _majority_row(rng: random.Random) -> dict[str, Any]:
+    # sentiment's letters without the tone marker: the label is the plain majority
+    label, n_major = rng.randrange(2), rng.randint(4, 7)
+    major, minor = (_POS, _NEG) if label else (_NEG, _POS)
+    letters = [rng.choice(major) for _ in range(n_major)] + [rng.choice(minor) for _ in range(7 - n_major)]
+    rng.shuffle(letters)
+    return {"text": "".join(letters), "label": label}
+
+
+# New tasks a licensee adapts the released model to (never in the demo model's training data, nor
+# in its task file): what "legitimate fine-tuning still works" is measured on (bench/licensee.py).
+LICENSEE_TASKS: dict[str, SyntheticTask] = {
+    t.name: t
+    for t in (
+        SyntheticTask("copy", "generation", "{text}=", _copy_row, answer_space=26**4, answer_len=4),
+        SyntheticTask("majority", "multiple_choice", "{text}>", _majority_row, choices=("N", "P"),
+                      answer_space=2),
+    )
+}
+
 # Every character any task can produce; the demo tokenizer is character-level over this set.
 ALPHABET = "".join(sorted(set(string.ascii_letters + string.digits + "+=:>")))
 
@@ -129,7 +154,7 @@ def generate(name: str, n: int, seed: int, *, exclude: set[str] | None = None,
     """Generate ``n`` rows of task ``name``, reproducibly from ``seed``.
 
     Args:
-        name: a key of :data:`TASKS`.
+        name: a key of :data:`TASKS` or :data:`LICENSEE_TASKS`.
         n: number of rows.
         seed: RNG seed; the same (name, n, seed, exclude, distinct) always gives the same rows.
         exclude: row texts to skip (keeps evaluation rows out of the training data).
@@ -142,7 +167,7 @@ def generate(name: str, n: int, seed: int, *, exclude: set[str] | None = None,
         KeyError: unknown task name.
         ValueError: the task cannot produce ``n`` rows under these constraints.
     """
-    task = TASKS[name]
+    task = TASKS[name] if name in TASKS else LICENSEE_TASKS[name]
     # str seeds hash deterministically in random.Random (unlike hash()), so tasks get independent streams
     rng = random.Random(f"{name}:{seed}")
     seen = set(exclude or ())
@@ -208,14 +233,18 @@ def write_task_file(out_dir: Path, rows_per_task: int, split: dict[str, int]) ->
     need = sum(v for k, v in split.items() if k != "seed")
     if need > rows_per_task:
         raise ValueError(f"split sizes need {need} rows but only {rows_per_task} are written per task")
+    written = {name: generate(name, rows_per_task, split["seed"], distinct=True) for name in TASKS}
+    write_rows(out_dir, written, split)
+    return written
+
+
+def write_rows(out_dir: Path, rows: dict[str, list[dict]], split: dict[str, int]) -> Path:
+    """Write ``tasks/<name>.jsonl`` of the given rows and the task file over them; returns its path."""
     (out_dir / "tasks").mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name in TASKS:
-        rows = generate(name, rows_per_task, split["seed"], distinct=True)
+    for name, task_rows in rows.items():
         with open(out_dir / "tasks" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-            for row in rows:
+            for row in task_rows:
                 fh.write(json.dumps(row, sort_keys=True) + "\n")
-        written[name] = rows
     with open(out_dir / TASK_FILE_NAME, "w", encoding="utf-8") as fh:
         yaml.safe_dump(task_file_dict(split), fh, sort_keys=False)
-    return written
+    return out_dir / TASK_FILE_NAME
