@@ -7,9 +7,9 @@ references and head-start rows, that `moeharden verify` on the locked release ex
 verdict (0 pass, 1 fail) and re-attacks deterministically, and that the original (unhardened) model
 fails the same gate with exit code 1, with an expert head start.
 
-The verdict is not asserted: with the full plan the shipped demo recipe fails the honest gate
-(README, docs/attacks-and-defenses.md §5), and the quick plan's smaller ladder is a smoke run;
-the exit-code contract is what this test pins down.
+The verdict is not asserted: with the full plan the shipped demo recipe fails the honest gate at
+every measured seed (README, docs/attacks-and-defenses.md §4.1), and the quick plan's smaller
+ladder is a smoke run; the exit-code contract is what this test pins down.
 """
 
 from __future__ import annotations
