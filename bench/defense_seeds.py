@@ -1,12 +1,13 @@
 """The demo defense at several recipe seeds, judged by the honest gate: seed × task × row, pass/fail.
 
 The original demo model is scanned once (the demo's plan and split sizes); then for each seed the
-shipped demo recipe (or ``--recipe``) entangles it with that seed, the result is locked and
+shipped demo recipe (or ``--recipe``) entangles it with that seed on the owner's data (as the demo
+does: :func:`moeharden.demo.build.write_owner_tasks`), the result is locked and
 `verify` re-attacks it against the scan. Prints one table row per gate row (value, interval,
 threshold, status) and a per-seed verdict, and writes the whole table as JSON (``--json``).
 
 Run: .venv/bin/python bench/defense_seeds.py [--seeds 0 1 2 3 4] [--quick] [--recipe R.yaml]
-     [--baseline SCAN_DIR] [--workers 2] [--json out.json]
+     [--baseline SCAN_DIR] [--workers 2] [--json out.json] [--work DIR]
 ``--baseline`` reuses a scan of the demo model made with the same plan (e.g. ``demo-out/scan``).
 """
 
@@ -43,7 +44,7 @@ def main() -> None:
     from moeharden.defend.entangle.command import EntangleSettings, entangle
     from moeharden.defend.lock import LockSettings, lock_checkpoint
     from moeharden.defend.signing import keygen
-    from moeharden.demo.build import build_demo_model
+    from moeharden.demo.build import build_demo_model, write_owner_tasks
     from moeharden.demo.pipeline import DEMO_LIMIT, DEMO_QUICK_LIMIT, demo_plan
 
     ap = argparse.ArgumentParser()
@@ -53,14 +54,16 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None, help="a scan directory of the demo model, same plan")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=None, help="keep every model and report here (default: a temp dir)")
     args = ap.parse_args()
     limit = DEMO_QUICK_LIMIT if args.quick else DEMO_LIMIT
     recipe = args.recipe or Path(str(resources.files("moeharden").joinpath("data/demo_entangle.yaml")))
     table: list[dict] = []
     verdicts: dict[int, bool] = {}
     with tempfile.TemporaryDirectory() as d:
-        root = Path(d)
-        model = build_demo_model(root / "model")
+        root = Path(d) if args.work is None else args.work
+        root.mkdir(parents=True, exist_ok=True)
+        model = root / "model" if (root / "model").is_dir() else build_demo_model(root / "model")
         base = args.baseline
         if base is None:
             t0 = time.perf_counter()
@@ -68,11 +71,16 @@ def main() -> None:
                                                                    plan=demo_plan(args.quick)))
             print(f"baseline scan: {time.perf_counter() - t0:.0f} s", flush=True)
             base = root / "scan"
-        keygen(out=root / "keys")
+        if not (root / "keys").is_dir():
+            keygen(out=root / "keys")
         for seed in args.seeds:
             t0 = time.perf_counter()
             ent, locked = root / f"ent-{seed}", root / f"locked-{seed}"
-            entangle(ckpt=str(model), settings=EntangleSettings(out=ent, recipe_path=recipe, seed=seed))
+            owner = root / "owner-data" / "moeharden-tasks.yaml"
+            if not owner.is_file():
+                write_owner_tasks(owner.parent)
+            entangle(ckpt=str(model), settings=EntangleSettings(out=ent, recipe_path=recipe, seed=seed,
+                                                                tasks=(str(owner),)))
             t_ent = time.perf_counter() - t0
             policy = resources.files("moeharden").joinpath("data/policy-example.yaml")
             with resources.as_file(policy) as policy_path:
