@@ -123,7 +123,20 @@ def pair_cancellation(taps: Sequence[tuple[Any, tuple, torch.Tensor]], mask: tor
     return total / max(1, n)
 
 
-class ExpertsTap:
+class _HookTap:
+    """Base of the taps: the hook handles, removed when the ``with`` block ends."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.handles: list = []
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+
+class ExpertsTap(_HookTap):
     """Context manager capturing each experts module's inputs (hidden, top-k index, weights) and output.
 
     Families whose experts module is called as ``experts(hidden, top_k_index, top_k_weights)``
@@ -131,9 +144,8 @@ class ExpertsTap:
     """
 
     def __init__(self, layers):
-        self.layers = layers
+        super().__init__(layers)
         self.taps: list[tuple[Any, tuple, torch.Tensor]] = []
-        self.handles = []
 
     def __enter__(self):
         from moeharden.errors import InputError
@@ -148,19 +160,14 @@ class ExpertsTap:
             self.handles.append(li.experts.register_forward_hook(post))
         return self
 
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return False
 
 
-class BlockTap:
+class BlockTap(_HookTap):
     """Context manager capturing each MoE block's output (with grad) during a forward pass."""
 
     def __init__(self, layers):
-        self.layers = layers
+        super().__init__(layers)
         self.outputs: list[torch.Tensor] = []
-        self.handles = []
 
     def __enter__(self):
         for li in self.layers:
@@ -169,13 +176,9 @@ class BlockTap:
             self.handles.append(li.block.register_forward_hook(post))
         return self
 
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return False
 
 
-class RouterTap:
+class RouterTap(_HookTap):
     """Context manager capturing each router's input (with grad) during a forward pass.
 
     Args:
@@ -184,9 +187,8 @@ class RouterTap:
     """
 
     def __init__(self, layers):
-        self.layers = layers
+        super().__init__(layers)
         self.inputs: list[tuple[torch.Tensor, Any]] = []
-        self.handles = []
 
     def __enter__(self):
         for li in self.layers:
@@ -196,10 +198,6 @@ class RouterTap:
             self.handles.append(li.router.register_forward_pre_hook(pre, with_kwargs=True))
         return self
 
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return False
 
 
 def simulated_recovery(model, base, batch, held, keep, recipe: EntangleRecipe, accel, n_units: int, inner: str,
