@@ -341,3 +341,30 @@ def test_read_keep_file_errors(tmp_path):
     (tmp_path / "k.json").write_text("[1,")
     with pytest.raises(KeepSetError, match="not valid JSON"):
         read_keep_file(tmp_path / "k.json", moe_layers=[0], num_experts=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_rows_reads_one_expert_of_a_fused_tensor(tmp_path, dtype):
+    """``read_rows`` equals slicing the whole tensor, along a contiguous axis (only those bytes are
+    read) and along a non-contiguous one; ``read_tensor`` equals safetensors' own reader."""
+    from moeharden.io.shards import CheckpointFiles, contiguous_rows, read_rows, read_tensor
+
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(6, 10, 4, generator=g).to(dtype)          # [E, 2I, H]
+    inner = torch.randn(1, 6, 5, generator=g).to(dtype)           # experts on axis 1 after a 1: contiguous
+    strided = torch.randn(3, 6, 2, generator=g).to(dtype)         # experts on axis 1: not contiguous
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file({"a": torch.zeros(3), "fused": fused, "inner": inner, "strided": strided}, str(d / "model.safetensors"))
+    files = CheckpointFiles(d)
+    info = files.tensors
+    assert contiguous_rows(info["fused"], 0) and contiguous_rows(info["inner"], 1)
+    assert not contiguous_rows(info["strided"], 1)
+    for e in range(6):
+        assert torch.equal(read_rows(info["fused"], 0, e, 1), fused[e:e + 1])
+        assert torch.equal(read_rows(info["inner"], 1, e, 1), inner[:, e:e + 1])
+        assert torch.equal(read_rows(info["strided"], 1, e, 1), strided[:, e:e + 1])
+    assert torch.equal(read_rows(info["fused"], 0, 2, 3), fused[2:5])
+    ref = load_file(str(d / "model.safetensors"))
+    for name in ref:
+        assert torch.equal(read_tensor(info[name]), ref[name])

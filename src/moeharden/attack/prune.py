@@ -67,7 +67,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
     """
     from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
     from moeharden.io.records import tool_info
-    from moeharden.io.shards import parse_size, write_streaming_shards
+    from moeharden.io.shards import contiguous_rows, parse_size, write_streaming_shards
     from moeharden.model.checkpoint import checkpoint_digest
     from moeharden.model.disk import pruned_config
     from moeharden.model.keepset import check_keep_counts, parse_keep, to_json
@@ -101,7 +101,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
             if role is None or role.expert is not None:       # copied as is, file to file
                 return [(reader.handle_for(info), info.start, info.end - info.start)]
             ids = keep[role.layer]
-            if all(d == 1 for d in info.shape[:role.axis]):   # each kept expert is one contiguous byte range
+            if contiguous_rows(info, role.axis):              # each kept expert is one contiguous byte range
                 per = (info.end - info.start) // (info.shape[role.axis] // role.rows_per_expert)
                 return [(reader.handle_for(info), info.start + e * per, per) for e in ids]
             rows = index[role.layer]                          # general case: read, select, write

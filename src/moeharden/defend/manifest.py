@@ -98,7 +98,7 @@ def expert_matrices(files, roles) -> dict[int, dict[int, list[tuple[str, Any]]]]
 
 def fingerprints(files, spec, config, roles) -> dict[str, dict[str, list[float]]]:
     """``{layer: {expert: sketch}}`` for every routed expert (one fused tensor read at a time)."""
-    from moeharden.io.shards import read_tensor
+    from moeharden.io.shards import contiguous_rows, read_rows, read_tensor
 
     where = expert_matrices(files, roles)
     cache: dict[str, torch.Tensor] = {}
@@ -107,14 +107,17 @@ def fingerprints(files, spec, config, roles) -> dict[str, dict[str, list[float]]
         for e in sorted(where[layer]):
             parts = []
             for _key, (info, role, idx) in sorted(where[layer][e], key=lambda x: x[0]):
+                r = role.rows_per_expert if idx is not None else 1
                 if idx is None:
                     w = read_tensor(info)
+                elif contiguous_rows(info, role.axis):         # one expert's bytes: read them alone
+                    w = read_rows(info, role.axis, idx * r, r)
+                    w = w if r > 1 else w.select(role.axis, 0)
                 else:
                     if info.name not in cache:
                         cache.clear()                      # one fused tensor resident at a time
                         cache[info.name] = read_tensor(info)
                     t = cache[info.name]
-                    r = role.rows_per_expert
                     w = t.narrow(role.axis, idx * r, r) if r > 1 else t.select(role.axis, idx)
                 parts.append(sketch_matrix(w))
             v = torch.cat(parts)

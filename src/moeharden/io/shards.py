@@ -242,21 +242,44 @@ def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
     if info.dtype not in _TORCH_DTYPES:
         raise CheckpointError(f"Tensor {info.name!r} in {info.file.name} has dtype {info.dtype}, which this "
                               "torch version cannot read.", hint="Upgrade torch, or convert the checkpoint.")
+    return _read_range(info, info.start, info.end - info.start, list(info.shape), handle)
+
+
+def _read_range(info: TensorInfo, start: int, length: int, shape: list[int], handle=None) -> torch.Tensor:
+    """``length`` bytes of ``info.file`` from ``start`` as a tensor of ``shape`` (read into one buffer)."""
     own = handle is None
     f = open(info.file, "rb") if own else handle
+    buf = bytearray(length)                       # read straight into it: never a second copy
     try:
-        f.seek(info.start)
-        buf = bytearray(f.read(info.end - info.start))
+        f.seek(start)
+        got = f.readinto(buf) if length else 0
     finally:
         if own:
             f.close()
-    if len(buf) != info.end - info.start:
+    if got != length:
         raise CheckpointError(f"{info.file.name} ends inside tensor {info.name!r}: it changed or was truncated "
                               "after it was indexed.", hint="Re-download or re-save the checkpoint.")
     dtype = _TORCH_DTYPES[info.dtype]
     if not buf:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def contiguous_rows(info: TensorInfo, axis: int) -> bool:
+    """Whether every slice along ``axis`` is one contiguous byte range (all dimensions before it are 1)."""
+    return all(d == 1 for d in info.shape[:axis])
+
+
+def read_rows(info: TensorInfo, axis: int, start: int, count: int, handle=None) -> torch.Tensor:
+    """Rows ``start .. start + count`` along ``axis`` of one tensor (e.g. one expert of a fused one):
+    only their bytes when they are contiguous (a real fused ``[E, 2I, H]`` tensor is a gigabyte),
+    else the whole tensor, narrowed."""
+    if info.dtype in _TORCH_DTYPES and contiguous_rows(info, axis):
+        row = (info.end - info.start) // max(info.shape[axis], 1)
+        shape = list(info.shape)
+        shape[axis] = count
+        return _read_range(info, info.start + start * row, count * row, shape, handle)
+    return read_tensor(info, handle).narrow(axis, start, count)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
