@@ -283,3 +283,18 @@ def test_lora_targets_cover_each_familys_attention_and_train_only_adapters(famil
                            "q_b_proj.lora_B.default.weight", "qkv_proj.lora_B.default.weight",
                            "q_proj.linear.lora_B.default.weight"))
                for n in changed)
+
+
+def test_self_check_builds_a_tiny_model_of_a_shallower_checkpoint():
+    """A real config truncated to one layer (gpt-oss: one ``layer_types`` entry) still self-checks:
+    its per-layer lists are repeated to the tiny model's two layers (they used to fail validation)."""
+    from moeharden.model.selfcheck import check_adapter
+    from moeharden.model.tiny import tiny_config as shrink
+
+    cfg = T.GptOssConfig(num_hidden_layers=1, layer_types=["sliding_attention"], num_local_experts=32,
+                         hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+                         head_dim=64, vocab_size=201088)
+    tiny = shrink(cfg, spec_for_config(cfg))
+    assert tiny.num_hidden_layers == 2 and tiny.layer_types == ["sliding_attention", "sliding_attention"]
+    res = check_adapter(cfg)
+    assert res.ok, res.reason

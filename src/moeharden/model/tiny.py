@@ -3,7 +3,8 @@
 :func:`tiny_config` shrinks a config — a real checkpoint's, or a config class's defaults — to a
 model of a few ten thousand parameters with the same class and the same routing settings: hidden
 32, 2 decoder layers, 8 experts, top-2, vocabulary 64; per-layer lists and per-layer dicts are cut
-to the kept layers (keeping one of each layer kind, so a hybrid model keeps an attention layer).
+to the kept layers (keeping one of each layer kind, so a hybrid model keeps an attention layer),
+and a per-layer list of a model with fewer layers than that is repeated to the tiny depth.
 The rules are generic; what a family needs beyond them is its registry entry's ``tiny`` overrides,
 so this module never branches on a family name. :func:`build_tiny_model` builds the real
 transformers class from it with lively routers (so that routing is not degenerate).
@@ -65,8 +66,10 @@ def _shrink(d: dict, *, n_layers: int, depth: int = 0) -> dict:
             out[k] = _SMALL[k]
         elif ("intermediate" in k or k.endswith("ffn_hidden_size")) and (v is None or _is_int(v) and v > 32):
             out[k] = 32
-        elif isinstance(v, list) and n_orig and len(v) == n_orig and n_orig > n_layers:
+        elif isinstance(v, list) and v and n_orig and len(v) == n_orig and n_orig > n_layers:
             out[k] = _cut_per_layer(v, n_layers)
+        elif isinstance(v, list) and v and n_orig and len(v) == n_orig < n_layers:   # a model shallower than tiny
+            out[k] = (v * n_layers)[:n_layers]
         else:
             out[k] = v
     return out
