@@ -192,16 +192,21 @@ def _batches(items: Sequence, size: int):
 @torch.no_grad()
 def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num_experts: int,
                   batch_size: int = 32, max_length: int = 512):
-    """One pass over ``texts`` with the routing record (norms included); returns summed stats."""
+    """One pass over ``texts`` with the routing record (norms included); returns summed stats.
+
+    Only the decoder stack runs (``model.base_model``): routing never depends on the LM head, and
+    its ``[B, T, vocab]`` logits would cost more than an MoE layer at real vocabulary sizes.
+    """
     from moeharden.model.routing import record_routing
 
     total = None
     device = next(model.parameters()).device
+    decoder = getattr(model, "base_model", model)
     for chunk in _batches(list(texts), batch_size):
         enc = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with record_routing(model, norms=True, attention_mask=enc["attention_mask"]) as rec:
-            model(**enc)
+            decoder(**enc)
         st = stats_from_record(rec, layers, num_experts)
         total = st if total is None else merge_stats(total, st)
     return total
