@@ -8,6 +8,7 @@ alone, which draws nothing in JSON mode or without a terminal, so the library st
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,14 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+
+def secondary_process() -> bool:
+    """A process of ``accelerate launch`` other than the first: it computes, the first one speaks."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0
+
+
+console = Console(stderr=True, highlight=False, quiet=secondary_process())
+errors = Console(stderr=True, highlight=False)     # errors are printed by every process
 
 _state = {"json": False}
 
@@ -31,7 +39,9 @@ def json_mode() -> bool:
 
 
 def emit_json(obj: Any) -> None:
-    """Write one JSON document to stdout."""
+    """Write one JSON document to stdout (by the first process of a launch only)."""
+    if secondary_process():
+        return
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     sys.stdout.flush()
 
@@ -45,7 +55,7 @@ def info(message: str) -> None:
 @contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Any]:
     """A Rich progress bar; yields ``advance(n=1, **fields)``. Silent in JSON mode or without a TTY."""
-    if _state["json"] or not console.is_terminal:
+    if _state["json"] or not console.is_terminal or secondary_process():
         def advance(n: int = 1, **_: Any) -> None:
             return None
 

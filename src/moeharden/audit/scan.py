@@ -281,6 +281,7 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     """
     from moeharden.audit.report import render_scan
     from moeharden.io.outputs import atomic_output_dir
+    from moeharden.io.ranks import current
     from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from moeharden.model.registry import moe_layers
     from moeharden.tasks.resolve import load_tasks
@@ -310,6 +311,8 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
 
         doc.ladder = ladder_for_document(model, tokenizer, task_objs, doc, settings.attack_plan(), checkpoint=path,
                                          trust_remote_code=trust_remote_code)
+    if not current().main:      # under `accelerate launch` the first process writes the (same) document
+        return ScanResult(doc, None)
     with atomic_output_dir(out) as tmp:
         (tmp / "scan.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_scan(doc, tmp)

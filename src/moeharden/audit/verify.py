@@ -131,6 +131,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     from moeharden.audit.report import render_verify
     from moeharden.audit.scan import ScanSettings, model_identity, scan_model
     from moeharden.io.outputs import atomic_output_dir, check_output_dir
+    from moeharden.io.ranks import current
     from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint, validate_checkpoint
     from moeharden.model.registry import moe_layers
 
@@ -170,6 +171,8 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     doc = VerifyDocument(**stamp(), checkpoint=identity, baseline=BaselineRef(path=str(baseline), model=base.model),
                          gate_settings=gate, gate=rows, passed=all(r.passed for r in rows), integrity=integrity,
                          attack=data, seconds=round(time.perf_counter() - t0, 2))
+    if not current().main:      # under `accelerate launch` the first process writes the (same) document
+        return VerifyResult(doc, None)
     with atomic_output_dir(out) as tmp:
         (tmp / "verify.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_verify(base, doc, tmp)

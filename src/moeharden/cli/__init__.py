@@ -72,7 +72,12 @@ def main() -> None:
         if debug():
             raise
         first = str(err).splitlines()[0][:300] if str(err) else ""
-        ui.console.print(f"Internal error (a bug: please report it): {type(err).__name__}: {first} "
+        ui.errors.print(f"Internal error (a bug: please report it): {type(err).__name__}: {first} "
                          "Hint: Re-run with MOEHARDEN_DEBUG=1 for the traceback and report it.",
                          markup=False, soft_wrap=True)
         sys.exit(EXIT_INTERNAL)
+    finally:                   # under `accelerate launch`: leave the launch before the interpreter exits
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            from moeharden.io.ranks import close
+
+            close()

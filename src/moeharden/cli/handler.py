@@ -43,7 +43,7 @@ def fail(title: str, message: str, hint: str | None, code: int) -> None:
     text = f"[bold red]{esc(title)}:[/] {esc(message)}"
     if hint:
         text += f" [dim]Hint: {esc(hint)}[/]"
-    ui.console.print(text, soft_wrap=True)
+    ui.errors.print(text, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -106,7 +106,13 @@ def json_flag(flag: bool) -> None:
 
 
 def emit(result: Any) -> bool:
-    """In JSON mode, emit ``result`` (its ``to_dict()`` when it has one) and return True."""
+    """In JSON mode, emit ``result`` (its ``to_dict()`` when it has one) and return True.
+
+    True too in a process of ``accelerate launch`` other than the first: it renders nothing (the
+    first process writes the outputs and reports them).
+    """
+    if ui.secondary_process():
+        return True
     if not ui.json_mode():
         return False
     ui.emit_json(result.to_dict() if hasattr(result, "to_dict") else result)
@@ -114,8 +120,9 @@ def emit(result: Any) -> bool:
 
 
 def push(out: Path, repo_id: str | None, what: str, public: bool) -> dict | None:
-    """After a command has written ``out``: upload it when --push-to-hub was given."""
-    if not repo_id:
+    """After a command has written ``out``: upload it when --push-to-hub was given (``out`` None:
+    this process wrote nothing, see :func:`emit`)."""
+    if not repo_id or out is None:
         return None
     from moeharden.io.hub import push_output
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,12 @@ def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_r
 
     spec_for_config(load_config(path, trust_remote_code=trust_remote_code))
     if device_map is None and torch.cuda.is_available():
-        device_map = "auto"
+        from moeharden.io.ranks import current
+
+        # one process: one copy over every visible GPU; under `accelerate launch`: a copy per process,
+        # on the process's own GPU (LOCAL_RANK)
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        device_map = "auto" if current().size == 1 else {"": local % torch.cuda.device_count()}
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     hf_logging.disable_progress_bar()

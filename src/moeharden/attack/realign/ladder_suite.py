@@ -227,14 +227,20 @@ def run_suite(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[int]]]
         model, tokenizer: the loaded model under attack (used in this process).
         tasks: loaded tasks; keepsets: the pruned shape's keep-set per task.
         checkpoint: the model's directory on disk; with ``plan.workers > 1`` each worker process
-            loads it once and runs a share of the curves (``spawn``; one thread per worker).
+            loads it once and runs a share of the curves (``spawn``; one thread per worker). Under
+            ``accelerate launch`` the launch's processes share the curves instead (``workers`` unused).
         skip: ``(task, reference, attack)`` curves to leave out.
         progress: called after each finished curve.
     Returns:
         curve records (:meth:`LadderCurve.to_dict`), the same whatever ``plan.workers`` is.
     """
+    from moeharden.io.ranks import current, spread
+
     jobs = plan_jobs([t.name for t in tasks], plan, skip=set(skip))
     lm_eval = any(getattr(t, "lm_eval", None) is not None for t in tasks)
+    if current().size > 1:      # under `accelerate launch`: the launch's processes share the curves
+        ctx = SuiteContext(model, tokenizer, tasks, keepsets, plan)
+        return spread(jobs, lambda job: run_job(ctx, job), progress=progress)
     if plan.workers <= 1 or checkpoint is None or len(jobs) < 2 or lm_eval:
         return run_jobs(SuiteContext(model, tokenizer, tasks, keepsets, plan), jobs, progress=progress)
     import multiprocessing as mp

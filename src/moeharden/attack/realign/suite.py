@@ -140,6 +140,7 @@ def recovery_suite(model, tokenizer, tasks, data: dict, settings: SuiteSettings 
         a strategy's entry is ``None`` unless every seed reached the target within the budget.
     """
     from moeharden.console import progress_bar
+    from moeharden.io.ranks import spread
     from moeharden.model.registry import lora_targets, moe_layers
     from moeharden.model.routing import mask_experts
 
@@ -151,22 +152,29 @@ def recovery_suite(model, tokenizer, tasks, data: dict, settings: SuiteSettings 
     metric_of = {t["name"]: t["metric"] for t in data["tasks"]}
     rows, timing = [], {"select": 0.0, "train": 0.0}
     plan, used_keeps = _plan(tasks, data, s)
+
+    def one(job) -> tuple[list[dict], int | None, float, float]:
+        t, k, mode, strat, seed = job
+        _, keep = best_keepset(data, t.name, k)
+        rs = RecoverySettings(mode=mode, strategy=strat, budget=s.budget, rounds=s.rounds,
+                              steps_per_round=s.steps_per_round, lr=s.lr, seed=seed)
+        run = run_recovery(model, task_ops(tokenizer, t), t.train, rs, router_params=router_params,
+                           mask=lambda keep=keep: mask_experts(model, keep), lora_targets=targets)
+        name = "distill" if mode == "distill" else strat
+        need = _labels_needed(run.points, mode, full[t.name], metric_of[t.name], s.target_fraction)
+        return (_curve_rows(t.name, k, mode, name, seed, run.points), need, run.select_seconds,
+                run.train_seconds)
+
     per_task: dict[str, dict[str, list]] = {}
     with progress_bar("re-alignment attack", total=len(plan)) as advance:
-        for t, k, mode, strat, seed in plan:
-            _, keep = best_keepset(data, t.name, k)
-            rs = RecoverySettings(mode=mode, strategy=strat, budget=s.budget, rounds=s.rounds,
-                                  steps_per_round=s.steps_per_round, lr=s.lr, seed=seed)
-            run = run_recovery(model, task_ops(tokenizer, t), t.train, rs, router_params=router_params,
-                               mask=lambda keep=keep: mask_experts(model, keep), lora_targets=targets)
-            timing["select"] += run.select_seconds
-            timing["train"] += run.train_seconds
-            name = "distill" if mode == "distill" else strat
-            rows += _curve_rows(t.name, k, mode, name, seed, run.points)
-            need = _labels_needed(run.points, mode, full[t.name], metric_of[t.name], s.target_fraction)
-            if k == used_keeps[t.name][0] and (mode == s.modes[0] or mode == "distill"):
-                per_task.setdefault(t.name, {}).setdefault(name, []).append(need)
-            advance()
+        # every run is independent (seeded by its own seed): under `accelerate launch` the processes share them
+        results = spread(plan, one, progress=advance)
+    for (t, k, mode, strat, _seed), (curve, need, sel_s, train_s) in zip(plan, results, strict=True):
+        timing["select"] += sel_s
+        timing["train"] += train_s
+        rows += curve
+        if k == used_keeps[t.name][0] and (mode == s.modes[0] or mode == "distill"):
+            per_task.setdefault(t.name, {}).setdefault("distill" if mode == "distill" else strat, []).append(need)
     ltr, saving = _summaries(per_task)
     return {
         "recovery": rows, "labels_to_recover": ltr, "recovery_saving": saving,

@@ -73,6 +73,7 @@ from moeharden.defend.entangle.resume import (
     save_checkpoint,
 )
 from moeharden.errors import InputError
+from moeharden.io.ranks import barrier, current, sum_
 from moeharden.model.registry import moe_layers
 from moeharden.model.routing import mask_experts
 from moeharden.tasks.encoding import answer_logits, encode
@@ -124,7 +125,13 @@ def _setup(model, tokenizer, tasks, recipe: EntangleRecipe) -> _Trainer:
                             weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: max(0.0, 1.0 - s / recipe.steps)) if recipe.lr_schedule == "linear" else (lambda s: 1.0))
-    model, opt = accel.prepare(model, opt)
+    if current().size > 1:
+        # several processes share each step's micro-batches and sum their gradients (_train_step):
+        # no DDP wrapper, whose per-backward all-reduce needs the same backward count everywhere
+        model.to(accel.device)
+        opt = accel.prepare(opt)            # the fp16 loss scaler lives in the prepared optimizer
+    else:
+        model, opt = accel.prepare(model, opt)
     base = accel.unwrap_model(model)
     teacher.to(accel.device)
     info = moe_layers(base)
@@ -144,11 +151,42 @@ def _resume(tr: _Trainer, latest: Path) -> int:
     return state["step"]
 
 
-def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, float], n_units: int) -> None:
-    """Forward/backward every term on one batch of task ``t``; gradients accumulate, ``logs`` add up."""
-    r, accel, model, device = tr.recipe, tr.accel, tr.model, tr.accel.device
+@dataclass
+class _Draws:
+    """One micro-batch's random choices: its examples, pruned sub-models and simulated attack."""
+
+    examples: list
+    subsets: list                      # keep-sets of the pruned terms
+    recovery: tuple | None = None      # (keep-set, held-out examples, inner steps) of the recovery term
+
+
+def _unit_draws(tr: _Trainer, t, step: int, rng: random.Random) -> _Draws:
+    """Every random draw of one micro-batch of task ``t``, in the order one process always made them.
+
+    Every process makes the draws of every micro-batch (cheap, no model call), so the stream of
+    choices is the single-process one whichever process computes the micro-batch.
+    """
+    r = tr.recipe
     ex = rng.sample(t.train, min(r.batch_size, len(t.train)))
-    batch = encode(tr.tokenizer, ex).to(device)
+    attr, adv = tr.attr_pool.get(t.name, []), tr.adv_pool.get(t.name, [])
+    polish = step >= r.steps - r.polish_steps          # the last steps: the full model only
+    subsets = [sample_keepset(rng, r, attr, adv, tr.layers, tr.num_experts, tr.keeps)[1]
+               for _ in range(0 if polish else r.subsets_per_step)]
+    draws = _Draws(ex, subsets)
+    if (r.recovery_term and not polish and step % r.recovery_every == 0
+            and (r.recovery_tasks is None or t.name in r.recovery_tasks)):
+        pool = [ks for ks in attr + adv if len(ks[tr.layers[0]]) <= r.recovery_keep_max * tr.num_experts]
+        if pool:
+            keep = rng.choice(pool)
+            held = rng.sample(t.train, min(r.batch_size, len(t.train)))
+            draws.recovery = (keep, held, r.recovery_inner[step // r.recovery_every % len(r.recovery_inner)])
+    return draws
+
+
+def _task_unit(tr: _Trainer, draws: _Draws, logs: dict[str, float], n_units: int) -> None:
+    """Forward/backward every term on one micro-batch; gradients accumulate, ``logs`` add up."""
+    r, accel, model, device = tr.recipe, tr.accel, tr.model, tr.accel.device
+    batch = encode(tr.tokenizer, draws.examples).to(device)
     with torch.no_grad():
         t_logits = tr.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     with RouterTap(tr.info) as tap, BlockTap(tr.info) as blocks, accel.autocast(), \
@@ -165,12 +203,9 @@ def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, f
         loss = loss + r.lambda_cancel * l_can
         logs["cancel"] = logs.get("cancel", 0.0) + float(l_can.detach()) / n_units
     accel.backward(loss / n_units)
-    attr, adv = tr.attr_pool.get(t.name, []), tr.adv_pool.get(t.name, [])
     full_blocks = [y.detach() for y in blocks.outputs]
     l_prune = l_div = 0.0
-    polish = step >= r.steps - r.polish_steps          # the last steps: the full model only
-    for _ in range(0 if polish else r.subsets_per_step):
-        _, keep = sample_keepset(rng, r, attr, adv, tr.layers, tr.num_experts, tr.keeps)
+    for keep in draws.subsets:
         with mask_experts(tr.base, keep), BlockTap(tr.info) as pblocks, accel.autocast():
             lp = pruned_hinge(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                               batch, r)
@@ -179,15 +214,11 @@ def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, f
         accel.backward((r.lambda_prune * lp + r.lambda_diverge * ld) / (r.subsets_per_step * n_units))
         l_prune += float(lp.detach()) / r.subsets_per_step
         l_div += float(ld.detach()) / r.subsets_per_step
-    if (r.recovery_term and not polish and step % r.recovery_every == 0
-            and (r.recovery_tasks is None or t.name in r.recovery_tasks)):
-        pool = [ks for ks in attr + adv if len(ks[tr.layers[0]]) <= r.recovery_keep_max * tr.num_experts]
-        if pool:
-            keep = rng.choice(pool)
-            held = encode(tr.tokenizer, rng.sample(t.train, min(r.batch_size, len(t.train)))).to(device)
-            inner = r.recovery_inner[step // r.recovery_every % len(r.recovery_inner)]
-            logs["recovery"] += simulated_recovery(model, tr.base, batch, held, keep, r, accel, n_units, inner,
-                                                   logits.detach()) / n_units
+    if draws.recovery is not None:
+        keep, held_ex, inner = draws.recovery
+        held = encode(tr.tokenizer, held_ex).to(device)
+        logs["recovery"] += simulated_recovery(model, tr.base, batch, held, keep, r, accel, n_units, inner,
+                                               logits.detach()) / n_units
     logs["task"] += float(l_task.detach()) / n_units
     logs["retain"] += float(l_ret.detach()) / n_units
     logs["spread"] += float(l_spr.detach()) / n_units
@@ -198,9 +229,8 @@ def _task_unit(tr: _Trainer, t, step: int, rng: random.Random, logs: dict[str, f
 
 def _train_step(tr: _Trainer, step: int) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` batches of every task; returns the mean losses."""
-    r, accel = tr.recipe, tr.accel
-    # each process of a multi-GPU run draws its own batches (process 0 = the single-process run)
-    rng = _step_rng(r.seed + 7919 * accel.process_index, step)
+    r, accel, ranks = tr.recipe, tr.accel, current()
+    rng = _step_rng(r.seed, step)
     torch.manual_seed(r.seed * 1_000_003 + step)
     if step % r.recompute_every == 0 or not tr.attr_pool:
         tr.base.eval()
@@ -210,9 +240,27 @@ def _train_step(tr: _Trainer, step: int) -> dict[str, float]:
     logs = {"task": 0.0, "retain": 0.0, "spread": 0.0, "prune": 0.0}
     if r.recovery_term:
         logs["recovery"] = 0.0
+    if ranks.size > 1:      # the same keys in every process, computed a micro-batch or not
+        logs.update({k: 0.0 for k, on in (("cancel", r.lambda_cancel), ("diverge", r.lambda_diverge)) if on})
     n_units = len(tr.tasks) * r.grad_accum      # micro-batches whose gradients one step sums
-    for t in [t for _ in range(r.grad_accum) for t in tr.tasks]:
-        _task_unit(tr, t, step, rng, logs, n_units)
+    units = [_unit_draws(tr, t, step, rng) for _ in range(r.grad_accum) for t in tr.tasks]
+    for i, draws in enumerate(units):      # process p computes micro-batches p, p + N, ...
+        if i % ranks.size == ranks.rank:
+            _task_unit(tr, draws, logs, n_units)
+    if ranks.size > 1:                     # the step's gradient and losses: sums over all micro-batches
+        params = [p for p in tr.base.parameters() if p.requires_grad]
+        seen = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sum_([p.grad for p in params] + [seen])
+        for p, n in zip(params, seen.tolist(), strict=True):
+            if n == 0:              # no process touched it: no gradient, as in one process (no decay step)
+                p.grad = None
+        keys = sorted(logs)
+        totals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+        sum_([totals])
+        logs = {k: float(v) for k, v in zip(keys, totals, strict=True)}
     if r.grad_clip:
         accel.clip_grad_norm_(tr.model.parameters(), r.grad_clip)
     tr.opt.step()
@@ -245,7 +293,9 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     if empty:
         raise InputError(f"Task(s) {', '.join(empty)} have no training examples; entangle needs a train split.")
     if ckpt_dir is not None:        # before any work: never write into (and later delete) a foreign directory
-        claim_checkpoint_dir(ckpt_dir)
+        if current().main:
+            claim_checkpoint_dir(ckpt_dir)
+        barrier()
     tr = _setup(model, tokenizer, tasks, recipe)
     latest = ckpt_dir / "latest" if ckpt_dir is not None else None
     start = _resume(tr, latest) if resume and latest is not None and has_checkpoint(latest) else 0
