@@ -1,0 +1,398 @@
+"""Costs at real width: prune, lock and scan's attribution pass on checkpoints with the real configs.
+
+Each target is the real config of a recipe target (Mixtral-8x7B, OLMoE-1B-7B, Qwen3-30B-A3B,
+DeepSeek-V2-Lite, gpt-oss-20b: every width, head, expert and vocabulary size as released), random
+weights in bf16, truncated to a few decoder layers, saved by transformers in the release's on-disk
+layout in 2 GB shards. They are built here (in a child process) and deleted after their
+measurements; nothing is committed. Measured per checkpoint, in child processes so that each peak
+RSS is that command's own (interpreter, torch and transformers included: "raw"):
+
+- ``prune`` (half of the experts kept in every MoE layer): peak RSS ÷ largest shard (goal ≤ 1.5),
+  time ÷ a plain copy of the same files (goal ≤ 2; both from a warm page cache);
+- ``lock``: tensor-hashing throughput ÷ ``sha256sum`` of the same files (goal ≥ 0.8), and the whole
+  ``lock`` command's peak RSS ÷ largest shard (goal ≤ 1.5);
+- ``scan``'s attribution pass (:func:`moeharden.attack.attribution.routing_stats`: every observed
+  method's sums, norms and probabilities in one pass; 64 calibration prompts × 128 tokens, batch 32)
+  ÷ a plain forward of the same modules over the same tokens (goal ≤ 1.10), and that child's peak
+  RSS ÷ the model's weight bytes (goal ≤ 1.3), the model loaded in bf16;
+- growth: the same figures for OLMoE at 1, 2 and 4 layers with 64 and 32 experts, fitted as
+  ``cost = a + b·layers``; the table gives the slope b and the largest relative deviation of a
+  point from the line (linear in layers is the goal).
+
+Results are kept in ``WORKDIR/scale.json`` (a re-run skips what is measured; ``--only NAME ...``
+measures those again, ``--fresh`` everything).
+With ``--llmc PYTHON`` (the venv of ``bench/reap_llmc.py``), llm-compressor's REAP runs on the
+Qwen3, Mixtral and 2-layer OLMoE checkpoints over the same tokens: its attribution seconds per
+pipeline beside moeharden's, and whether it keeps the experts moeharden's ``reap`` keeps.
+Run: .venv/bin/python bench/scale.py [WORKDIR] [--only NAME ...] [--fresh] [--llmc PYTHON]   (~40 min, 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lock import CHILD_HASH, CHILD_LOCK, POLICY  # noqa: E402  (the lock bench's children, reused)
+
+SHARD = "2GB"
+CALIB_PROMPTS, CALIB_TOKENS, BATCH = 64, 128, 32
+REPEATS = 3           # copies and prunes per checkpoint (2 above 3 GB)
+SCAN_REPEATS = 5      # interleaved plain / attributed passes: the median of each
+
+# The released configs (config.json of each model), minus the layer count set per checkpoint.
+TARGETS: dict[str, tuple[str, dict]] = {
+    "mixtral-8x7b": ("MixtralConfig", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=None, tie_word_embeddings=False,
+        router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2)),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, norm_topk_prob=False, clip_qkv=None,
+        router_aux_loss_coef=0.01, pad_token_id=1, eos_token_id=50279, tie_word_embeddings=False)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+        router_aux_loss_coef=0.001, bos_token_id=151643, eos_token_id=151645)),
+    "deepseek-v2-lite": ("DeepseekV2Config", dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
+        num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, head_dim=64, routed_scaling_factor=1.0, topk_method="greedy",
+        n_group=1, topk_group=1, norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096},
+        tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001)),
+    "gpt-oss-20b": ("GptOssConfig", dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, swiglu_limit=7.0, attention_bias=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096},
+        tie_word_embeddings=False, router_aux_loss_coef=0.9, pad_token_id=199999, eos_token_id=200002)),
+}
+# (name, target, decoder layers, expert-count override): the five targets, then OLMoE's growth grid
+CHECKPOINTS = [
+    ("mixtral-8x7b/L1", "mixtral-8x7b", 1, None),
+    ("qwen3-30b-a3b/L1", "qwen3-30b-a3b", 1, None),
+    ("deepseek-v2-lite/L2", "deepseek-v2-lite", 2, None),     # layer 0 is dense in the release, layer 1 MoE
+    ("gpt-oss-20b/L1", "gpt-oss-20b", 1, None),
+    *[(f"olmoe-1b-7b/L{n}E{e}", "olmoe-1b-7b", n, e) for e in (64, 32) for n in (1, 2, 4)],
+]
+EXPERT_KEY = {"olmoe-1b-7b": "num_experts"}
+LLMC_CHECKPOINTS = ("qwen3-30b-a3b/L1", "mixtral-8x7b/L1", "olmoe-1b-7b/L2E64")   # with --llmc
+
+CHILD_BUILD = """
+import json, sys, torch, transformers
+cls, kw, path, shard = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+cfg = getattr(transformers, cls)(**kw)
+torch.manual_seed(0)
+torch.set_default_dtype(torch.bfloat16)          # initialise in bf16: never a float32 copy
+model = transformers.AutoModelForCausalLM.from_config(cfg)
+cfg.dtype = torch.bfloat16
+model.save_pretrained(path, max_shard_size=shard)
+print("built")
+"""
+CHILD_PRUNE = """
+import sys, json, resource, time
+from pathlib import Path
+from moeharden.model.checkpoint import load_config
+from moeharden.attack.prune import prune_checkpoint
+keep = {int(k): v for k, v in json.loads(sys.argv[3]).items()}
+load_config(Path(sys.argv[1]))
+t0 = time.perf_counter()
+prune_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), keep, max_shard_size="2GB")
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+CHILD_SCAN = """
+import json, resource, statistics, sys, time
+from pathlib import Path
+import torch
+from moeharden.attack.attribution import routing_stats
+from moeharden.model.checkpoint import load_model
+from moeharden.model.registry import moe_layers
+import threading
+torch.set_num_threads(2)
+prompts, tokens, batch, reps = (int(x) for x in sys.argv[2:6])
+anon = [0]
+
+def sample():   # peak private (anonymous) memory: ru_maxrss also counts the mmap'd shard pages
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                anon[0] = max(anon[0], int(line.split()[1]))
+        time.sleep(0.005)
+
+threading.Thread(target=sample, daemon=True).start()
+model = load_model(Path(sys.argv[1]), dtype=torch.bfloat16)
+info = moe_layers(model)
+layers, E = [li.layer for li in info], info[0].num_experts
+weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+V = model.config.vocab_size
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(3, min(V, 30000), (prompts, tokens), generator=g)
+
+class Ids:   # the calibration "texts" are token-id rows; this plays the tokenizer's part
+    def __call__(self, rows, **_):
+        x = torch.stack(list(rows))
+        return {"input_ids": x, "attention_mask": torch.ones_like(x)}
+
+rows = list(ids)
+base = model.base_model
+
+@torch.no_grad()
+def plain():
+    for i in range(0, prompts, batch):
+        x = ids[i:i + batch]
+        base(input_ids=x, attention_mask=torch.ones_like(x))
+
+last = []
+
+def attributed():
+    last[:] = [routing_stats(model, Ids(), rows, layers, E, batch_size=batch)]
+
+@torch.no_grad()
+def lm_forward():
+    for i in range(0, prompts, batch):
+        x = ids[i:i + batch]
+        model(input_ids=x, attention_mask=torch.ones_like(x))
+
+fns = [plain, attributed]
+for f in fns:
+    f()
+ts = [[], []]
+for _ in range(reps):
+    for i, f in enumerate(fns):
+        t0 = time.perf_counter(); f(); ts[i].append(time.perf_counter() - t0)
+peak_attr = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+time.sleep(0.02)
+t0 = time.perf_counter(); lm_forward(); t_lm = time.perf_counter() - t0
+from moeharden.attack.attribution import keep_sets, observed_scores
+reap = observed_scores(last[0])["reap"]
+reap_keep = keep_sets(reap, layers, E // 2)
+print(json.dumps({"plain": statistics.median(ts[0]), "attributed": statistics.median(ts[1]), "lm_forward": t_lm,
+                  "reap_keep": {str(k): v for k, v in reap_keep.items()},
+                  "reap_scores": {str(layer): [float(x) for x in row] for layer, row in zip(layers, reap, strict=True)},
+                  "peak_kb": peak_attr, "anon_kb": anon[0], "weight_bytes": weight_bytes}))
+"""
+CHILD_BASE = """
+import resource
+import moeharden.attack.prune, moeharden.attack.attribution, moeharden.defend.lock, moeharden.defend.manifest
+import moeharden.model.checkpoint, safetensors.torch, torch, transformers
+from transformers import AutoModelForCausalLM
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _py(code: str, *args, **kw) -> str:
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, **kw)
+    if res.returncode:
+        raise RuntimeError(res.stderr[-3000:])
+    out = res.stdout.strip().splitlines()
+    return out[-1] if out else ""
+
+
+def _config(target: str, layers: int, experts: int | None) -> tuple[str, dict]:
+    cls, kw = TARGETS[target]
+    kw = dict(kw, num_hidden_layers=layers)
+    if experts is not None:
+        kw[EXPERT_KEY[target]] = experts
+    if cls == "GptOssConfig":
+        kw["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return cls, kw
+
+
+def _keep(target: str, kw: dict) -> dict[str, list[int]]:
+    """Half of the experts (a seeded random half) in every MoE layer of the checkpoint."""
+    import random
+
+    E = next(kw[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in kw)
+    first = kw.get("first_k_dense_replace", 0)
+    rng = random.Random(0)
+    return {str(layer): sorted(rng.sample(range(E), E // 2)) for layer in range(first, kw["num_hidden_layers"])}
+
+
+def measure(name: str, target: str, layers: int, experts: int | None, work: Path, base_kb: int,
+            llmc: str | None = None) -> dict:
+    cls, kw = _config(target, layers, experts)
+    src = work / "ckpt"
+    shutil.rmtree(src, ignore_errors=True)
+    t0 = time.perf_counter()
+    _py(CHILD_BUILD, cls, json.dumps(kw), src, SHARD)
+    build_s = time.perf_counter() - t0
+    shards = sorted(src.glob("*.safetensors"))
+    largest, total = max(p.stat().st_size for p in shards), sum(p.stat().st_size for p in shards)
+    subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)   # warm the page cache
+    r: dict = {"name": name, "layers": layers, "shards": len(shards), "largest": largest, "bytes": total,
+               "build_s": round(build_s, 1)}
+    keep = json.dumps(_keep(target, kw))
+    copies, prunes, prune_kb = [], [], []
+    for i in range(REPEATS if total < 3e9 else 2):
+        dst = work / "copy"
+        dst.mkdir()
+        t0 = time.perf_counter()
+        for p in src.iterdir():
+            shutil.copyfile(p, dst / p.name)
+        copies.append(time.perf_counter() - t0)
+        shutil.rmtree(dst)
+        t, kb = _py(CHILD_PRUNE, src, work / f"pruned{i}", keep).split()
+        prunes.append(float(t))
+        prune_kb.append(int(kb))
+        shutil.rmtree(work / f"pruned{i}")
+    r.update(copy_s=statistics.median(copies), prune_s=statistics.median(prunes), prune_kb=max(prune_kb))
+    t0 = time.perf_counter()
+    subprocess.run(["sha256sum", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)
+    r["sha256sum_s"] = time.perf_counter() - t0
+    r["hash_s"] = float(_py(CHILD_HASH, src))
+    (work / "policy.yaml").write_text(POLICY)
+    keys = work / "keys"
+    if not keys.exists():
+        subprocess.run([sys.executable, "-m", "moeharden", "lock", "keygen", "--out", str(keys)], check=True,
+                       capture_output=True)
+    shutil.rmtree(work / "locked", ignore_errors=True)
+    r["lock_kb"] = int(_py(CHILD_LOCK, src, work / "policy.yaml", keys / "moeharden.key", work / "locked"))
+    shutil.rmtree(work / "locked")
+    r.update(json.loads(_py(CHILD_SCAN, src, CALIB_PROMPTS, CALIB_TOKENS, BATCH, SCAN_REPEATS)))
+    r["base_kb"] = base_kb
+    if llmc and name in LLMC_CHECKPOINTS:
+        r["llmc"] = _llmc(llmc, src, r["reap_keep"], r["reap_scores"])
+    shutil.rmtree(src)
+    return r
+
+
+def _llmc(python: str, src: Path, ours: dict[str, list[int]], scores: dict[str, list[float]]) -> dict:
+    """llm-compressor's REAP (bench/reap_llmc.py, in its own venv) on the same tokens: seconds of its
+    attribution pass per pipeline, whether its keep-set is moeharden's ``reap`` keep-set, and the
+    largest relative difference of its scores from moeharden's (both in bf16: ties decide keep-sets
+    of random-weight experts, so the scores are the comparison that means something)."""
+    out = {}
+    for pipeline in ("basic", "sequential"):
+        res = subprocess.run([python, str(Path(__file__).with_name("reap_llmc.py")), str(src), pipeline,
+                              "--batch-size", str(BATCH), "--threads", "2"], capture_output=True, text=True)
+        if res.returncode:
+            out[pipeline] = {"error": res.stderr.strip().splitlines()[-1][:300] if res.stderr.strip() else "failed"}
+            continue
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        kept = {str(int(k.split(".")[2])): sorted(v) for k, v in got["kept"].items()}   # model.layers.N.mlp
+        out[pipeline] = {"attribution_s": got["attribution_s"], "calib_s": got["calib_s"],
+                         "same_keep": kept == {k: sorted(v) for k, v in ours.items()},
+                         "layers_differing": sorted(k for k in kept if kept[k] != sorted(ours.get(k, []))),
+                         "score_rel_diff": max((abs(a - b) / max(abs(b), 1e-12)
+                                                for name, row in got.get("scores", {}).items()
+                                                for a, b in zip(row, scores[str(int(name.split(".")[2]))],
+                                                                strict=True)), default=None)}
+    return out
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least-squares ``y = a + b·x``; returns (a, b, largest |residual| ÷ y)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    return a, b, max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys, strict=True))
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = ["| checkpoint | size (shards, largest) | prune RSS ÷ shard (raw / above imports) | prune ÷ cp | "
+             "hash ÷ sha256sum | lock RSS ÷ shard (raw / above) | attribution ÷ forward | scan RSS ÷ weights "
+             "(raw / above / private) |", "|---|---|---|---|---|---|---|---|"]
+    goals = {"prune_rss": [], "prune_time": [], "hash": [], "lock_rss": [], "attr": [], "scan_rss": []}
+    for name, r in results.items():
+        sh = r["largest"]
+        pr, pa = r["prune_kb"] * 1024 / sh, (r["prune_kb"] - r["base_kb"]) * 1024 / sh
+        lr, la = r["lock_kb"] * 1024 / sh, (r["lock_kb"] - r["base_kb"]) * 1024 / sh
+        sr, sa = r["peak_kb"] * 1024 / r["weight_bytes"], (r["peak_kb"] - r["base_kb"]) * 1024 / r["weight_bytes"]
+        sp = r.get("anon_kb", 0) * 1024 / r["weight_bytes"]
+        pt, hs, at = r["prune_s"] / r["copy_s"], r["sha256sum_s"] / r["hash_s"], r["attributed"] / r["plain"]
+        for k, v in (("prune_rss", pr), ("prune_time", pt), ("hash", hs), ("lock_rss", lr), ("attr", at),
+                     ("scan_rss", sr)):
+            goals[k].append(v)
+        lines.append(f"| {name} | {r['bytes'] / 1e9:.2f} GB ({r['shards']}, {sh / 1e9:.2f} GB) | {pr:.2f} / {pa:.2f} | "
+                     f"{pt:.2f} | {hs:.2f} | {lr:.2f} / {la:.2f} | {at:.3f} | {sr:.2f} / {sa:.2f} / {sp:.2f} |")
+    if results:
+        lim = {"prune_rss": ("≤ 1.5", max, lambda v: v <= 1.5), "prune_time": ("≤ 2", max, lambda v: v <= 2),
+               "hash": ("≥ 0.8", min, lambda v: v >= 0.8), "lock_rss": ("≤ 1.5", max, lambda v: v <= 1.5),
+               "attr": ("≤ 1.10", max, lambda v: v <= 1.10), "scan_rss": ("≤ 1.3", max, lambda v: v <= 1.3)}
+        cells = [f"worst {pick(goals[k]):.2f} (goal {g}: {_mark(ok(pick(goals[k])))})" for k, (g, pick, ok) in lim.items()]
+        lines.append(f"| **goals (raw)** | | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {cells[4]} | {cells[5]} |")
+    return "\n".join(lines)
+
+
+def growth(results: dict[str, dict]) -> str:
+    lines = ["| OLMoE experts | cost | 1 / 2 / 4 layers | slope per layer | worst deviation from the line |",
+             "|---|---|---|---|---|"]
+    costs = {"prune s": lambda r: r["prune_s"], "prune peak RSS GB": lambda r: r["prune_kb"] / 2**20,
+             "hash s": lambda r: r["hash_s"], "lock peak RSS GB": lambda r: r["lock_kb"] / 2**20,
+             "attribution s": lambda r: r["attributed"], "plain forward s": lambda r: r["plain"],
+             "scan peak RSS GB": lambda r: r["peak_kb"] / 2**20,
+             "scan peak private GB": lambda r: r.get("anon_kb", 0) / 2**20, "weights GB": lambda r: r["weight_bytes"] / 2**30}
+    for e in (64, 32):
+        pts = [results.get(f"olmoe-1b-7b/L{n}E{e}") for n in (1, 2, 4)]
+        if any(p is None for p in pts):
+            continue
+        for label, f in costs.items():
+            ys = [f(p) for p in pts]
+            _, b, dev = _fit([1, 2, 4], ys)
+            lines.append(f"| {e} | {label} | {' / '.join(f'{y:.2f}' for y in ys)} | {b:.3f} | {dev:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", nargs="?", type=Path, help="where checkpoints are built and scale.json is kept")
+    ap.add_argument("--only", nargs="+", help="measure (again) only these checkpoints")
+    ap.add_argument("--fresh", action="store_true", help="measure everything again")
+    ap.add_argument("--llmc", help="python of the llm-compressor venv (bench/reap_llmc.py)")
+    args = ap.parse_args()
+    fresh, only, llmc = args.fresh, set(args.only or ()), args.llmc
+    work = args.work or Path(tempfile.mkdtemp(prefix="moeharden-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "scale.json"
+    results = {} if fresh or not store.exists() else json.loads(store.read_text())
+    base_kb = int(_py(CHILD_BASE))
+    for name, target, layers, experts in CHECKPOINTS:
+        if (only and name not in only) or (name in results and not only):
+            continue                                       # --only NAME measures NAME again
+        print(f"measuring {name} ...", flush=True)
+        results[name] = measure(name, target, layers, experts, work, base_kb, llmc)
+        store.write_text(json.dumps(results, indent=1))
+    print(f"\nimport baseline (interpreter, torch, transformers, moeharden): {base_kb / 1024:.0f} MB\n")
+    print(table(results))
+    print()
+    print(growth(results))
+    rows = [(n, r) for n, r in results.items() if "llmc" in r]
+    if rows:
+        print("\n| checkpoint | moeharden attribution s | llm-compressor REAP basic s (same keep-set; scores) | "
+              "sequential s (same keep-set; layers differing; scores) |\n|---|---|---|---|")
+        for n, r in rows:
+            cells = []
+            for p in ("basic", "sequential"):
+                x = r["llmc"][p]
+                diff = x.get("score_rel_diff")
+                cells.append(f"failed: {x['error']}" if "error" in x else
+                             f"{x['attribution_s']:.2f} ({'yes' if x['same_keep'] else 'no'}"
+                             + ("" if p == "basic" else f"; {', '.join(x['layers_differing']) or '-'}")
+                             + ("" if diff is None else f"; scores within {diff:.1%}") + ")")
+            print(f"| {n} | {r['attributed']:.2f} | {cells[0]} | {cells[1]} |")
+
+
+if __name__ == "__main__":
+    main()
