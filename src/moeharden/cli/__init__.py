@@ -77,7 +77,7 @@ def main() -> None:
                          markup=False, soft_wrap=True)
         sys.exit(EXIT_INTERNAL)
     finally:                   # under `accelerate launch`: leave the launch before the interpreter exits
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            from moeharden.io.ranks import close
+        from moeharden.io.ranks import close, current
 
+        if current().size > 1:
             close()

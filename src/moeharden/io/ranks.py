@@ -15,9 +15,10 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:                # torch is imported where a collective runs: `current()` stays cheap
+    import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -138,6 +139,7 @@ def sum_(tensors: Sequence[torch.Tensor], *, bucket: int = 1 << 23) -> None:
     """
     if current().size <= 1 or not tensors:
         return
+    import torch
     import torch.distributed as dist
 
     def flush(group: list[torch.Tensor]) -> None:

@@ -10,7 +10,6 @@ ordinary Hugging Face checkpoint plus ``entangle.json``
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -130,6 +129,7 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     """
     from moeharden.console import progress_bar
     from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.ranks import current
     from moeharden.io.records import SourceRef, tool_info
     from moeharden.model.checkpoint import checkpoint_digest, load_model, load_tokenizer, resolve_checkpoint
     from moeharden.tasks.resolve import load_tasks
@@ -154,7 +154,8 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
         raise UsageError(f"--resume: no checkpoint found in {ckpt_dir}.",
                          hint="Run without --resume first, or pass --checkpoint-dir.")
     # under `accelerate launch` (several processes) accelerate places the model itself: no device_map
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ranks = current()
+    distributed = ranks.size > 1
     model = load_model(src, trust_remote_code=settings.trust_remote_code, device_map="cpu" if distributed else None)
     tokenizer = load_tokenizer(src)
     t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     last = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
     if not completed:
         return EntangleResult(out=None, steps_done=done, completed=False, seconds=seconds, last=last)
-    if distributed and int(os.environ.get("RANK", "0")) != 0:
+    if not ranks.main:
         return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
