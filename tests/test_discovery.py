@@ -229,24 +229,89 @@ def test_refused_families_say_why():
 
 
 def test_cli_prune_refuses_when_the_self_check_fails_and_skip_bypasses_it(tiny_mixtral_ckpt, tmp_path, monkeypatch):
-    """The self-check runs before prune touches the checkpoint: a failing adapter is exit 3 with the
-    reason and no output; ``--skip-self-check`` lets an expert through."""
+    """A failing self-check is exit 3 with the reason, and prune publishes nothing — although its
+    work ran beside the check, nothing reaches ``--out`` and no temporary sibling is left;
+    ``--skip-self-check`` lets an expert through."""
     from typer.testing import CliRunner
 
     from moeharden.cli import app
-    from moeharden.model import selfcheck
+    from moeharden.model import adapter_check, selfcheck
 
     keep = tmp_path / "keep.json"
     keep.write_text(json.dumps({"keep": {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}}))
     failing = selfcheck.SelfCheckResult("Mixtral", False, "the physically pruned model differs from the masked one")
-    monkeypatch.setattr(selfcheck, "check_adapter", lambda config, **kw: failing)
+    monkeypatch.setattr(adapter_check, "prepare_check", lambda config, seed: failing)
     runner = CliRunner()
     out = tmp_path / "out"
     res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from", str(keep), "--out", str(out)])
     assert res.exit_code == 3, res.output
     assert "Self-check" in res.output and "differs from the masked one" in res.output
-    assert not out.exists()
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
     res = runner.invoke(app, ["prune", str(tiny_mixtral_ckpt), "--experts-from", str(keep), "--out", str(out),
                               "--skip-self-check"])
     assert res.exit_code == 0, res.output
     assert (out / "config.json").exists()
+
+
+@pytest.fixture
+def cold_self_check(tmp_path, monkeypatch):
+    """No cached self-check result, in memory or on disk."""
+    from moeharden.model import selfcheck
+
+    monkeypatch.setattr(selfcheck, "_CACHE", {})
+    monkeypatch.setenv("MOEHARDEN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_self_check_beside_a_command_runs_in_a_child_and_matches_in_process(cold_self_check, monkeypatch):
+    """Cold, the check runs in a child process (its result equals the in-process check's, and is
+    then cached on disk); warm, no child is started."""
+    from moeharden.model import adapter_check, selfcheck
+    from moeharden.model.adapter_check import AdapterCheck
+
+    cfg = CONFIG_MAPPING["mixtral"]()
+    started = []                                             # the child's printed results, as parsed
+    real = adapter_check._parse_child
+    monkeypatch.setattr(adapter_check, "_parse_child", lambda out: started.append(out) or real(out))
+    with AdapterCheck(cfg) as check:
+        got = check.wait()
+    assert len(started) == 1 and got.ok
+    assert list((cold_self_check / "selfcheck").glob("*.json"))
+    monkeypatch.setattr(selfcheck, "_CACHE", {})
+    here = selfcheck.check_adapter(cfg)                      # from the disk cache the child wrote
+    assert (here.family, here.ok, here.record_max_abs, here.prune_max_abs) == \
+        (got.family, got.ok, got.record_max_abs, got.prune_max_abs)
+    for f in (cold_self_check / "selfcheck").glob("*.json"):
+        f.unlink()
+    monkeypatch.setattr(selfcheck, "_CACHE", {})
+    fresh = selfcheck.check_adapter(cfg)                     # really run in this process
+    assert (fresh.ok, fresh.record_max_abs, fresh.prune_max_abs) == (got.ok, got.record_max_abs, got.prune_max_abs)
+    with AdapterCheck(cfg) as check:                         # cached now: no child
+        check.wait()
+    assert len(started) == 1
+
+
+def test_self_check_child_failure_is_reported_and_a_dead_child_is_replaced(cold_self_check, monkeypatch):
+    """A failing result from the child raises exit 3 (also when the command's own work failed:
+    the self-check is the error reported, the command's error its cause); a child that dies
+    without a result is replaced by the in-process check."""
+    from moeharden.errors import InputError, UnsupportedModelError
+    from moeharden.model import adapter_check, selfcheck
+
+    cfg = CONFIG_MAPPING["mixtral"]()
+    fail = ('import json; print(json.dumps({"family": "Mixtral", "ok": False, "reason": "a masked expert was '
+            'still selected", "record_max_abs": 0.0, "prune_max_abs": 0.0, "seconds": 0.1}))')
+    monkeypatch.setattr(adapter_check, "_CHILD", fail)
+    with pytest.raises(UnsupportedModelError, match="still selected") as exc:
+        with adapter_check.AdapterCheck(cfg):
+            pass
+    assert exc.value.exit_code == 3
+    with pytest.raises(UnsupportedModelError, match="still selected") as exc:
+        with adapter_check.AdapterCheck(cfg):
+            raise InputError("the command's own error")
+    assert isinstance(exc.value.__cause__, InputError)
+    monkeypatch.setattr(selfcheck, "_CACHE", {})              # a failure is remembered for the process
+    monkeypatch.setattr(adapter_check, "_CHILD", "raise SystemExit(9)")
+    with adapter_check.AdapterCheck(cfg) as check:
+        assert check.wait().ok                               # run here instead
+    assert not adapter_check.AdapterCheck(cfg, enabled=False).wait()

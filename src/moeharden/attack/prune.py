@@ -17,13 +17,16 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moeharden import __version__
 from moeharden.attack.records import PRUNE_RECORD, PruneRecord
 from moeharden.io.records import SourceRef
+
+if TYPE_CHECKING:
+    from moeharden.model.adapter_check import AdapterCheck
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class PruneResult:
 
 def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_shard_size: str | int = "2GB",
                      source_label: str | None = None, overwrite: bool = True,
-                     trust_remote_code: bool = False, self_check: bool = True) -> PruneResult:
+                     trust_remote_code: bool = False, self_check: bool | AdapterCheck = True) -> PruneResult:
     """Write ``src`` pruned to ``keep`` into ``out`` (atomically), streaming shard by shard.
 
     Args:
@@ -57,8 +60,9 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         max_shard_size: cap of each output shard (``"2GB"``, ``"40MB"`` or bytes).
         source_label: how the source is named in the result and record (e.g. the Hub id).
         overwrite: whether an earlier moeharden output at ``out`` may be replaced.
-        self_check: verify the family adapter on a tiny random model first
-            (:func:`moeharden.model.selfcheck.ensure_adapter`; a failure refuses ``src``).
+        self_check: verify the family adapter on a tiny random model (a failure refuses ``src``):
+            ``True`` runs :class:`~moeharden.model.adapter_check.AdapterCheck` beside the write, or
+            pass one already started; it must pass before the output is published.
     Returns:
         :class:`PruneResult`.
     Raises:
@@ -68,6 +72,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
     from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
     from moeharden.io.records import tool_info
     from moeharden.io.shards import contiguous_rows, parse_size, write_streaming_shards
+    from moeharden.model.adapter_check import AdapterCheck
     from moeharden.model.checkpoint import checkpoint_digest
     from moeharden.model.disk import pruned_config
     from moeharden.model.keepset import check_keep_counts, parse_keep, to_json
@@ -80,44 +85,43 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
     from moeharden.model.checkpoint import checkpoint_layout
 
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
-    if self_check:
-        from moeharden.model.selfcheck import ensure_adapter
+    check = self_check if isinstance(self_check, AdapterCheck) else AdapterCheck(cfg, enabled=self_check)
+    with check:                                  # beside the work below (model/adapter_check.py)
+        keep = parse_keep({str(k): v for k, v in keep.items()}, moe_layers=layers, num_experts=E)
+        check_keep_counts(spec, cfg, keep)
+        K = len(next(iter(keep.values())))
+        cfg_dict = json.loads((src / "config.json").read_text())
+        new_cfg = pruned_config(spec, cfg_dict, K)
+        new_cfg["moeharden"] = {**(cfg_dict.get("moeharden") or {}),
+                                "pruned": {"version": __version__, "kept_experts": K, "from_experts": E}}
+        digest = checkpoint_digest(src)
+        index = {layer: torch.tensor(ids, dtype=torch.long) for layer, ids in keep.items()}
+        plan, sources = _plan(files, roles, keep)
+        t1 = time.perf_counter()
+        with atomic_output_dir(out, overwrite=overwrite) as tmp, _ShardReader() as reader:
+            def produce(p):
+                info, role = sources[p.name]
+                if role is None or role.expert is not None:       # copied as is, file to file
+                    return [(reader.handle_for(info), info.start, info.end - info.start)]
+                ids = keep[role.layer]
+                if contiguous_rows(info, role.axis):              # each kept expert is one contiguous byte range
+                    per = (info.end - info.start) // (info.shape[role.axis] // role.rows_per_expert)
+                    return [(reader.handle_for(info), info.start + e * per, per) for e in ids]
+                rows = index[role.layer]                          # general case: read, select, write
+                if role.rows_per_expert > 1:
+                    r = role.rows_per_expert
+                    rows = (rows[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+                return reader.read(info).index_select(role.axis, rows)
 
-        ensure_adapter(cfg)
-    keep = parse_keep({str(k): v for k, v in keep.items()}, moe_layers=layers, num_experts=E)
-    check_keep_counts(spec, cfg, keep)
-    K = len(next(iter(keep.values())))
-    cfg_dict = json.loads((src / "config.json").read_text())
-    new_cfg = pruned_config(spec, cfg_dict, K)
-    new_cfg["moeharden"] = {**(cfg_dict.get("moeharden") or {}),
-                            "pruned": {"version": __version__, "kept_experts": K, "from_experts": E}}
-    digest = checkpoint_digest(src)
-    index = {layer: torch.tensor(ids, dtype=torch.long) for layer, ids in keep.items()}
-    plan, sources = _plan(files, roles, keep)
-    t1 = time.perf_counter()
-    with atomic_output_dir(out, overwrite=overwrite) as tmp, _ShardReader() as reader:
-        def produce(p):
-            info, role = sources[p.name]
-            if role is None or role.expert is not None:       # copied as is, file to file
-                return [(reader.handle_for(info), info.start, info.end - info.start)]
-            ids = keep[role.layer]
-            if contiguous_rows(info, role.axis):              # each kept expert is one contiguous byte range
-                per = (info.end - info.start) // (info.shape[role.axis] // role.rows_per_expert)
-                return [(reader.handle_for(info), info.start + e * per, per) for e in ids]
-            rows = index[role.layer]                          # general case: read, select, write
-            if role.rows_per_expert > 1:
-                r = role.rows_per_expert
-                rows = (rows[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
-            return reader.read(info).index_select(role.axis, rows)
-
-        shards = write_streaming_shards(tmp, plan, produce, cap,
-                                        {"moeharden_version": __version__, "moeharden_pruned_from": digest})
-        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
-        copy_side_files(src, tmp, trust_remote_code=trust_remote_code)
-        record = PruneRecord(tool=tool_info(), source=SourceRef(path=source_label or str(src),
-                                                                 safetensors_digest=digest),
-                             num_experts_before=E, num_experts_after=K, keep=to_json(keep)["keep"])
-        (tmp / PRUNE_RECORD).write_text(record.to_file_text())
+            shards = write_streaming_shards(tmp, plan, produce, cap,
+                                            {"moeharden_version": __version__, "moeharden_pruned_from": digest})
+            (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
+            copy_side_files(src, tmp, trust_remote_code=trust_remote_code)
+            record = PruneRecord(tool=tool_info(), source=SourceRef(path=source_label or str(src),
+                                                                     safetensors_digest=digest),
+                                 num_experts_before=E, num_experts_after=K, keep=to_json(keep)["keep"])
+            (tmp / PRUNE_RECORD).write_text(record.to_file_text())
+            check.wait()        # before the output is published: a failure discards it
     t2 = time.perf_counter()
     top_k = config_value(new_cfg, spec.top_k_keys)
     return PruneResult(str(source_label or src), str(out), E, K, None if top_k is None else int(top_k), sorted(keep),

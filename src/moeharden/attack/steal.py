@@ -99,23 +99,23 @@ def prune_command(ckpt: str, settings: PruneSettings) -> PruneResult:
     s = settings
     check_output_dir(s.out)               # fail before any expensive work
     src = resolve_checkpoint(ckpt, trust_remote_code=s.trust_remote_code)
-    if s.self_check:                      # before attribution: an adapter that fails refuses the checkpoint now
-        from moeharden.model.checkpoint import load_config
-        from moeharden.model.selfcheck import ensure_adapter
+    from moeharden.model.adapter_check import AdapterCheck
+    from moeharden.model.checkpoint import load_config
 
-        ensure_adapter(load_config(src, trust_remote_code=s.trust_remote_code))
-    if s.recover and s.experts_from is not None:
-        attack_tasks(src, s.task, None)   # an unknown --task fails now, not after the prune is written
-    if s.experts_from is not None:
-        from moeharden.model.checkpoint import checkpoint_layout
+    # the family self-check runs beside attribution and the prune; nothing is published before it passes
+    with AdapterCheck(load_config(src, trust_remote_code=s.trust_remote_code), enabled=s.self_check) as check:
+        if s.recover and s.experts_from is not None:
+            attack_tasks(src, s.task, None)   # an unknown --task fails now, not after the prune is written
+        if s.experts_from is not None:
+            from moeharden.model.checkpoint import checkpoint_layout
 
-        _, _, E, _, _, layers = checkpoint_layout(src)
-        chosen = read_keep_file(s.experts_from, moe_layers=layers, num_experts=E)
-    else:
-        chosen = attributed_keep(src, method=s.method, task=s.task, keep=s.keep,
-                                 trust_remote_code=s.trust_remote_code)
-    result = prune_checkpoint(src, s.out, chosen, max_shard_size=s.max_shard_size, source_label=str(ckpt),
-                              trust_remote_code=s.trust_remote_code, self_check=False)
+            _, _, E, _, _, layers = checkpoint_layout(src)
+            chosen = read_keep_file(s.experts_from, moe_layers=layers, num_experts=E)
+        else:
+            chosen = attributed_keep(src, method=s.method, task=s.task, keep=s.keep,
+                                     trust_remote_code=s.trust_remote_code)
+        result = prune_checkpoint(src, s.out, chosen, max_shard_size=s.max_shard_size, source_label=str(ckpt),
+                                  trust_remote_code=s.trust_remote_code, self_check=check)
     if s.recover:
         recover_pruned(s.out, task=s.task, mode=s.recover_mode, strategy=s.recover_strategy,
                        budget=s.recover_budget, seed=s.recover_seed, max_shard_size=s.max_shard_size)

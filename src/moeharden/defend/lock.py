@@ -216,11 +216,9 @@ def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
         ConfigFileError: invalid policy, or a policy group that matches no tensor.
         InputError: an output directory that may not be replaced; CheckpointError; UnsupportedModelError.
     """
-    from moeharden.defend.manifest import disk_groups
     from moeharden.defend.policy import load_policy
-    from moeharden.defend.signing import sign_directory
-    from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
-    from moeharden.io.shards import INDEX_NAME, PlannedTensor, write_streaming_shards
+    from moeharden.io.outputs import check_output_dir
+    from moeharden.model.adapter_check import AdapterCheck
     from moeharden.model.checkpoint import checkpoint_layout, resolve_checkpoint
 
     out, trust_remote_code = settings.out, settings.trust_remote_code
@@ -228,10 +226,21 @@ def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
     check_output_dir(out)
     src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
-    if settings.self_check:
-        from moeharden.model.selfcheck import ensure_adapter
+    with AdapterCheck(cfg, enabled=settings.self_check) as check:   # beside the work (model/adapter_check.py)
+        manifest, pol = _lock_into(src, out, settings, cfg, spec, files, roles, pol, check, ckpt)
+    return LockResult(str(out), str(out / MANIFEST_NAME), str(out / "model.sig"), len(manifest.tensors),
+                      pol.to_json())
 
-        ensure_adapter(cfg)
+
+def _lock_into(src, out, settings, cfg, spec, files, roles, pol, check, ckpt):
+    """The locked copy of ``src`` built in a temporary sibling of ``out`` and published once
+    ``check`` (the family self-check) has passed."""
+    from moeharden.defend.manifest import disk_groups
+    from moeharden.defend.signing import sign_directory
+    from moeharden.io.outputs import atomic_output_dir, copy_side_files
+    from moeharden.io.shards import INDEX_NAME, PlannedTensor, write_streaming_shards
+
+    trust_remote_code = settings.trust_remote_code
     groups = disk_groups(src, files, spec, cfg, roles)
     present = set(groups.values())
     empty = [g for g in pol.groups if g not in present]
@@ -262,7 +271,7 @@ def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
         manifest = build_manifest(tmp, pol, source=str(ckpt))
         (tmp / MANIFEST_NAME).write_text(manifest.to_file_text(indent=1))
         sign_directory(tmp, key=settings.key, keyless=settings.keyless)
-    return LockResult(str(out), str(out / MANIFEST_NAME), str(out / "model.sig"), len(manifest.tensors),
-                      pol.to_json())
+        check.wait()                     # before the output is published: a failure discards it
+    return manifest, pol
 
 

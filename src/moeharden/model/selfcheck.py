@@ -1,9 +1,11 @@
 """Self-check of a family adapter on a tiny random instance, before a checkpoint is rewritten.
 
-``prune``, ``entangle`` and ``lock`` call :func:`ensure_adapter` on the real checkpoint's config:
-a tiny model of the same config class (:mod:`moeharden.model.tiny`) is built and the registry's
-adapter is verified on it, so that an adapter a transformers upgrade silently broke refuses the
-checkpoint instead of rewriting it wrongly:
+``prune``, ``entangle`` and ``lock`` verify the family of the real checkpoint's config (through
+:class:`moeharden.model.adapter_check.AdapterCheck`, which runs this check beside the command and
+publishes nothing before it passes; :func:`ensure_adapter` runs it in place): a tiny model of the
+same config class (:mod:`moeharden.model.tiny`) is built and the registry's adapter is verified
+on it, so that an adapter a transformers upgrade silently broke refuses the checkpoint instead of
+rewriting it wrongly:
 
 1. **record vs the model's own output**: a forward under :func:`record_routing` (which recombines
    the experts from the recorded indices and weights) equals the plain forward, every MoE layer
@@ -50,17 +52,9 @@ def ensure_adapter(config: Any) -> SelfCheckResult:
     Raises:
         UnsupportedModelError: unsupported or refused family, or the self-check failed (exit 3).
     """
-    from moeharden.model.registry import spec_for_config
-
-    spec = spec_for_config(config)
     result = check_adapter(config)
     if not result.ok:
-        raise UnsupportedModelError(
-            f"Self-check of the {spec.name} adapter failed on a tiny random {type(config).__name__} model: "
-            f"{result.reason}. The real checkpoint was not touched.",
-            hint="The installed transformers may route this family differently from moeharden's registry; "
-                 "pin the transformers version moeharden was tested with, or pass --skip-self-check if you "
-                 "know the adapter is right.")
+        raise failure_error(config, result)
     return result
 
 
@@ -70,8 +64,34 @@ def check_adapter(config: Any, *, seed: int = 0) -> SelfCheckResult:
     Raises:
         UnsupportedModelError: unsupported or refused family.
     """
+    prepared = prepare_check(config, seed)
+    if isinstance(prepared, SelfCheckResult):
+        return prepared
+    spec, tiny, key = prepared
     import time
 
+    import torch
+
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # tensors of a few KB: one thread is ~10x faster than several on a busy CPU
+    try:
+        rec, pruned = _run_checks(tiny, seed)
+        reason = ""
+    except _CheckFailed as err:
+        rec, pruned, reason = err.args[1], err.args[2], err.args[0]
+    finally:
+        torch.set_num_threads(threads)
+    return remember(key, SelfCheckResult(spec.name, not reason, reason, rec, pruned, time.perf_counter() - t0))
+
+
+def prepare_check(config: Any, seed: int):
+    """``(spec, tiny config, cache key)`` of a check still to run, or the result (cached, or a tiny
+    config the class refuses).
+
+    Raises:
+        UnsupportedModelError: unsupported or refused family.
+    """
     from moeharden.model.registry import spec_for_config
     from moeharden.model.tiny import tiny_config
 
@@ -90,23 +110,23 @@ def check_adapter(config: Any, *, seed: int = 0) -> SelfCheckResult:
     if cached is not None:
         _CACHE[key] = cached
         return cached
-    import torch
+    return spec, tiny, key
 
-    t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)     # tensors of a few KB: one thread is ~10x faster than several on a busy CPU
-    try:
-        rec, pruned = _run_checks(tiny, seed)
-        reason = ""
-    except _CheckFailed as err:
-        rec, pruned, reason = err.args[1], err.args[2], err.args[0]
-    finally:
-        torch.set_num_threads(threads)
-    result = SelfCheckResult(spec.name, not reason, reason, rec, pruned, time.perf_counter() - t0)
+
+def remember(key: str, result: SelfCheckResult) -> SelfCheckResult:
     _CACHE[key] = result
     if result.ok:                  # failures are recomputed every time, so a fixed environment recovers
         _write_disk_cache(key, result)
     return result
+
+
+def failure_error(config: Any, result: SelfCheckResult) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"Self-check of the {result.family} adapter failed on a tiny random {type(config).__name__} model: "
+        f"{result.reason}. The real checkpoint was not touched.",
+        hint="The installed transformers may route this family differently from moeharden's registry; "
+             "pin the transformers version moeharden was tested with, or pass --skip-self-check if you "
+             "know the adapter is right.")
 
 
 def _cache_key(spec, tiny: Any, seed: int) -> str:

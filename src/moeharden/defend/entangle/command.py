@@ -131,33 +131,17 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
     from moeharden.io.ranks import current
     from moeharden.io.records import SourceRef, tool_info
-    from moeharden.model.checkpoint import checkpoint_digest, load_model, load_tokenizer, resolve_checkpoint
-    from moeharden.tasks.resolve import load_tasks
+    from moeharden.model.adapter_check import AdapterCheck
+    from moeharden.model.checkpoint import checkpoint_digest, load_config, resolve_checkpoint
 
     out, resume = settings.out, settings.resume
     recipe = settings.recipe()
     check_output_dir(out)          # fail now, not after minutes of work
     src = resolve_checkpoint(ckpt)
-    if settings.self_check:
-        from moeharden.model.checkpoint import load_config
-        from moeharden.model.selfcheck import ensure_adapter
-
-        ensure_adapter(load_config(src))
-    task_objs = load_tasks(list(settings.tasks) if settings.tasks else None, checkpoint_dir=src,
-                           limit=settings.limit, seed=None)
-    bad = [t.name for t in task_objs if t.kind not in ("multiple_choice", "generation", "perplexity")]
-    if bad:
-        raise UsageError(f"entangle trains on task files and presets; {', '.join(bad)} cannot be trained on.")
-    ckpt_dir = (Path(settings.checkpoint_dir) if settings.checkpoint_dir
-                else out.with_name(f".{out.name}.entangle-ckpt"))
-    if resume and not has_checkpoint(ckpt_dir / "latest"):
-        raise UsageError(f"--resume: no checkpoint found in {ckpt_dir}.",
-                         hint="Run without --resume first, or pass --checkpoint-dir.")
-    # under `accelerate launch` (several processes) accelerate places the model itself: no device_map
+    with AdapterCheck(load_config(src), enabled=settings.self_check) as check:   # beside loading tasks and model
+        task_objs, model, tokenizer, ckpt_dir = _prepare(src, out, settings)
+        check.wait()                            # before training writes anything
     ranks = current()
-    distributed = ranks.size > 1
-    model = load_model(src, trust_remote_code=settings.trust_remote_code, device_map="cpu" if distributed else None)
-    tokenizer = load_tokenizer(src)
     t0 = time.perf_counter()
     with progress_bar("entangle", total=recipe.steps) as advance:
         history, done = entangle_model(model, tokenizer, task_objs, recipe, ckpt_dir=ckpt_dir, resume=resume,
@@ -180,3 +164,26 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
         (tmp / ENTANGLE_RECORD).write_text(record.to_file_text())
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
+
+
+def _prepare(src, out, settings):
+    """Tasks, model, tokenizer and the resume directory of an entangle run (nothing written)."""
+    from moeharden.io.ranks import current
+    from moeharden.model.checkpoint import load_model, load_tokenizer
+    from moeharden.tasks.resolve import load_tasks
+
+    task_objs = load_tasks(list(settings.tasks) if settings.tasks else None, checkpoint_dir=src,
+                           limit=settings.limit, seed=None)
+    bad = [t.name for t in task_objs if t.kind not in ("multiple_choice", "generation", "perplexity")]
+    if bad:
+        raise UsageError(f"entangle trains on task files and presets; {', '.join(bad)} cannot be trained on.")
+    ckpt_dir = (Path(settings.checkpoint_dir) if settings.checkpoint_dir
+                else out.with_name(f".{out.name}.entangle-ckpt"))
+    if settings.resume and not has_checkpoint(ckpt_dir / "latest"):
+        raise UsageError(f"--resume: no checkpoint found in {ckpt_dir}.",
+                         hint="Run without --resume first, or pass --checkpoint-dir.")
+    # under `accelerate launch` (several processes) accelerate places the model itself: no device_map
+    distributed = current().size > 1
+    model = load_model(src, trust_remote_code=settings.trust_remote_code, device_map="cpu" if distributed else None)
+    tokenizer = load_tokenizer(src)
+    return task_objs, model, tokenizer, ckpt_dir
