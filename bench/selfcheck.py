@@ -5,8 +5,10 @@ Builds (or reuses from the cache) the demo checkpoint, then times, in fresh chil
 with the self-check's disk cache emptied before every run (cold: the check really runs, importing
 the family's modeling code and building, pruning and reloading a tiny model), and with it warm (a
 repeated command in an unchanged environment). The ratio printed is (with - without) / with: the
-fraction of the command's wall time the self-check costs (goal ≤ 0.10). The self-check alone
-(in a child, cold) is reported too, and its cost on a few other families.
+fraction of the command's wall time the self-check costs (goal ≤ 0.10). Cold, the check runs in a
+child process beside the prune (model/adapter_check.py), so what it costs is what does not overlap
+on the machine's cores. The self-check alone (in a child, cold) is reported too, and its cost on a
+few other families.
 Run: .venv/bin/python bench/selfcheck.py [WORKDIR]
 """
 

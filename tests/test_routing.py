@@ -354,3 +354,32 @@ def test_record_nested_in_mask_sees_only_kept_experts():
         assert not set(r.indices.reshape(-1).tolist()) & set(hidden)
         assert float(r.probs[:, hidden].abs().max()) == 0.0            # probs follow the mask
         torch.testing.assert_close(r.probs.sum(-1), torch.ones(r.probs.shape[0]))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_grouped_mm_records_norms_inside_the_models_own_pass(family, monkeypatch):
+    """With transformers' default ``grouped_mm`` experts the record takes the norms inside that one
+    pass (no second expert pass), and records what the general path (each pair run again as its
+    own row) records: the same experts and weights, norms within float rounding; the recorded
+    forward is bit-identical to the plain one."""
+    from moeharden.model import routing
+
+    model, _ = build_tiny(family)
+    model.eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    used = []
+    real = routing._grouped_with_norms
+    monkeypatch.setattr(routing, "_grouped_with_norms", lambda *a: used.append(1) or real(*a))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with record_routing(model) as fast:
+            got = model(input_ids=ids).logits
+    assert used and torch.equal(got, plain)
+    monkeypatch.setattr(routing, "_grouped_with_norms", lambda *a: None)     # the general path
+    with torch.no_grad(), record_routing(model) as general:
+        model(input_ids=ids)
+    for layer, r in general.layers.items():
+        f = fast.layers[layer]
+        assert torch.equal(f.indices, r.indices) and torch.equal(f.weights, r.weights)
+        torch.testing.assert_close(f.norms, r.norms, rtol=1e-5, atol=1e-6)

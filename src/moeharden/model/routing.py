@@ -123,7 +123,8 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
     rows of their own, each routed to its one expert with weight 1: that is exactly the expert
     compute of the normal forward, and it returns every pair's *unweighted* output ``[T·k, H]``.
     Its norms are recorded, then the outputs are weighted and summed over the k slots as the
-    model does.
+    model does. Where the model runs transformers' ``grouped_mm`` experts (the default), the pass
+    is that one instead, with the norms read inside it (:func:`_grouped_with_norms`).
     """
     experts = li.experts
     orig = experts.forward
@@ -144,6 +145,12 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows))
             return orig(*args, **kwargs)
         T, k = top_k_index.shape
+        fast = _grouped_with_norms(experts, flat, top_k_index, top_k_weights)
+        if fast is not None:
+            out, nrm = fast
+            rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows),
+                     norms=_sel(nrm, rows))
+            return out.to(hidden.dtype).reshape(hidden.shape)
         pairs = flat.repeat_interleave(k, dim=0)                       # [T*k, H], row t*k+s = token t
         ones = _ones.get("t")
         if ones is None or ones.shape[0] < T * k or ones.dtype != top_k_weights.dtype or ones.device != flat.device:
@@ -169,6 +176,46 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             experts.forward = own
         for h in handles:
             h.remove()
+
+
+def _grouped_with_norms(ex, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """The model's own ``grouped_mm`` expert pass, with each (token, slot) pair's unweighted output
+    norm taken where the pass has it; ``(output [T, H], norms [T, k])``, or None where it does not
+    apply (another experts implementation, expert parallelism, a layout without transformers'
+    experts interface, or a transformers without its grouped kernel).
+
+    Same operations, in the same order and dtypes, as transformers' ``grouped_mm`` experts forward
+    (sort the pairs by expert, two grouped linears through transformers' own kernel dispatch, the
+    class's gate, weight, restore the order, sum the k slots), so the output is the model's; the
+    only extra work is one read of the unweighted outputs for their norms — not the second
+    expert pass over repeated rows of the general path (measured: bench/scale.py).
+    """
+    if (getattr(getattr(ex, "config", None), "_experts_implementation", None) != "grouped_mm"
+            or getattr(ex, "_is_expert_parallel", True) or not hasattr(ex, "has_gate")):
+        return None
+    try:
+        from transformers.integrations.moe import _grouped_linear
+    except ImportError:
+        return None
+    T, k = idx.shape
+    ids, weights = idx.reshape(-1), w.reshape(-1)
+    ids_g, perm = torch.sort(ids)
+    x = hidden[perm // k]
+    counts = torch.bincount(ids_g, minlength=ex.num_experts)[: ex.num_experts]
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    up = ex.gate_up_proj if ex.has_gate else ex.up_proj
+    up_b = (ex.gate_up_proj_bias if ex.has_gate else ex.up_proj_bias)[ids_g] if ex.has_bias else None
+    h = _grouped_linear(x, up, offs, bias=up_b, is_transposed=ex.is_transposed)
+    h = ex._apply_gate(h) if ex.has_gate else ex.act_fn(h)
+    y = _grouped_linear(h, ex.down_proj, offs, bias=ex.down_proj_bias[ids_g] if ex.has_bias else None,
+                        is_transposed=ex.is_transposed)
+    if ex.has_post_expert_norm:
+        y = ex.post_expert_norm(y)
+    n_g = _row_norms(y.detach())                                         # [T*k], sorted by expert
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    out = (y * weights[perm].unsqueeze(-1))[inv].view(T, k, -1).sum(dim=1)
+    return out, n_g[inv].view(T, k)
 
 
 @contextmanager
