@@ -6,7 +6,7 @@ with the self-check's disk cache emptied before every run (cold: the check reall
 the family's modeling code and building, pruning and reloading a tiny model), and with it warm (a
 repeated command in an unchanged environment). The ratio printed is (with - without) / with: the
 fraction of the command's wall time the self-check costs (goal ≤ 0.10). Cold, the check runs in a
-child process beside the prune (model/adapter_check.py), so what it costs is what does not overlap
+forked child process beside the prune (model/adapter_check.py), so what it costs is what does not overlap
 on the machine's cores. The self-check alone (in a child, cold) is reported too, and its cost on a
 few other families.
 Run: .venv/bin/python bench/selfcheck.py [WORKDIR]
@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
     print(f"self-check alone, cold, in a child   {statistics.median(alone):6.2f} s (the family's modeling import "
           "included)")
     for mt in ("deepseek_v3", "qwen3_5_moe_text", "nemotron_h", "gpt_oss"):
+        shutil.rmtree(work / "cache2", ignore_errors=True)             # cold for each family
         s = subprocess.run([sys.executable, "-c", CHILD_SELFCHECK, "-", mt], check=True, capture_output=True,
                            text=True, env={**os.environ, "MOEHARDEN_CACHE": str(work / "cache2")}
                            ).stdout.split()

@@ -264,15 +264,15 @@ def cold_self_check(tmp_path, monkeypatch):
 
 
 def test_self_check_beside_a_command_runs_in_a_child_and_matches_in_process(cold_self_check, monkeypatch):
-    """Cold, the check runs in a child process (its result equals the in-process check's, and is
+    """Cold, the check runs in a forked child process (its result equals the in-process check's, and is
     then cached on disk); warm, no child is started."""
     from moeharden.model import adapter_check, selfcheck
     from moeharden.model.adapter_check import AdapterCheck
 
     cfg = CONFIG_MAPPING["mixtral"]()
-    started = []                                             # the child's printed results, as parsed
-    real = adapter_check._parse_child
-    monkeypatch.setattr(adapter_check, "_parse_child", lambda out: started.append(out) or real(out))
+    started = []                                             # children forked
+    real = adapter_check._fork
+    monkeypatch.setattr(adapter_check, "_fork", lambda *a: started.append(a) or real(*a))
     with AdapterCheck(cfg) as check:
         got = check.wait()
     assert len(started) == 1 and got.ok
@@ -299,9 +299,10 @@ def test_self_check_child_failure_is_reported_and_a_dead_child_is_replaced(cold_
     from moeharden.model import adapter_check, selfcheck
 
     cfg = CONFIG_MAPPING["mixtral"]()
-    fail = ('import json; print(json.dumps({"family": "Mixtral", "ok": False, "reason": "a masked expert was '
-            'still selected", "record_max_abs": 0.0, "prune_max_abs": 0.0, "seconds": 0.1}))')
-    monkeypatch.setattr(adapter_check, "_CHILD", fail)
+    import os
+
+    failing = selfcheck.SelfCheckResult("Mixtral", False, "a masked expert was still selected")
+    monkeypatch.setattr(adapter_check, "_child_run", lambda config, seed: failing)   # the forked child's answer
     with pytest.raises(UnsupportedModelError, match="still selected") as exc:
         with adapter_check.AdapterCheck(cfg):
             pass
@@ -311,7 +312,7 @@ def test_self_check_child_failure_is_reported_and_a_dead_child_is_replaced(cold_
             raise InputError("the command's own error")
     assert isinstance(exc.value.__cause__, InputError)
     monkeypatch.setattr(selfcheck, "_CACHE", {})              # a failure is remembered for the process
-    monkeypatch.setattr(adapter_check, "_CHILD", "raise SystemExit(9)")
+    monkeypatch.setattr(adapter_check, "_child_run", lambda config, seed: os._exit(9))
     with adapter_check.AdapterCheck(cfg) as check:
         assert check.wait().ok                               # run here instead
     assert not adapter_check.AdapterCheck(cfg, enabled=False).wait()
