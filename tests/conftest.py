@@ -19,6 +19,18 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Files that take minutes, slowest first (measured with --durations on 2 cores: the demo pipeline,
+# the demo model's accuracy, the paper's finding, the two-process runs, the honest gate). They start
+# first, so that under pytest-xdist (--dist loadfile, scripts/test.sh) no worker is left running one
+# of them alone at the end while the other is idle.
+HEAVY_FIRST = ("test_pipeline.py", "test_demo.py", "test_scan.py", "test_distributed.py", "test_gate_honest.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def test_data() -> Path:
     """``$MOEHARDEN_TEST_DATA`` or ``../shared/data`` beside the repo; skips when absent."""

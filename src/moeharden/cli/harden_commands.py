@@ -67,8 +67,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("demo-out"),
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the demo model again even if cached.")] = False,
     model_only: Annotated[bool, typer.Option("--model-only", help="Only build the demo model (no pipeline).")] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="A small attack ladder: the whole pipeline in minutes "
-                                                        "(a smoke run, not a security verdict).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A small attack ladder and a 200-step entangle: the "
+                                                        "whole pipeline in minutes (a smoke run, not a security verdict).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Build (or reuse) the embedded demo MoE, then scan → entangle → lock → verify → report."""

@@ -48,6 +48,9 @@ DEMO_LIMIT = 256     # attribution and evaluation examples per task in scan/veri
                      # 256 evaluation rows (a 98% utility row cannot be certified on fewer; §5.3 of
                      # docs/attacks-and-defenses.md); the train split (the attacker's pool) is whole
 DEMO_QUICK_LIMIT = 128
+# ``--quick``: the shipped entangle recipe cut to this many steps (every term of it still runs), so the
+# smoke run takes minutes; its release is not the demo's hardened one and its gate is no verdict.
+DEMO_QUICK_ENTANGLE = {"steps": 200}
 DEMO_WORKERS = 2     # the ladder's curves run in two processes (2 CPU cores)
 
 
@@ -166,7 +169,8 @@ def run_demo(out: Path, retrain: bool = False, model_only: bool = False, quick: 
         out: output directory of the demo run.
         retrain: train the demo model again even if cached.
         model_only: stop after the model (no pipeline).
-        quick: a small attack ladder (:func:`demo_plan`): the pipeline in minutes, not a verdict.
+        quick: a small attack ladder (:func:`demo_plan`) and the entangle recipe cut to
+            :data:`DEMO_QUICK_ENTANGLE`: the pipeline in minutes, not a verdict.
 
     Returns:
         A :class:`DemoResult`.
@@ -188,7 +192,8 @@ def run_demo(out: Path, retrain: bool = False, model_only: bool = False, quick: 
     cached = not retrain and read_stamp(cache_root() / f"demo-{recipe.hash()}") is not None
     model_dir = build_demo_model(Path(out) / "model", retrain=retrain, recipe=recipe)
     stamp = read_stamp(model_dir) or {}
-    pipeline = None if model_only else run_pipeline(Path(out), model_dir, plan=demo_plan(quick),
-                                                    limit=DEMO_QUICK_LIMIT if quick else DEMO_LIMIT)
+    pipeline = None if model_only else run_pipeline(
+        Path(out), model_dir, plan=demo_plan(quick), limit=DEMO_QUICK_LIMIT if quick else DEMO_LIMIT,
+        entangle_overrides=DEMO_QUICK_ENTANGLE if quick else None)
     return DemoResult(out=Path(out), model_dir=model_dir, reused_cache=cached, recipe_hash=recipe.hash(),
                       training=stamp.get("training", {}), tasks=list(TASKS), pipeline=pipeline)
