@@ -86,3 +86,48 @@ def test_observed_scores_match_hand_computation(tiny_mixtral):
         for m in ("frequency", "gate", "reap", "ean", "soft"):
             torch.testing.assert_close(got[m][row], ref[row][m], rtol=1e-4, atol=1e-5, msg=f"{m} layer {row}")
     assert got["frequency"][0].sum() == 2 * int(mask.sum())
+
+
+def _check_groups(lengths, batch, budget):
+    from moeharden.attack.attribution import token_groups
+
+    groups = token_groups(lengths, batch, budget)
+    assert [i for g in groups for i in g] == list(range(len(lengths)))     # every row once, in order
+    for g in groups:
+        assert len(g) <= batch
+        if budget is not None and len(g) > 1:
+            assert len(g) * max(lengths[i] for i in g) <= budget       # padded tokens within the budget
+    for a, b in zip(groups[:-1], groups[1:], strict=True):    # greedy: the next row did not fit into the group before it
+        cand = [*a, b[0]]
+        assert len(cand) > batch or (budget is not None and len(cand) * max(lengths[i] for i in cand) > budget)
+    return groups
+
+
+def test_token_groups_pack_rows_within_the_budget():
+    assert _check_groups([4, 4, 4, 4, 4], 32, 8) == [[0, 1], [2, 3], [4]]
+    assert _check_groups([3, 10, 2], 32, 8) == [[0], [1], [2]]             # a row longer than the budget: alone
+    assert _check_groups([5] * 7, 3, None) == [[0, 1, 2], [3, 4, 5], [6]]  # no budget: rows only
+    assert _check_groups([], 4, 16) == []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        lengths = torch.randint(1, 30, (n,), generator=g).tolist()
+        _check_groups(lengths, int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 80, (1,), generator=g)))
+
+
+def test_routing_stats_do_not_depend_on_the_token_budget():
+    """The same texts in one padded batch, and packed four tokens per forward: the same summed
+    statistics (padding excluded), and the token count is the texts' own."""
+    from tiny_lm import build_model, build_tokenizer
+
+    from moeharden.attack.attribution import routing_stats
+
+    tok = build_tokenizer()
+    model = build_model(tok)
+    texts = ["it 's a charming journey", "positive", "the cat sat on the mat . a cat was sitting", "no", "yes no"]
+    whole = routing_stats(model, tok, texts, [0, 1], 4, batch_size=32, max_tokens=None)
+    packed = routing_stats(model, tok, texts, [0, 1], 4, batch_size=32, max_tokens=4)
+    assert whole.tokens == packed.tokens == sum(len(tok(t)["input_ids"]) for t in texts)
+    a, b = observed_scores(whole), observed_scores(packed)
+    for m in a:
+        torch.testing.assert_close(a[m], b[m], rtol=1e-4, atol=1e-5, msg=m)

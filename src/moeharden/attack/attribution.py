@@ -30,6 +30,7 @@ import torch
 
 OBSERVED_METHODS = ("frequency", "gate", "reap", "ean", "soft")
 ALL_METHODS = (*OBSERVED_METHODS, "contrastive", "ablation")
+MAX_BATCH_TOKENS = 2048     # padded tokens per forward of the attribution pass (scan's --max-batch-tokens)
 
 
 @dataclass
@@ -184,26 +185,49 @@ def keep_sets(scores: torch.Tensor, layers: Sequence[int], keep: int, *,
     return {layer: sorted(ids) for layer in layers}
 
 
-def _batches(items: Sequence, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def token_groups(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Consecutive row indices packed into forwards of at most ``batch_size`` rows and, padded to the
+    longest row of the group, at most ``max_tokens`` tokens (a longer row goes alone); None: rows only.
+
+    The activations of one forward grow with rows × padded length (an MoE layer holds top-k copies
+    of every token's intermediate), so the budget bounds the pass's transient memory whatever the
+    prompt lengths and model size; the summed statistics do not depend on the grouping.
+    """
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, int(n))
+        if cur and (len(cur) >= batch_size or (max_tokens is not None and grown * (len(cur) + 1) > max_tokens)):
+            groups.append(cur)
+            cur, grown = [], int(n)
+        cur.append(i)
+        longest = grown
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 @torch.no_grad()
 def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num_experts: int,
-                  batch_size: int = 32, max_length: int = 512):
+                  batch_size: int = 32, max_length: int = 512, max_tokens: int | None = MAX_BATCH_TOKENS):
     """One pass over ``texts`` with the routing record (norms included); returns summed stats.
 
     Only the decoder stack runs (``model.base_model``): routing never depends on the LM head, and
-    its ``[B, T, vocab]`` logits would cost more than an MoE layer at real vocabulary sizes.
+    its ``[B, T, vocab]`` logits would cost more than an MoE layer at real vocabulary sizes. Rows
+    are packed by :func:`token_groups` (at most ``batch_size`` rows and ``max_tokens`` padded
+    tokens per forward), so memory stays bounded at real width and prompt length.
     """
     from moeharden.model.routing import record_routing
 
     total = None
     device = next(model.parameters()).device
     decoder = getattr(model, "base_model", model)
-    for chunk in _batches(list(texts), batch_size):
-        enc = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    texts = list(texts)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    for group in token_groups(lengths, batch_size, max_tokens):
+        enc = tokenizer([texts[i] for i in group], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length)
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with record_routing(model, norms=True, attention_mask=enc["attention_mask"]) as rec:
             decoder(**enc)

@@ -23,6 +23,7 @@ import torch
 
 from moeharden.attack.attribution import (
     ALL_METHODS,
+    MAX_BATCH_TOKENS,
     OBSERVED_METHODS,
     ablation_scores,
     contrastive_scores,
@@ -59,6 +60,7 @@ class ScanSettings:
     seed: int = 0
     random_seeds: int = 3
     batch_size: int = 32
+    max_batch_tokens: int = MAX_BATCH_TOKENS   # padded tokens per forward of the attribution pass (memory)
     recover: bool | None = False         # the fixed-hyper-parameter suite of every mode × strategy (opt-in)
     recover_budget: int | None = None
     recover_seeds: int = 3
@@ -82,6 +84,8 @@ class ScanSettings:
             raise UsageError("--limit must be at least 1.")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1.")
+        if self.max_batch_tokens < 1:
+            raise UsageError("--max-batch-tokens must be at least 1.")
 
     def attack_plan(self) -> AttackPlan:
         """The ladder's plan, with this scan's worker count."""
@@ -160,8 +164,8 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
     timings["full_eval"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stats = {t.name: routing_stats(model, tokenizer, t.calibration_texts(), layers, E, settings.batch_size)
-             for t in tasks}
+    stats = {t.name: routing_stats(model, tokenizer, t.calibration_texts(), layers, E, settings.batch_size,
+                                   max_tokens=settings.max_batch_tokens) for t in tasks}
     timings["attribution_pass"] = time.perf_counter() - t0
 
     scores: dict[str, dict[str, torch.Tensor]] = {}

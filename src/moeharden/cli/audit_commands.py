@@ -39,6 +39,9 @@ def scan(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     random_seeds: Annotated[int, typer.Option("--random-seeds", help="Seeds of the random-keep control.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    max_batch_tokens: Annotated[int | None, typer.Option(
+        "--max-batch-tokens", help="Padded tokens per forward of the attribution pass (bounds its memory; "
+                                   "default 2048).")] = None,
     recover: Annotated[bool, typer.Option("--recover/--no-recover",
                                           help="Also run the fixed-hyper-parameter re-alignment suite (every mode "
                                                "× strategy at one budget).")] = False,
@@ -61,6 +64,7 @@ def scan(
     settings = ScanSettings(
         **({"methods": tuple(method)} if method else {}), keeps=tuple(keep) if keep else None,
         ranking=ranking, limit=limit, seed=seed, random_seeds=random_seeds, batch_size=batch_size,
+        **({} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}),
         recover=recover, recover_budget=recover_budget, ladder=ladder, workers=workers)
     result = call(run_scan, ckpt=ckpt, out=out, tasks=task or None, settings=settings,
                   lm_eval_include=lm_eval_include or None, trust_remote_code=trust_remote_code)
