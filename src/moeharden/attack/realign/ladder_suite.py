@@ -234,9 +234,19 @@ def run_suite(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[int]]]
     Returns:
         curve records (:meth:`LadderCurve.to_dict`), the same whatever ``plan.workers`` is.
     """
+    jobs = plan_jobs([t.name for t in tasks], plan, skip=set(skip))
+    return run_curve_jobs(model, tokenizer, tasks, keepsets, plan, jobs, checkpoint=checkpoint,
+                          trust_remote_code=trust_remote_code, progress=progress)
+
+
+def run_curve_jobs(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[int]]], plan: AttackPlan,
+                   jobs: Sequence[CurveJob], *, checkpoint=None, trust_remote_code: bool = False,
+                   progress=None) -> list[dict]:
+    """Run the given curves (any tasks, references, attacks, strategies and seeds of ``tasks``) as
+    :func:`run_suite` runs the plan's: in this process, over ``plan.workers`` spawned processes, or
+    over the processes of ``accelerate launch``; records in the order of ``jobs``."""
     from moeharden.io.ranks import current, spread
 
-    jobs = plan_jobs([t.name for t in tasks], plan, skip=set(skip))
     lm_eval = any(getattr(t, "lm_eval", None) is not None for t in tasks)
     if current().size > 1:      # under `accelerate launch`: the launch's processes share the curves
         ctx = SuiteContext(model, tokenizer, tasks, keepsets, plan)

@@ -1,0 +1,145 @@
+"""The gate's expert-head-start rows at the physical limit: how often do they fail a pruned copy that
+is, by construction, no better a start than the `shared` reference?
+
+A weight-level defense has done all it can when the pruned copy is no better a starting point than
+the release's shared weights with fresh experts (docs/attacks-and-defenses.md §5.1). This bench
+puts the gate's ``expert_head_start`` rows at exactly that point, on a real release: it runs only
+`shared`-reference curves of the release (the verify's plan, pruned shape and keep-set), with many
+seeds, and forms *null trials*: in each, a group of `shared` curves plays the ``pruned`` copy — with
+every label strategy of the plan and the plan's seed count, as the attacker gets — and a disjoint
+group plays ``shared`` (the plan's seeds, the first strategy), and the row is computed by the same
+code as verify (:func:`moeharden.attack.realign.headstart.summarize`, the gate's thresholds from
+``--gate`` or the default gate file). Every way of splitting the curves into disjoint groups is a
+trial; the printed failure rate is the mean over trials (an unbiased estimate of the chance that
+the row fails a defense at the limit; trials share curves, so it is not a binomial count).
+Nothing in the gate or the attacker is changed: this measures the rows as they are.
+
+Run: .venv/bin/python bench/gate_null.py CKPT VERIFY_DIR [--seeds 9] [--workers 2] [--json OUT]
+(CKPT: the released checkpoint that VERIFY_DIR/verify.json attacked; ~72 curves on the demo.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def _trials(curves: dict, strategies: tuple[str, ...], n: int, attack: str):
+    """Every split of the seeds into disjoint groups: ``(pruned curves, shared curves)``.
+
+    The ``shared`` group takes ``n`` seeds of the first strategy; the ``pruned`` group ``n`` other
+    seeds of the first strategy and ``n`` seeds of each further strategy (labels) — the plan's
+    shape — drawn from every combination (seeds of further strategies from those ``curves`` holds).
+    """
+    first = sorted(s for (st, s) in curves if st == strategies[0])
+    others = [st for st in strategies[1:] if attack == "labels"]
+    for ref in itertools.combinations(first, n):
+        rest = [s for s in first if s not in ref]
+        for pr in itertools.combinations(rest, n):
+            extra_choices = [itertools.combinations(sorted(s for (st2, s) in curves if st2 == st), n) for st in others]
+            for extra in itertools.product(*extra_choices) if others else [()]:
+                pruned = [curves[(strategies[0], s)] for s in pr]
+                for st, seeds in zip(others, extra, strict=True):
+                    pruned += [curves[(st, s)] for s in seeds]
+                yield pruned, [curves[(strategies[0], s)] for s in ref]
+
+
+def main() -> None:
+    from moeharden.attack.realign.headstart import summarize
+    from moeharden.attack.realign.ladder_suite import CurveJob, plan_from_dict, run_curve_jobs
+    from moeharden.audit.documents import ScanDocument, load_document
+    from moeharden.audit.gate import load_gate
+    from moeharden.audit.ladder import strongest_keepset
+    from moeharden.audit.verdict import VerifyDocument
+    from moeharden.audit.verify import baseline_tasks
+    from moeharden.model.checkpoint import load_model, load_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("verify", type=Path, help="a verify output directory (verify.json) of CKPT")
+    ap.add_argument("--seeds", type=int, default=9, help="shared curves per task, attack and first strategy")
+    ap.add_argument("--gate", type=Path, default=None, help="a gate file (default: the one the verify applied)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    doc = load_document(args.verify / "verify.json", VerifyDocument)
+    base = load_document(Path(doc.baseline.path), ScanDocument)
+    gate = load_gate(args.gate) if args.gate else doc.gate_settings     # the gate that verify applied
+    lad = doc.attack.ladder
+    plan = plan_from_dict(lad.settings, workers=args.workers)
+    n, strategies = len(plan.seeds), tuple(plan.strategies)
+    if args.seeds < 2 * n:
+        raise SystemExit(f"--seeds must be at least {2 * n} (two disjoint groups of the plan's {n} seeds)")
+    keeps = dict(lad.settings["keeps"])
+    tasks = baseline_tasks(args.ckpt, base)
+    keepsets = {t.name: strongest_keepset(doc.attack, t.name, keeps[t.name]) for t in tasks}
+    frac = float(lad.settings["target_fraction"])
+    full = {t.name: (lad.summary[t.name].target / frac if t.higher_is_better else lad.summary[t.name].target * frac)
+            for t in tasks}
+    higher = {t.name: t.higher_is_better for t in tasks}
+    extra = max(n, args.seeds - n)           # seeds of the further strategies: enough for one group and spares
+    jobs = []
+    for t in tasks:
+        for s in range(args.seeds):
+            jobs.append(CurveJob(t.name, "shared", "labels", strategies[0], 1000 + s))
+            jobs.append(CurveJob(t.name, "shared", "distill", "random", 1000 + s))
+        for st in strategies[1:]:
+            jobs += [CurveJob(t.name, "shared", "labels", st, 1000 + s) for s in range(extra)]
+    model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
+    t0 = time.perf_counter()
+    ran = run_curve_jobs(model, tok, tasks, keepsets, plan, jobs, checkpoint=args.ckpt)
+    print(f"{len(ran)} shared curves in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    rows = []
+    for t in tasks:
+        for attack in ("labels", "distill"):
+            strat = strategies if attack == "labels" else ("random",)
+            curves = {(c["strategy"], c["seed"]): c for c in ran if c["task"] == t.name and c["attack"] == attack}
+            fails, areas, ratios, count = 0, [], [], 0
+            for pruned, ref in _trials(curves, strat, n, attack):
+                group = [dict(c, reference="pruned") for c in pruned] + [dict(c, reference="shared") for c in ref]
+                hs = summarize(group, full={t.name: full[t.name]}, higher={t.name: higher[t.name]},
+                               target_fraction=frac)[t.name]["attacks"][attack]["expert_head_start"]
+                p, s = hs["pruned_labels"], hs["reference_labels"]
+                if p is None:
+                    labels_ok, ratio = True, None
+                elif s is None:
+                    labels_ok, ratio = False, 0.0
+                else:
+                    ratio = 1.0 if s == 0 and p == 0 else (p / s if s else 0.0)
+                    labels_ok = ratio >= gate.expert_head_start_min_labels_ratio
+                area_ok = hs["area"] <= gate.expert_head_start_max_area
+                fails += not (labels_ok and area_ok)
+                areas.append(hs["area"])
+                if ratio is not None:
+                    ratios.append(ratio)
+                count += 1
+            row = {"task": t.name, "attack": attack, "trials": count, "fail_rate": fails / count,
+                   "area_median": statistics.median(areas), "area_max": max(areas),
+                   "ratio_median": statistics.median(ratios) if ratios else None,
+                   "ratio_below": sum(r < gate.expert_head_start_min_labels_ratio for r in ratios) / count}
+            rows.append(row)
+    print(f"\nexpert_head_start at the physical limit (pruned ≡ shared): {args.seeds} seeds per curve kind, "
+          f"plan of {n} seeds, strategies {list(strategies)}; thresholds: labels ratio ≥ "
+          f"{gate.expert_head_start_min_labels_ratio}, area ≤ {gate.expert_head_start_max_area}")
+    print("| task | attack | trials | row fails | area: median / max | labels ratio: median / share below |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rm = "—" if r["ratio_median"] is None else f"{r['ratio_median']:.2f}"
+        print(f"| {r['task']} | {r['attack']} | {r['trials']} | {r['fail_rate']:.0%} | {r['area_median']:+.3f} / "
+              f"{r['area_max']:+.3f} | {rm} / {r['ratio_below']:.0%} |")
+    p_all = 1.0
+    for r in rows:
+        p_all *= 1 - r["fail_rate"]
+    print(f"\nall {len(rows)} rows pass together, if the rows were independent: {p_all:.0%}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "curves": ran, "seeds": args.seeds}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
