@@ -52,7 +52,7 @@ def main() -> None:
     from moeharden.attack.realign.headstart import summarize
     from moeharden.attack.realign.ladder_suite import CurveJob, plan_from_dict, run_curve_jobs
     from moeharden.audit.documents import ScanDocument, load_document
-    from moeharden.audit.gate import load_gate
+    from moeharden.audit.gate import head_start_holds, load_gate
     from moeharden.audit.ladder import strongest_keepset
     from moeharden.audit.verdict import VerifyDocument
     from moeharden.audit.verify import baseline_tasks
@@ -105,16 +105,8 @@ def main() -> None:
                 group = [dict(c, reference="pruned") for c in pruned] + [dict(c, reference="shared") for c in ref]
                 hs = summarize(group, full={t.name: full[t.name]}, higher={t.name: higher[t.name]},
                                target_fraction=frac)[t.name]["attacks"][attack]["expert_head_start"]
-                p, s = hs["pruned_labels"], hs["reference_labels"]
-                if p is None:
-                    labels_ok, ratio = True, None
-                elif s is None:
-                    labels_ok, ratio = False, 0.0
-                else:
-                    ratio = 1.0 if s == 0 and p == 0 else (p / s if s else 0.0)
-                    labels_ok = ratio >= gate.expert_head_start_min_labels_ratio
-                area_ok = hs["area"] <= gate.expert_head_start_max_area
-                fails += not (labels_ok and area_ok)
+                ratio, holds = head_start_holds(gate, hs["pruned_labels"], hs["reference_labels"], hs["area"])
+                fails += not holds
                 areas.append(hs["area"])
                 if ratio is not None:
                     ratios.append(ratio)

@@ -174,6 +174,25 @@ def _recovery_rows(gate: Gate, baseline: ScanDocument, hardened: ScanDocument) -
     return rows
 
 
+def head_start_holds(gate: Gate, pruned_labels: float | None, reference_labels: float | None,
+                     area: float) -> tuple[float | None, bool]:
+    """The ``expert_head_start`` decision: ``(labels ratio pruned / shared or None, row holds)``.
+
+    A pruned copy that never reached the target has no label head start; one that did where the
+    reference did not has one (ratio 0); otherwise the ratio must reach the gate's minimum, and the
+    area difference must stay within the gate's maximum either way.
+    """
+    p, s = pruned_labels, reference_labels
+    if p is None:
+        labels_ok, value = True, None
+    elif s is None:
+        labels_ok, value = False, 0.0
+    else:
+        value = 1.0 if s == 0 and p == 0 else (p / s if s else 0.0)
+        labels_ok = value >= gate.expert_head_start_min_labels_ratio
+    return value, labels_ok and area <= gate.expert_head_start_max_area
+
+
 def _head_start_rows(gate: Gate, hardened: ScanDocument) -> list[GateRow]:
     """The expert head start per task and attack: pruned copy against the `shared` reference."""
     rows = []
@@ -192,16 +211,9 @@ def _head_start_rows(gate: Gate, hardened: ScanDocument) -> list[GateRow]:
                                  None, gate, attack=attack, note="no `shared` reference was run"))
                 continue
             p, s = hs.pruned_labels, hs.reference_labels
-            if p is None:                # the pruned copy never reached the target: no label head start
-                labels_ok, value = True, None
-            elif s is None:              # the pruned copy did, the reference did not: a head start
-                labels_ok, value = False, 0.0
-            else:
-                value = 1.0 if s == 0 and p == 0 else (p / s if s else 0.0)
-                labels_ok = value >= gate.expert_head_start_min_labels_ratio
-            area_ok = hs.area <= gate.expert_head_start_max_area
+            value, holds = head_start_holds(gate, p, s, hs.area)
             rows.append(_row("expert_head_start", t.name, _r(value), gate.expert_head_start_min_labels_ratio,
-                             ">= (labels ratio)", labels_ok and area_ok, gate, attack=attack,
+                             ">= (labels ratio)", holds, gate, attack=attack,
                              pruned_labels=p, reference_labels=s, area=_r(hs.area),
                              area_threshold=gate.expert_head_start_max_area,
                              note=None if p is not None or s is not None else "neither reached the target"))
