@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from moeharden.errors import CheckpointError, InputError
+from moeharden.io.byteio import copy_range
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -265,6 +266,11 @@ def _read_range(info: TensorInfo, start: int, length: int, shape: list[int], han
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def torch_dtype(dtype: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype, or ``None`` where this torch has none (sub-byte ones)."""
+    return _TORCH_DTYPES.get(dtype)
+
+
 def contiguous_rows(info: TensorInfo, axis: int) -> bool:
     """Whether every slice along ``axis`` is one contiguous byte range (all dimensions before it are 1)."""
     return all(d == 1 for d in info.shape[:axis])
@@ -354,32 +360,6 @@ def write_streaming_shards(out_dir: Path, plan: list[PlannedTensor], produce, ma
         (Path(out_dir) / INDEX_NAME).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
     return paths
-
-
-def copy_range(src, start: int, length: int, out) -> None:
-    """Append ``length`` bytes of the open binary file ``src`` from ``start`` to the open file ``out``.
-
-    Uses the kernel's file-to-file copy where there is one, else a small bounded buffer.
-    """
-    out_fd, in_fd = out.fileno(), src.fileno()
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while done < length:
-                n = os.copy_file_range(in_fd, out_fd, length - done, start + done)
-                if n == 0:
-                    break
-                done += n
-            out.seek(0, os.SEEK_END)
-        except OSError:
-            pass
-    src.seek(start + done)
-    while done < length:                      # portable fallback, 8 MiB at a time
-        chunk = src.read(min(8 << 20, length - done))
-        if not chunk:
-            raise CheckpointError(f"{getattr(src, 'name', 'input')} ended early while copying.")
-        out.write(chunk)
-        done += len(chunk)
 
 
 def parse_size(text: str | int) -> int:

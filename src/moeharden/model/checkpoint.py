@@ -203,11 +203,18 @@ def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
                               hint="A custom architecture needs --trust-remote-code (only for code you trust).") from None
 
 
-def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False):
+def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False,
+               in_place: bool = True):
     """Load a causal LM from safetensors: on GPU(s) via accelerate's device_map when CUDA is there, else CPU.
 
     The model family is checked against the registry first, so a dense or unsupported model fails
-    before any weights are read.
+    before any weights are read. On CPU (no device map, no remote code) every stored tensor is read
+    once straight into its place (:func:`moeharden.model.inplace.load_in_place`: peak memory about
+    the weights, where ``from_pretrained`` holds mapped pages beside fused copies);
+    ``from_pretrained`` loads whatever that loader cannot place exactly, and everything on GPUs.
+
+    Args:
+        in_place: ``False`` always uses ``from_pretrained`` (the benches' reference).
 
     Raises:
         CheckpointError, UnsupportedModelError.
@@ -218,7 +225,14 @@ def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_r
 
     from moeharden.model.registry import spec_for_config
 
-    spec_for_config(load_config(path, trust_remote_code=trust_remote_code))
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    spec_for_config(config)
+    if in_place and device_map is None and not trust_remote_code and not torch.cuda.is_available():
+        from moeharden.model.inplace import load_in_place
+
+        model = load_in_place(Path(path), config, dtype or torch.float32)
+        if model is not None:
+            return model
     if device_map is None and torch.cuda.is_available():
         from moeharden.io.ranks import current
 
