@@ -7,19 +7,18 @@ through no intermediate buffer and no memory map.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from moeharden.errors import CheckpointError
 
-if TYPE_CHECKING:   # shards imports this module
-    from moeharden.io.shards import TensorInfo
 
-
-def read_into(info: TensorInfo, start: int, out: torch.Tensor, handle) -> None:
+def read_into(info: Any, start: int, out: torch.Tensor, handle) -> None:
     """Fill the contiguous tensor ``out`` with the file bytes of ``info.file`` from absolute offset
     ``start`` (a positioned read straight into its memory: no intermediate copy, no memory map).
+    ``info`` is the tensor's :class:`~moeharden.io.shards.TensorInfo` (its file, name and byte
+    range; not imported here, since shards imports this module).
 
     Raises:
         CheckpointError: the bytes would run past the tensor's range, or the file ends early.
