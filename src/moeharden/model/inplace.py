@@ -31,6 +31,7 @@ logit for logit, on every discovered family, in float32 and bfloat16.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -67,10 +68,7 @@ def _units(info: TensorInfo) -> tuple[tuple[int, ...], int]:
 
 def _rows(info: TensorInfo) -> int:
     """How many index entries (rows or elements, see :func:`_units`) a stored tensor has."""
-    n = 1
-    for d in _units(info)[0]:
-        n *= int(d)
-    return n
+    return math.prod(_units(info)[0])
 
 
 def _index_tensor(i: int, info: TensorInfo) -> torch.Tensor:
@@ -201,7 +199,7 @@ def _execute(runs: list[_Run], dests: dict[str, torch.Tensor]) -> None:
             dest = dests[run.dest].view(-1)
             _, unit = _units(run.source)
             src_dtype = torch_dtype(run.source.dtype)
-            item = torch.empty((), dtype=src_dtype).element_size()
+            item = src_dtype.itemsize
             offset = run.source.start + run.row * unit * item
             out = dest[run.at * unit:(run.at + run.count) * unit]
             if src_dtype == dest.dtype:
@@ -240,10 +238,11 @@ def load_in_place(path: Path, config: Any, dtype: torch.dtype):
         return None
     if runs is None:
         return None
-    _execute(runs, _materialise(model, plan))
-    model.tie_weights()
+    dests = _materialise(model, plan)
+    model.tie_weights()                # tied parameters now share the planned storage
     if any(t.device.type == "meta" for t in model.state_dict(keep_vars=True).values()):
         return None                    # a parameter the checkpoint does not hold: from_pretrained initialises it
+    _execute(runs, dests)              # only now read: a fallback above has read nothing
     model.config.name_or_path = str(path)
     _generation_config(model, Path(path))
     return model.eval()
