@@ -126,6 +126,8 @@ from moeharden.attack.attribution import routing_stats
 from moeharden.model.checkpoint import load_model
 from moeharden.model.registry import moe_layers
 import threading
+from moeharden.io.allocator import return_large_blocks
+return_large_blocks()                 # as the CLI does for every command (io/allocator.py)
 torch.set_num_threads(2)
 prompts, tokens, batch, reps = (int(x) for x in sys.argv[2:6])
 phase = ["load"]

@@ -64,6 +64,9 @@ def main() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from moeharden.io.allocator import return_large_blocks
+
+    return_large_blocks()      # freed activation blocks leave the process at once (io/allocator.py)
     try:
         app()
     except KeyboardInterrupt:  # raised outside a command body

@@ -178,6 +178,9 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             h.remove()
 
 
+_TOKENS_PER_SUM = 256    # tokens weighted and summed at once by the grouped record: a [256·k, H] copy
+
+
 def _grouped_with_norms(ex, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
     """The model's own ``grouped_mm`` expert pass, with each (token, slot) pair's unweighted output
     norm taken where the pass has it; ``(output [T, H], norms [T, k])``, or None where it does not
@@ -189,6 +192,14 @@ def _grouped_with_norms(ex, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Te
     class's gate, weight, restore the order, sum the k slots), so the output is the model's; the
     only extra work is one read of the unweighted outputs for their norms — not the second
     expert pass over repeated rows of the general path (measured: bench/scale.py).
+
+    Its memory is less than the model's own pass: each ``[T·k, ·]`` intermediate is released as
+    soon as the next exists, and the order is restored *before* weighting, a few hundred tokens at
+    a time — each product is the same pair of numbers (``y[inv] * w`` is ``(y * w[perm])[inv]``
+    element for element) and each token's k slots are summed alone, so no weighted ``[T·k, H]``
+    copy (float32 where the weights are) or reordered one ever exists; what remains is the one
+    sorted output ``y`` (measured at OLMoE width: bench/scale.py, scan's peak; tested
+    bit-identical to the model's pass).
     """
     if (getattr(getattr(ex, "config", None), "_experts_implementation", None) != "grouped_mm"
             or getattr(ex, "_is_expert_parallel", True) or not hasattr(ex, "has_gate")):
@@ -200,21 +211,31 @@ def _grouped_with_norms(ex, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Te
     T, k = idx.shape
     ids, weights = idx.reshape(-1), w.reshape(-1)
     ids_g, perm = torch.sort(ids)
-    x = hidden[perm // k]
     counts = torch.bincount(ids_g, minlength=ex.num_experts)[: ex.num_experts]
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     up = ex.gate_up_proj if ex.has_gate else ex.up_proj
     up_b = (ex.gate_up_proj_bias if ex.has_gate else ex.up_proj_bias)[ids_g] if ex.has_bias else None
-    h = _grouped_linear(x, up, offs, bias=up_b, is_transposed=ex.is_transposed)
+    h = _grouped_linear(hidden[perm // k], up, offs, bias=up_b, is_transposed=ex.is_transposed)
+    del up_b                                                             # the sorted inputs are gone
     h = ex._apply_gate(h) if ex.has_gate else ex.act_fn(h)
     y = _grouped_linear(h, ex.down_proj, offs, bias=ex.down_proj_bias[ids_g] if ex.has_bias else None,
                         is_transposed=ex.is_transposed)
+    del h
     if ex.has_post_expert_norm:
         y = ex.post_expert_norm(y)
     n_g = _row_norms(y.detach())                                         # [T*k], sorted by expert
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    out = (y * weights[perm].unsqueeze(-1))[inv].view(T, k, -1).sum(dim=1)
+    out = None
+    for t in range(0, T, _TOKENS_PER_SUM):                               # back in (token, slot) order,
+        rows = inv[t * k:(t + _TOKENS_PER_SUM) * k]                      # weighted and summed over the
+        part = (y[rows] * weights[t * k:(t + _TOKENS_PER_SUM) * k].unsqueeze(-1)).view(-1, k, y.shape[-1])
+        part = part.sum(dim=1)                                           # k slots, a few tokens at a time
+        if out is None:
+            out = part.new_empty((T, part.shape[-1]))
+        out[t:t + part.shape[0]] = part
+    if out is None:                                                      # no tokens
+        out = y.new_zeros((0, y.shape[-1]))
     return out, n_g[inv].view(T, k)
 
 
