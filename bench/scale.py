@@ -17,7 +17,8 @@ RSS is that command's own (interpreter, torch and transformers included: "raw"):
   over the same tokens (4,096 per forward; goal ≤ 1.10), and scan's peak RSS — sampled every 2 ms
   while the model loads (bf16) and during the attribution passes, not during the plain forwards,
   which are the bench's own — ÷ the model's weight bytes (goal ≤ 1.3), raw (the mmap'd shard pages
-  transformers reads the weights through count in RSS) and private (RssAnon);
+  transformers reads the weights through count in RSS) and private (RssAnon); with the allocator
+  policy the CLI sets for every command (``io/allocator.py``: freed blocks ≥ 4 MiB leave the process);
 - growth: the same figures for OLMoE at 1, 2 and 4 layers with 64 and 32 experts, fitted as
   ``cost = a + b·layers``; the table gives the slope b and the largest relative deviation of a
   point from the line (linear in layers is the goal).
