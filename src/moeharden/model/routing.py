@@ -216,7 +216,7 @@ def _grouped_with_norms(ex, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Te
     up = ex.gate_up_proj if ex.has_gate else ex.up_proj
     up_b = (ex.gate_up_proj_bias if ex.has_gate else ex.up_proj_bias)[ids_g] if ex.has_bias else None
     h = _grouped_linear(hidden[perm // k], up, offs, bias=up_b, is_transposed=ex.is_transposed)
-    del up_b                                                             # the sorted inputs are gone
+    del up_b                                                             # [T·k, ·] per-row biases
     h = ex._apply_gate(h) if ex.has_gate else ex.act_fn(h)
     y = _grouped_linear(h, ex.down_proj, offs, bias=ex.down_proj_bias[ids_g] if ex.has_bias else None,
                         is_transposed=ex.is_transposed)
@@ -226,16 +226,11 @@ def _grouped_with_norms(ex, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Te
     n_g = _row_norms(y.detach())                                         # [T*k], sorted by expert
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    out = None
+    out = y.new_empty((T, y.shape[-1]), dtype=torch.promote_types(y.dtype, weights.dtype))
     for t in range(0, T, _TOKENS_PER_SUM):                               # back in (token, slot) order,
         rows = inv[t * k:(t + _TOKENS_PER_SUM) * k]                      # weighted and summed over the
         part = (y[rows] * weights[t * k:(t + _TOKENS_PER_SUM) * k].unsqueeze(-1)).view(-1, k, y.shape[-1])
-        part = part.sum(dim=1)                                           # k slots, a few tokens at a time
-        if out is None:
-            out = part.new_empty((T, part.shape[-1]))
-        out[t:t + part.shape[0]] = part
-    if out is None:                                                      # no tokens
-        out = y.new_zeros((0, y.shape[-1]))
+        out[t:t + part.shape[0]] = part.sum(dim=1)                       # k slots, a few tokens at a time
     return out, n_g[inv].view(T, k)
 
 
