@@ -273,13 +273,24 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                        past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                        **_cache_kwarg(model, out))
         for r, i in enumerate(idx):
             text = tokenizer.decode(new[r], skip_special_tokens=True)
             cuts = [text.find(s) for s in stop if s and s in text]
             texts[i] = text[:min(cuts)] if cuts else text
     return texts
+
+
+def _cache_kwarg(model, out) -> dict:
+    """The previous step's key/value cache as the model's forward takes it: ``cache=`` where the
+    installed transformers has renamed ``past_key_values`` (5.24 and later: the old name warns on
+    every call and goes in 5.40), ``past_key_values=`` where it has not."""
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 # --------------------------------------------------------------------------- tasks
