@@ -23,6 +23,9 @@ RSS is that command's own (interpreter, torch and transformers included: "raw"):
   ``cost = a + b·layers``; the table gives the slope b and the largest relative deviation of a
   point from the line (linear in layers is the goal).
 
+Each checkpoint's row also records the machine's matmul speed when it was measured (bf16 and fp32
+GFLOP/s, printed under the table): a CPU without native bf16 (no AVX512-BF16 / AMX) runs bf16
+matmuls 50–60× slower than fp32, and seconds from different machines are not comparable.
 Results are kept in ``WORKDIR/scale.json`` (a re-run skips what is measured; ``--only NAME ...``
 measures those again, ``--fresh`` everything).
 With ``--llmc PYTHON`` (the venv of ``bench/reap_llmc.py``), llm-compressor's REAP runs on the
@@ -204,6 +207,19 @@ print(json.dumps({"plain": statistics.median(ts[0]), "attributed": statistics.me
                   "scan_anon_kb": max(peaks["load"][1], peaks["attributed"][1]),
                   "phases": {k: v for k, v in peaks.items() if k != "after"}}))
 """
+CHILD_SPEED = """
+import json, time, torch
+torch.set_num_threads(2)
+out = {}
+for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    a, b = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    out[name] = round(3 * 2 * 256 * 1024 * 1024 / (time.perf_counter() - t0) / 1e9, 2)
+print(json.dumps(out))
+"""
 CHILD_BASE = """
 import resource
 import moeharden.attack.prune, moeharden.attack.attribution, moeharden.defend.lock, moeharden.defend.manifest
@@ -253,7 +269,7 @@ def measure(name: str, target: str, layers: int, experts: int | None, work: Path
     largest, total = max(p.stat().st_size for p in shards), sum(p.stat().st_size for p in shards)
     subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)   # warm the page cache
     r: dict = {"name": name, "layers": layers, "shards": len(shards), "largest": largest, "bytes": total,
-               "build_s": round(build_s, 1)}
+               "build_s": round(build_s, 1), "matmul_gflops": json.loads(_py(CHILD_SPEED))}
     keep = json.dumps(_keep(target, kw))
     copies, prunes, prune_kb = [], [], []
     for i in range(REPEATS if total < 3e9 else 2):
@@ -406,6 +422,10 @@ def main() -> None:
         store.write_text(json.dumps(results, indent=1))
     print(f"\nimport baseline (interpreter, torch, transformers, moeharden): {base_kb / 1024:.0f} MB\n")
     print(table(results))
+    speeds = {n: r["matmul_gflops"] for n, r in results.items() if "matmul_gflops" in r}
+    if speeds:      # times from different machines (or days) are not comparable; ratios within a row are
+        print("\nmatmul speed when measured (GFLOP/s, 256x1024 @ 1024x1024, 2 threads): " +
+              "; ".join(f"{n} bf16 {g['bf16']} / fp32 {g['fp32']}" for n, g in speeds.items()))
     print()
     print(growth(results))
     rows = [(n, r) for n, r in results.items() if "llmc" in r]
