@@ -250,6 +250,7 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     budget = max(1, model_max_length(model, max_length) - max_new_tokens)
     enc = [ids[-budget:] or [prefix_token_id(tokenizer)] for ids in encode_texts(tokenizer, prompts)]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    cache_arg = _cache_arg(model)
     texts: list[str] = [""] * len(enc)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -273,8 +274,9 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
+            cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                        **_cache_kwarg(model, out))
+                        **{cache_arg: cache})
         for r, i in enumerate(idx):
             text = tokenizer.decode(new[r], skip_special_tokens=True)
             cuts = [text.find(s) for s in stop if s and s in text]
@@ -282,15 +284,11 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     return texts
 
 
-def _cache_kwarg(model, out) -> dict:
-    """The previous step's key/value cache as the model's forward takes it: ``cache=`` where the
-    installed transformers has renamed ``past_key_values`` (5.24 and later: the old name warns on
-    every call and goes in 5.40), ``past_key_values=`` where it has not."""
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = out.past_key_values
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+def _cache_arg(model) -> str:
+    """The name the model's forward takes its key/value cache by: ``cache`` where the installed
+    transformers has renamed ``past_key_values`` (5.24 and later: the old name is deprecated and
+    goes in 5.40), ``past_key_values`` where it has not."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 # --------------------------------------------------------------------------- tasks
