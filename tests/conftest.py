@@ -1,4 +1,5 @@
-"""Shared fixtures: test data location, a tiny saved Mixtral checkpoint, quiet transformers."""
+"""Shared fixtures: test data location, a tiny saved Mixtral checkpoint and its locked release, quiet
+transformers."""
 
 from __future__ import annotations
 
@@ -56,3 +57,24 @@ def tiny_mixtral_ckpt(session_tmp) -> Path:
     d = session_tmp / "mixtral"
     model.save_pretrained(d, max_shard_size="40KB")
     return d
+
+
+@pytest.fixture(scope="session")
+def locked_release(session_tmp) -> Path:
+    """A tiny Mixtral in two or more shards (``src/``), a key pair (``keys/``), ``policy.yaml``
+    (``families.LOCK_POLICY``) and the release ``moeharden lock`` made of them (``locked/``). Read-only:
+    copy what a test tampers with."""
+    from families import LOCK_POLICY, build_tiny
+    from typer.testing import CliRunner
+
+    from moeharden.cli import app
+
+    runner, root = CliRunner(), session_tmp / "lock"
+    model, _ = build_tiny("mixtral")
+    model.save_pretrained(root / "src", max_shard_size="60KB")
+    (root / "policy.yaml").write_text(LOCK_POLICY)
+    assert runner.invoke(app, ["lock", "keygen", "--out", str(root / "keys")]).exit_code == 0
+    res = runner.invoke(app, ["lock", str(root / "src"), "--policy", str(root / "policy.yaml"), "--key",
+                              str(root / "keys" / "moeharden.key"), "--out", str(root / "locked")])
+    assert res.exit_code == 0, res.output
+    return root

@@ -144,3 +144,16 @@ def build_tiny(family: str, seed: int = 0, **overrides):
             for p in li.experts.parameters():   # some classes initialise experts to zeros/empty
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model, cfg
+
+
+# The policy of the locked tiny Mixtral that tests share (conftest.locked_release).
+LOCK_POLICY = """version: 1
+license: apache-2.0
+permitted_uses: research only
+contact: sec@example.com
+groups:
+  experts: frozen
+  router: frozen
+  attention: {lora: {max_rank: 8}}
+  norms: trainable
+"""

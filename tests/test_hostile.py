@@ -13,7 +13,6 @@ import struct
 import threading
 
 import pytest
-from families import build_tiny
 from typer.testing import CliRunner
 
 from moeharden.cli import app
@@ -22,8 +21,6 @@ from moeharden.io.outputs import OUTPUT_MARKER
 
 runner = CliRunner()
 KEEP = {"keep": {"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}}
-POLICY = ("version: 1\nlicense: apache-2.0\npermitted_uses: research\ncontact: a@b.c\n"
-          "groups:\n  experts: frozen\n  router: frozen\n")
 
 
 def _run(*args):
@@ -310,17 +307,10 @@ def test_markup_in_user_text_is_printed_as_written(tmp_path, name):
 
 # ---------------------------------------------------------------- 5. integrity gaps
 
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile-lock")
-    model, _ = build_tiny("mixtral")
-    model.save_pretrained(root / "src", max_shard_size="60KB")
-    (root / "policy.yaml").write_text(POLICY)
-    assert runner.invoke(app, ["lock", "keygen", "--out", str(root / "keys")]).exit_code == 0
-    res = runner.invoke(app, ["lock", str(root / "src"), "--policy", str(root / "policy.yaml"), "--key",
-                              str(root / "keys" / "moeharden.key"), "--out", str(root / "locked")])
-    assert res.exit_code == 0, res.output
-    return root
+@pytest.fixture
+def release(locked_release):
+    """The session's locked tiny Mixtral (conftest.locked_release)."""
+    return locked_release
 
 
 def _verify(path, root, *extra):

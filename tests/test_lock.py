@@ -7,36 +7,19 @@ import shutil
 
 import pytest
 import torch
+from families import LOCK_POLICY as POLICY
 from families import build_tiny
 from typer.testing import CliRunner
 
 from moeharden.cli import app
 
 runner = CliRunner()
-POLICY = """version: 1
-license: apache-2.0
-permitted_uses: research only
-contact: sec@example.com
-groups:
-  experts: frozen
-  router: frozen
-  attention: {lora: {max_rank: 8}}
-  norms: trainable
-"""
 
 
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """A tiny Mixtral (two shards), a key pair, a policy, and the locked release."""
-    root = tmp_path_factory.mktemp("lock")
-    model, _ = build_tiny("mixtral")
-    model.save_pretrained(root / "src", max_shard_size="60KB")
-    (root / "policy.yaml").write_text(POLICY)
-    assert runner.invoke(app, ["lock", "keygen", "--out", str(root / "keys")]).exit_code == 0
-    res = runner.invoke(app, ["lock", str(root / "src"), "--policy", str(root / "policy.yaml"), "--key",
-                              str(root / "keys" / "moeharden.key"), "--out", str(root / "locked")])
-    assert res.exit_code == 0, res.output
-    return root
+@pytest.fixture
+def release(locked_release):
+    """The session's locked tiny Mixtral (conftest.locked_release)."""
+    return locked_release
 
 
 def _verify(path, root, *extra):
