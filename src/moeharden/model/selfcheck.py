@@ -114,8 +114,10 @@ def prepare_check(config: Any, seed: int):
 
 
 def remember(key: str, result: SelfCheckResult) -> SelfCheckResult:
-    _CACHE[key] = result
-    if result.ok:                  # failures are recomputed every time, so a fixed environment recovers
+    """Cache a passed check (memory and disk); a failure is recomputed every time, also within one
+    process, so that an environment fixed meanwhile (a patched modeling file) recovers."""
+    if result.ok:
+        _CACHE[key] = result
         _write_disk_cache(key, result)
     return result
 
