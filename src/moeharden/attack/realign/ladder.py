@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moeharden.attack.realign.run import _attach_lora, _trainable, restored
+from moeharden.attack.realign.run import attach_lora, restored, trainable_params
 from moeharden.attack.realign.selection import select
 from moeharden.errors import UsageError
 
@@ -299,7 +299,7 @@ def _sequential(model, ops, pool, s: LadderSettings, ladder, per_rung, all_param
             with restored(all_params):
                 for p in all_params:
                     p.requires_grad_(False)
-                peft_model, params = _attach_lora(model, RecoverySettings(lora_rank=s.lora_rank), None)
+                peft_model, params = attach_lora(model, RecoverySettings(lora_rank=s.lora_rank), None)
                 for p in params:
                     p.requires_grad_(True)
                 torch.manual_seed(seed)
@@ -321,7 +321,7 @@ def _halving(model, ops, pool, s: LadderSettings, ladder, per_rung, all_params, 
     with restored(all_params if mode != "router" else list(router_params)):
         for p in all_params:
             p.requires_grad_(False)
-        params = _trainable(model, mode, router_params)
+        params = trainable_params(model, mode, router_params)
         for p in params:
             p.requires_grad_(True)
         start = [p.detach().clone() for p in params]

@@ -91,13 +91,15 @@ def restored(params: Sequence[torch.nn.Parameter]):
                 p.requires_grad_(rg)
 
 
-def _trainable(model, mode: str, router_params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+def trainable_params(model, mode: str, router_params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """What a re-alignment of ``mode`` updates: the routers (``router``) or every floating-point
+    parameter (``full``, ``distill``)."""
     if mode == "router":
         return list(router_params)
     return [p for p in model.parameters() if p.is_floating_point()]    # full, distill
 
 
-def _attach_lora(model, s: RecoverySettings, targets: tuple[Sequence[str], Sequence[str]] | None):
+def attach_lora(model, s: RecoverySettings, targets: tuple[Sequence[str], Sequence[str]] | None):
     """Wrap ``model`` in peft LoRA adapters; returns (peft model, its LoRA parameters)."""
     from peft import LoraConfig, get_peft_model
 
@@ -179,10 +181,10 @@ def run_recovery(model, ops: TaskOps, pool: Sequence, settings: RecoverySettings
             p.requires_grad_(False)
         target = model
         if s.mode == "lora":
-            peft_model, params = _attach_lora(model, s, lora_targets)
+            peft_model, params = attach_lora(model, s, lora_targets)
             target = peft_model
         else:
-            params = _trainable(model, s.mode, router_params)
+            params = trainable_params(model, s.mode, router_params)
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
