@@ -27,8 +27,9 @@ from moeharden.model.checkpoint import load_config, load_model
 from moeharden.model.inplace import load_in_place
 
 # families whose stored layout needs arithmetic or vocabulary surgery (Inkling2's unpadding and
-# looped-expert conversions): the loader must decline them, and from_pretrained loads them
-DECLINED = {"inkling2_text", "inkling2_loop_text"}
+# looped-expert conversions; Ergo's router stored transposed, [H, E], so the conversion moves the
+# last dimension): the loader must decline them, and from_pretrained loads them
+DECLINED = {"inkling2_text", "inkling2_loop_text", "ergo"}
 
 
 def _same_model(ref, got, vocab: int) -> None:

@@ -281,7 +281,7 @@ def test_lora_targets_cover_each_familys_attention_and_train_only_adapters(famil
     assert changed and all("lora_" in n for n in changed)
     assert any(n.endswith(("Wqkv.lora_B.default.weight", "q_proj.lora_B.default.weight", "q_a_proj.lora_B.default.weight",
                            "q_b_proj.lora_B.default.weight", "qkv_proj.lora_B.default.weight",
-                           "q_proj.linear.lora_B.default.weight"))
+                           "q_proj.linear.lora_B.default.weight", "q_gate_proj.lora_B.default.weight"))
                for n in changed)
 
 

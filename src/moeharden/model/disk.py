@@ -54,10 +54,74 @@ _FUSED_EXTRA = re.compile(_BLOCK_DISK + r"\.(?:input_linear|output_linear)\.weig
 def classify_tensor(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) -> TensorRole | None:
     """Role of one on-disk tensor (``None``: not indexed by expert, copied as is).
 
+    The stored name is read first. A family saved in another layout than its modules (Ergo:
+    ``layers.N.feed_forward.gate_kernel`` ``[H, E]`` for ``model.layers.N.mlp.gate.linear.weight``)
+    is read through transformers' own conversion table: its renamings, and a converter that only
+    transposes (the expert axis is mapped back to the stored layout). Converters that merge or
+    split tensors (per-expert tensors stored, fused in the model) keep their stored names, which
+    the rules below read directly.
+
     Raises:
         UnsupportedModelError: a tensor that looks expert-indexed but whose shape disagrees with
             the config's expert count (the registry would prune it wrongly).
     """
+    role = _classify(spec, config, name, shape)
+    if role is not None:
+        return role
+    moved = _module_view(getattr(config, "model_type", None) or _get(config, "model_type"), name)
+    if moved is None:
+        return None
+    module_name, swap = moved
+    shape = list(shape)
+    if swap is not None:
+        a, b = (d % len(shape) for d in swap) if shape else (0, 0)
+        if shape:
+            shape[a], shape[b] = shape[b], shape[a]
+    role = _classify(spec, config, module_name, shape)
+    if role is None or swap is None or role.axis is None or not shape:
+        return role
+    axis = b if role.axis == a else a if role.axis == b else role.axis
+    return TensorRole(role.layer, role.kind, role.expert, axis, role.rows_per_expert)
+
+
+def _get(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+_VIEWS: dict[str, tuple[list, list, dict]] = {}
+
+
+def _module_view(model_type: str | None, name: str) -> tuple[str, tuple[int, int] | None] | None:
+    """``(module-side name, transposed dims or None)`` of a stored tensor by transformers' conversion
+    table for ``model_type``; ``None`` where the table does not rename it or changes it otherwise."""
+    if not model_type:
+        return None
+    if model_type not in _VIEWS:
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming
+        except ImportError:
+            return None
+        mapping = get_checkpoint_conversion_mapping(model_type) or []
+        convs = [m for m in mapping if isinstance(m, WeightConverter)]
+        _VIEWS[model_type] = ([m for m in mapping if isinstance(m, WeightRenaming)], convs,
+                              {p: c for c in convs for p in c.source_patterns})
+    renamings, converters, by_pattern = _VIEWS[model_type]
+    if not renamings and not converters:
+        return None
+    from transformers.core_model_loading import Transpose, rename_source_key
+
+    renamed, pattern = rename_source_key(name, renamings, converters)
+    swap = None
+    if pattern is not None:
+        ops = by_pattern[pattern].operations
+        if len(ops) != 1 or type(ops[0]) is not Transpose or len(by_pattern[pattern].source_patterns) != 1:
+            return None
+        swap = (ops[0].dim0, ops[0].dim1)
+    return (renamed, swap) if renamed != name else None
+
+
+def _classify(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) -> TensorRole | None:
     m = _LAYER.search(name)
     if m is None or _SHARED.search(name):
         return None
@@ -80,11 +144,17 @@ def classify_tensor(spec: FamilySpec, config: Any, name: str, shape: Sequence[in
         if not shape or shape[0] != E:
             raise UnsupportedModelError(f"{name}: fused expert tensor of shape {shape}, expected {E} experts first.")
         return TensorRole(layer, "expert", axis=0)
-    if _ROUTER.search(name) or name.endswith(spec.expert_vectors):
+    if (_ROUTER.search(name) or name.endswith(spec.expert_vectors)
+            or spec.router_linear and name.endswith(_router_leaves(spec))):
         if not shape or shape[0] != E:
             return None   # e.g. a 1-row gate of a dense block
         return TensorRole(layer, "router", axis=0)
     return None
+
+
+def _router_leaves(spec: FamilySpec) -> tuple[str, ...]:
+    """Name endings of the router tensors where the router wraps a named linear (Ergo's ``gate.linear``)."""
+    return tuple(f".{spec.router_attr}.{spec.router_linear}.{leaf}" for leaf in ("weight", "bias"))
 
 
 def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
@@ -98,6 +168,8 @@ def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
     """
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config_dict.items()}
     E = config_value(cfg, spec.expert_keys)
+    if E is None:
+        raise UnsupportedModelError(f"The {spec.name} config has no expert count ({', '.join(spec.expert_keys)}).")
     if not 1 <= kept <= int(E):
         raise KeepSetError(f"Cannot keep {kept} experts per layer: the model has {E}.")
 

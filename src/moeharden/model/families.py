@@ -166,6 +166,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
                tiny=(("indexer_n_heads", 2), ("indexer_kv_heads", 1), ("indexer_head_dim", 16), ("indexer_budget", 8),
                      ("indexer_compress_ratio", 4))),
     FamilySpec("Solar-Open", ("solar_open",), **_DSV3),
+    # ---- families added for transformers 5.25
+    FamilySpec("Ergo", ("ergo",), router_linear="linear", selection_bias="gate.e_score_correction_bias",
+               score="sigmoid", expert_keys=("num_experts",), shared_attrs=("shared_experts",),
+               scale_key="moe_routed_scaling_factor", renorm_key="always", expert_mlp="custom",
+               attention_projs=("qkv_proj", "o_proj"),
+               notes="relu² experts, each with its own RMSNorm scale after it ([E, H], pruned with the expert)"),
+    FamilySpec("Kolibri-1.1", ("kolibri1_1",), selection_bias="gate.e_score_correction_bias", score="sigmoid",
+               combine="topk_logits_sigmoid", shared_attrs=("shared_experts",),
+               notes="Kolibri-1's routing; indexed/sliding attention layers", tiny=(("mlp_only_layers", [0]), ("layer_types", ["sliding_attention", "indexed_attention"]),
+                     ("index_layers", [1]), ("kv_source_layers", [0, 1]), ("index_num_heads", 1))),
+    FamilySpec("MiniCPM5-MoE", ("minicpm5_moe",), **_DSV3,
+               attention_projs=("q_gate_proj", "k_proj", "v_proj", "o_proj")),
     FamilySpec("ZAYA", ("zaya",), router_attr="router", expert_keys=("num_experts",), top_k_attrs=("router.top_k",),
                tiny=(("num_experts_per_tok", 1),),
                refuse="skip expert: the router MLP scores E + 1 classes, one of them a no-compute skip expert, "
