@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV="${MOEHARDEN_VENV:-.venv}"
 STAMP="$VENV/.moeharden-setup"
-if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && "$VENV/bin/python" -c "import torch, moeharden" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/constraints.txt ] && "$VENV/bin/python" -c "import torch, moeharden" 2>/dev/null; then
   exit 0
 fi
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "moeharden needs Python >= 3.10")'
@@ -26,5 +26,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
       || "${PIP[@]}" install "torch>=2.4"
   fi
 fi
-"${PIP[@]}" install -e ".[test]" 2> >(grep -v "is ignored" >&2)
+# the transformers the families registry was checked against (scripts/constraints.txt says why)
+"${PIP[@]}" install -c scripts/constraints.txt -e ".[test]" 2> >(grep -v "is ignored" >&2)
 touch "$STAMP"
