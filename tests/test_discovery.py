@@ -161,7 +161,7 @@ def test_b_masked_equals_pruned_saved_and_reloaded(tiny, tmp_path):
 def test_c_disk_view_matches_module_view(tiny, tmp_path):
     from safetensors import safe_open
 
-    from moeharden.model.disk import classify_tensor
+    from moeharden.model.disk import classify_tensors
 
     family, model, cfg = tiny
     spec = lookup_spec(cfg)
@@ -177,14 +177,14 @@ def test_c_disk_view_matches_module_view(tiny, tmp_path):
                  ) if spec.expert_vectors else 0
         want[(li.layer, "router")] = n
     got: dict[tuple[int, str], int] = {}
+    shapes: dict[str, list[int]] = {}
     for shard in tmp_path.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                shape = list(f.get_slice(name).get_shape())
-                role = classify_tensor(spec, cfg, name, shape)
-                if role is not None:   # a selection bias is sliced like router rows (some save it as gate.bias)
-                    kind = "expert" if role.kind == "expert" else "router"
-                    got[(role.layer, kind)] = got.get((role.layer, kind), 0) + int(torch.tensor(shape).prod())
+            shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})
+    for name, role in classify_tensors(spec, cfg, shapes).items():
+        if role is not None:   # a selection bias is sliced like router rows (some save it as gate.bias)
+            kind = "expert" if role.kind == "expert" else "router"
+            got[(role.layer, kind)] = got.get((role.layer, kind), 0) + int(torch.tensor(shapes[name]).prod())
     assert got == want, family
 
 

@@ -164,7 +164,7 @@ def match_experts(original: dict[str, dict[str, list[float]]], suspect: dict[str
 def disk_groups(path: Path, files, spec, config, roles) -> dict[str, str]:
     """Policy group of every on-disk tensor, resolved through the registry.
 
-    Expert/router tensors come from :func:`moeharden.model.disk.classify_tensor`; the rest from the
+    Expert/router tensors come from :func:`moeharden.model.disk.classify_tensors`; the rest from the
     registry's :func:`~moeharden.model.registry.parameter_groups` on a meta-device instance of the model
     (no weights are loaded), matched by name.
     """

@@ -150,7 +150,7 @@ def _check_config_against_tensors(path: Path, files) -> None:
         UnsupportedModelError: an expert tensor whose shape disagrees with the config.
     """
     from moeharden.errors import UnsupportedModelError
-    from moeharden.model.disk import classify_tensor
+    from moeharden.model.disk import classify_tensors
     from moeharden.model.registry import num_experts, spec_for_config
 
     cfg = load_config(path)
@@ -159,7 +159,7 @@ def _check_config_against_tensors(path: Path, files) -> None:
         E = num_experts(cfg)
     except UnsupportedModelError:
         return
-    roles = {name: classify_tensor(spec, cfg, name, info.shape) for name, info in files.tensors.items()}
+    roles = classify_tensors(spec, cfg, {name: info.shape for name, info in files.tensors.items()})
     check_experts_present(E, roles)
 
 
@@ -169,7 +169,7 @@ def check_experts_present(E: int, roles: dict) -> None:
 
     Args:
         E: the config's routed-expert count.
-        roles: ``{tensor name: TensorRole or None}`` from :func:`moeharden.model.disk.classify_tensor`.
+        roles: ``{tensor name: TensorRole or None}`` from :func:`moeharden.model.disk.classify_tensors`.
     Raises:
         CheckpointError: a layer whose experts (or router rows) disagree with ``E``.
     """
@@ -305,7 +305,7 @@ def checkpoint_layout(src: Path):
         CheckpointError, UnsupportedModelError.
     """
     from moeharden.io.shards import CheckpointFiles
-    from moeharden.model.disk import classify_tensor
+    from moeharden.model.disk import classify_tensors
     from moeharden.model.registry import num_experts, spec_for_config
 
     validate_checkpoint(Path(src))   # config present, safetensors only, headers sound, experts match (cheap)
@@ -313,6 +313,6 @@ def checkpoint_layout(src: Path):
     spec = spec_for_config(cfg)
     E = num_experts(cfg)
     files = CheckpointFiles(src)
-    roles = {name: classify_tensor(spec, cfg, name, info.shape) for name, info in files.tensors.items()}
+    roles = classify_tensors(spec, cfg, {name: info.shape for name, info in files.tensors.items()})
     layers = sorted({r.layer for r in roles.values() if r is not None and r.kind == "expert"})
     return cfg, spec, E, files, roles, layers

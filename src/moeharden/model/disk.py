@@ -11,7 +11,7 @@ family facts themselves (config keys, flattened rows) come from :mod:`moeharden.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,31 +52,59 @@ _FUSED_EXTRA = re.compile(_BLOCK_DISK + r"\.(?:input_linear|output_linear)\.weig
 
 
 def classify_tensor(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) -> TensorRole | None:
-    """Role of one on-disk tensor (``None``: not indexed by expert, copied as is).
-
-    The stored name is read first. A family saved in another layout than its modules (Ergo:
-    ``layers.N.feed_forward.gate_kernel`` ``[H, E]`` for ``model.layers.N.mlp.gate.linear.weight``)
-    is read through transformers' own conversion table: its renamings, and a converter that only
-    transposes (the expert axis is mapped back to the stored layout). Converters that merge or
-    split tensors (per-expert tensors stored, fused in the model) keep their stored names, which
-    the rules below read directly.
+    """Role of one on-disk tensor by its stored name (``None``: not indexed by expert, copied as is).
 
     Raises:
         UnsupportedModelError: a tensor that looks expert-indexed but whose shape disagrees with
             the config's expert count (the registry would prune it wrongly).
     """
-    role = _classify(spec, config, name, shape)
-    if role is not None:
-        return role
-    moved = _module_view(getattr(config, "model_type", None) or _get(config, "model_type"), name)
+    return _classify(spec, config, name, shape)
+
+
+def classify_tensors(spec: FamilySpec, config: Any,
+                     shapes: Mapping[str, Sequence[int]]) -> dict[str, TensorRole | None]:
+    """``{stored name: role or None}`` of a whole checkpoint.
+
+    Stored names are read first (:func:`classify_tensor`). Where that leaves the checkpoint without
+    an expert tensor, or an MoE layer without its router, the family is saved in another layout
+    than its modules (Ergo: ``layers.N.feed_forward.gate_kernel`` ``[H, E]`` for
+    ``model.layers.N.mlp.gate.linear.weight``), and the names not placed are read again through
+    transformers' own conversion table: its renamings, and a converter that only transposes (the
+    expert axis is mapped back to the stored layout). Converters that merge or split tensors
+    (per-expert tensors stored, fused in the model) are not replayed: those names are read as
+    stored. The table is consulted only then (building it costs about 0.7 s).
+
+    Raises:
+        UnsupportedModelError: as :func:`classify_tensor`.
+    """
+    roles = {name: _classify(spec, config, name, shape) for name, shape in shapes.items()}
+    if _placed(roles):
+        return roles
+    model_type = getattr(config, "model_type", None) or _get(config, "model_type")
+    for name, shape in shapes.items():
+        if roles[name] is None:
+            roles[name] = _through_conversion(spec, config, model_type, name, shape)
+    return roles
+
+
+def _placed(roles: Mapping[str, TensorRole | None]) -> bool:
+    """Some expert tensor, and a router for every layer that has one."""
+    experts = {r.layer for r in roles.values() if r is not None and r.kind == "expert"}
+    routers = {r.layer for r in roles.values() if r is not None and r.kind == "router"}
+    return bool(experts) and experts <= routers
+
+
+def _through_conversion(spec: FamilySpec, config: Any, model_type: str | None, name: str,
+                        shape: Sequence[int]) -> TensorRole | None:
+    moved = _module_view(model_type, name)
     if moved is None:
         return None
     module_name, swap = moved
     shape = list(shape)
-    if swap is not None:
-        a, b = (d % len(shape) for d in swap) if shape else (0, 0)
-        if shape:
-            shape[a], shape[b] = shape[b], shape[a]
+    a = b = 0
+    if swap is not None and shape:
+        a, b = (d % len(shape) for d in swap)
+        shape[a], shape[b] = shape[b], shape[a]
     role = _classify(spec, config, module_name, shape)
     if role is None or swap is None or role.axis is None or not shape:
         return role

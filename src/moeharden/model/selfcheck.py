@@ -11,7 +11,7 @@ rewriting it wrongly:
    the experts from the recorded indices and weights) equals the plain forward, every MoE layer
    is recorded, and the recorded experts are the top-k of the recorded scores;
 2. **masked ≡ pruned**: the tiny model is saved with ``save_pretrained``, pruned through the disk
-   view (:func:`~moeharden.model.disk.classify_tensor`, :func:`~moeharden.model.disk.pruned_config`)
+   view (:func:`~moeharden.model.disk.classify_tensors`, :func:`~moeharden.model.disk.pruned_config`)
    and reloaded; its logits equal the masked model's (max-abs ≤ 1e-4).
 
 Successful results are cached in memory and on disk (``$MOEHARDEN_CACHE/selfcheck/``, keyed by the
@@ -267,7 +267,7 @@ def _pruned_logits(model, config, keep, tmp: Path, ids):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from moeharden.model.disk import classify_tensor, pruned_config
+    from moeharden.model.disk import classify_tensors, pruned_config
     from moeharden.model.registry import spec_for_config
 
     spec = spec_for_config(config)
@@ -276,8 +276,9 @@ def _pruned_logits(model, config, keep, tmp: Path, ids):
     for f in sorted((tmp / "src").glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     out: dict[str, torch.Tensor] = {}
+    roles = classify_tensors(spec, config, {name: list(t.shape) for name, t in tensors.items()})
     for name, t in tensors.items():
-        role = classify_tensor(spec, config, name, list(t.shape))
+        role = roles[name]
         if role is None or role.layer not in keep:
             out[name] = t
             continue
