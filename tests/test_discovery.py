@@ -52,6 +52,15 @@ def test_coverage_table_every_discovered_family_is_listed():
         assert status == "supported" or len(why) > 20, mt
 
 
+def test_a_family_named_shared_is_found_and_shared_experts_are_not():
+    """``Shared`` marks a shared-expert class only after the family's own prefix: GraniteMoeShared's
+    routed experts are ``GraniteMoeSharedExperts`` (it went undiscovered while any name with
+    ``Shared`` was skipped); Inkling's ``InklingSharedExperts`` are its shared experts."""
+    by_type = {f.model_type: f for f in DISCOVERED}
+    assert by_type["granitemoeshared"].experts_classes == ("GraniteMoeSharedExperts",)
+    assert by_type["inkling_text"].experts_classes == ("InklingExperts",)
+
+
 def test_docs_table_is_generated_from_the_registry():
     from moeharden.model.famdoc import render_families_md
 

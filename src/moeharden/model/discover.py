@@ -24,12 +24,18 @@ class DiscoveredFamily:
     experts_classes: tuple[str, ...]
 
 
-def _experts_classes(module) -> tuple[str, ...]:
+def _experts_classes(module, prefix: str = "") -> tuple[str, ...]:
+    """Routed-experts classes of a modeling module: ``...Experts`` modules, shared experts aside.
+    ``Shared`` is read after the family's own class prefix (GraniteMoeShared's routed experts are
+    ``GraniteMoeSharedExperts``; Inkling's shared ones ``InklingSharedExperts``)."""
     import torch
+
+    def shared(n: str) -> bool:
+        return "Shared" in (n[len(prefix):] if prefix and n.startswith(prefix) else n)
 
     return tuple(sorted(n for n, c in vars(module).items()
                         if inspect.isclass(c) and issubclass(c, torch.nn.Module) and c.__module__ == module.__name__
-                        and n.endswith("Experts") and "Shared" not in n))
+                        and n.endswith("Experts") and not shared(n)))
 
 
 def discover_moe_families() -> list[DiscoveredFamily]:
@@ -48,7 +54,7 @@ def discover_moe_families() -> list[DiscoveredFamily]:
             cls = getattr(transformers, class_name)
         except (ImportError, AttributeError):     # optional dependencies missing: not loadable here
             continue
-        found = _experts_classes(module)
+        found = _experts_classes(module, class_name.removesuffix("ForCausalLM").removesuffix("ForConditionalGeneration"))
         if not found:
             continue
         config_class = getattr(cls, "config_class", None)
