@@ -16,8 +16,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Install as root into the image's Python; only the package sources are copied (see .dockerignore).
 WORKDIR /opt/moeharden
 COPY pyproject.toml README.md ./
+COPY scripts/constraints.txt ./scripts/
 COPY src ./src
-RUN pip install ".[sign,recover,rouge]" && moeharden --version
+# the transformers the families registry was checked against (scripts/constraints.txt)
+RUN pip install -c scripts/constraints.txt ".[sign,recover,rouge]" && moeharden --version
 
 # Run as an unprivileged user; model downloads and the demo cache go to its home.
 RUN useradd --create-home --uid 1000 --shell /bin/bash moeharden && mkdir -p /work \
