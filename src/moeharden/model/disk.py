@@ -80,7 +80,7 @@ def classify_tensors(spec: FamilySpec, config: Any,
     roles = {name: _classify(spec, config, name, shape) for name, shape in shapes.items()}
     if _placed(roles):
         return roles
-    model_type = getattr(config, "model_type", None) or _get(config, "model_type")
+    model_type = config_value(config, ("model_type",))
     for name, shape in shapes.items():
         if roles[name] is None:
             roles[name] = _through_conversion(spec, config, model_type, name, shape)
@@ -110,10 +110,6 @@ def _through_conversion(spec: FamilySpec, config: Any, model_type: str | None, n
         return role
     axis = b if role.axis == a else a if role.axis == b else role.axis
     return TensorRole(role.layer, role.kind, role.expert, axis, role.rows_per_expert)
-
-
-def _get(config: Any, key: str) -> Any:
-    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
 _VIEWS: dict[str, tuple[list, list, dict]] = {}
