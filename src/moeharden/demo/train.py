@@ -11,9 +11,13 @@ of a few minutes leaves routing diffuse, and a 2-of-8 pruned model then loses mo
 
 * every step runs one single-task batch per task, and adds
   ``mi_weight * sum_layers [mean_t H(p_t) - H(mean_t p_t)]`` where ``p_t`` ([E]) is the batch-mean
-  routing distribution of task ``t`` (softmax of the router logits, averaged over its tokens).
-  The first term lowers each task's routing entropy (few experts per task); the second keeps the
-  tasks apart (it is minus the mutual information between task and expert);
+  routing distribution of task ``t`` (softmax of the router logits, averaged over its tokens): minus
+  the mutual information between task and expert, which keeps the tasks apart. Once the tasks use
+  disjoint experts it equals ``-log(tasks)`` per layer however widely each task spreads, so it
+  cannot keep a task on few experts; hence
+* ``entropy_weight * sum_layers mean_t H(p_t)``, which does: each task on few experts per layer, so
+  that a 2-of-8 pruned model keeps the task on every machine (without it, which task drifted onto
+  the experts no prior claims depended on the CPU's rounding);
 * for the first ``prior_steps`` steps, task ``i`` gets ``+prior_logit`` (decaying linearly to 0)
   on the router logits of experts ``2i`` and ``2i+1``, to break symmetry early. After that the
   router is on its own; the saved model carries no prior.
@@ -81,6 +85,7 @@ class TrainRecipe(_Frozen):
 
 class RoutingRecipe(_Frozen):
     mi_weight: float = Field(ge=0)
+    entropy_weight: float = Field(default=0.0, ge=0)
     prior_logit: float = Field(ge=0)
     prior_steps: int = Field(ge=0)
 
@@ -237,8 +242,9 @@ def _setup_pools(recipe: DemoRecipe, tok, heldout: dict[str, list[dict]]) -> dic
 
 
 def _loss_step(model, hooks: _GateHooks, pools: dict[str, LMBatch], recipe: DemoRecipe, prior: float,
-               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One single-task batch per task: ``(mean answer cross-entropy over tasks, routing MI term)``."""
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One single-task batch per task: ``(mean answer cross-entropy over tasks, routing MI term,
+    summed over layers mean task routing entropy)``."""
     n_exp = recipe.model.num_local_experts
     ce = torch.zeros(())
     task_means: list[torch.Tensor] = []  # per task, [layers, E] batch-mean routing
@@ -254,8 +260,9 @@ def _loss_step(model, hooks: _GateHooks, pools: dict[str, LMBatch], recipe: Demo
         ce = ce + torch.nn.functional.cross_entropy(al.float(), at)
         task_means.append(torch.stack([p.mean(0) for p in hooks.probs]))
     p_task = torch.stack(task_means)  # [tasks, layers, E]
-    mi_term = (_entropy(p_task).mean(0) - _entropy(p_task.mean(0))).sum()
-    return ce / len(pools), mi_term
+    h_task = _entropy(p_task)         # [tasks, layers]
+    mi_term = (h_task.mean(0) - _entropy(p_task.mean(0))).sum()
+    return ce / len(pools), mi_term, h_task.mean(0).sum()
 
 
 def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int | None = None,
@@ -297,8 +304,8 @@ def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int
         try:
             for step in range(n_steps):
                 prior = r.prior_logit * max(0.0, 1.0 - step / r.prior_steps) if r.prior_steps else 0.0
-                ce, mi_term = _loss_step(model, hooks, pools, recipe, prior, gen)
-                loss = ce + r.mi_weight * mi_term
+                ce, mi_term, h_term = _loss_step(model, hooks, pools, recipe, prior, gen)
+                loss = ce + r.mi_weight * mi_term + r.entropy_weight * h_term
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
