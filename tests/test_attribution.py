@@ -7,6 +7,8 @@ from ``gate_up_proj``/``down_proj``, then forms frequency / gate / REAP / EAN / 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -131,3 +133,20 @@ def test_routing_stats_do_not_depend_on_the_token_budget():
     a, b = observed_scores(whole), observed_scores(packed)
     for m in a:
         torch.testing.assert_close(a[m], b[m], rtol=1e-4, atol=1e-5, msg=m)
+
+
+def test_token_budget_scales_with_the_model(tiny_mixtral):
+    """The automatic budget: as many tokens as keep one forward's expert activations — per token
+    k · (3·I + 2·H) values (SwiGLU intermediates, input and output of each routed pair) — under the
+    share of the weight bytes, floored and capped; computed here from the config alone."""
+    from moeharden.attack.attribution import MAX_BATCH_TOKENS, token_budget
+
+    cfg = tiny_mixtral.config
+    per_token = cfg.num_experts_per_tok * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * 4   # float32
+    weight_bytes = 4 * sum(p.numel() for p in tiny_mixtral.parameters())
+    assert token_budget(tiny_mixtral) == MAX_BATCH_TOKENS                  # a tiny model: the floor
+    for share in (0.5, 3.0, 40.0):
+        assert token_budget(tiny_mixtral, share=share, floor=1, cap=10**9) == int(share * weight_bytes // per_token)
+    assert token_budget(tiny_mixtral, share=40.0, floor=1, cap=100) == 100
+    half = copy.deepcopy(tiny_mixtral).to(torch.bfloat16)                    # bytes halve on both sides
+    assert token_budget(half, share=3.0, floor=1, cap=10**9) == int(3.0 * weight_bytes // per_token)

@@ -30,7 +30,9 @@ import torch
 
 OBSERVED_METHODS = ("frequency", "gate", "reap", "ean", "soft")
 ALL_METHODS = (*OBSERVED_METHODS, "contrastive", "ablation")
-MAX_BATCH_TOKENS = 2048     # padded tokens per forward of the attribution pass (scan's --max-batch-tokens)
+MAX_BATCH_TOKENS = 2048     # padded tokens per forward of the attribution pass: the floor of the automatic budget
+AUTO_TOKENS_SHARE = 0.05    # the automatic budget keeps one forward's expert activations under this share of the weights
+AUTO_TOKENS_CAP = 16384
 
 
 @dataclass
@@ -208,15 +210,47 @@ def token_groups(lengths: Sequence[int], batch_size: int, max_tokens: int | None
     return groups
 
 
+def token_budget(model, *, share: float = AUTO_TOKENS_SHARE, floor: int = MAX_BATCH_TOKENS,
+                 cap: int = AUTO_TOKENS_CAP) -> int:
+    """The attribution pass's padded tokens per forward for ``model`` (scan's default ``--max-batch-tokens``).
+
+    An MoE layer's pass holds, per routed (token, slot) pair, its input and output ``[H]`` and its
+    expert's intermediates — ``P_e / H`` values for an expert of ``P_e`` parameters (``3·I`` for a
+    gated one of width ``I``) — so one token costs ``k · (P_e / H + 2H)`` values at the experts'
+    dtype (``k = E`` where every expert runs on every token, Llama-4). The budget is as many tokens as
+    keep that under ``share`` of the model's weight bytes, within ``[floor, cap]``: a truncated or
+    small model gets the floor (its transient is bounded in absolute terms), a model at released size
+    forwards as many tokens at once as a plain forward would (bench/scale.py: at 2,048 tokens the
+    full-depth OLMoE-1B-7B pass took 1.14× a 4,096-token plain forward; at equal batching the record
+    costs 1.01–1.03×).
+    """
+    from moeharden.model.registry import moe_layers
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 0
+    for li in moe_layers(model):
+        params = list(li.experts.parameters())
+        if not params:
+            continue
+        H = int(li.router_weight.shape[-1])
+        per_expert = sum(p.numel() for p in params) // li.num_experts
+        k = li.num_experts if li.spec.weight_on_input else li.top_k
+        per_token = max(per_token, k * (per_expert // H + 2 * H) * params[0].element_size())
+    if per_token == 0:
+        return floor
+    return int(min(cap, max(floor, share * weight_bytes // per_token)))
+
+
 @torch.no_grad()
 def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num_experts: int,
-                  batch_size: int = 32, max_length: int = 512, max_tokens: int | None = MAX_BATCH_TOKENS):
+                  batch_size: int = 32, max_length: int = 512, max_tokens: int | str | None = "auto"):
     """One pass over ``texts`` with the routing record (norms included); returns summed stats.
 
     Only the decoder stack runs (``model.base_model``): routing never depends on the LM head, and
     its ``[B, T, vocab]`` logits would cost more than an MoE layer at real vocabulary sizes. Rows
     are packed by :func:`token_groups` (at most ``batch_size`` rows and ``max_tokens`` padded
-    tokens per forward), so memory stays bounded at real width and prompt length.
+    tokens per forward; ``"auto"``: :func:`token_budget`), so memory stays bounded at real width and
+    prompt length.
     """
     from moeharden.model.routing import record_routing
 
@@ -224,6 +258,8 @@ def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num
     device = next(model.parameters()).device
     decoder = getattr(model, "base_model", model)
     texts = list(texts)
+    if max_tokens == "auto":
+        max_tokens = token_budget(model)
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     for group in token_groups(lengths, batch_size, max_tokens):
         enc = tokenizer([texts[i] for i in group], return_tensors="pt", padding=True, truncation=True,

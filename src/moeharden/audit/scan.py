@@ -23,7 +23,6 @@ import torch
 
 from moeharden.attack.attribution import (
     ALL_METHODS,
-    MAX_BATCH_TOKENS,
     OBSERVED_METHODS,
     ablation_scores,
     contrastive_scores,
@@ -60,7 +59,7 @@ class ScanSettings:
     seed: int = 0
     random_seeds: int = 3
     batch_size: int = 32
-    max_batch_tokens: int = MAX_BATCH_TOKENS   # padded tokens per forward of the attribution pass (memory)
+    max_batch_tokens: int | None = None   # padded tokens per forward of the attribution pass; None: token_budget
     recover: bool | None = False         # the fixed-hyper-parameter suite of every mode × strategy (opt-in)
     recover_budget: int | None = None
     recover_seeds: int = 3
@@ -84,7 +83,7 @@ class ScanSettings:
             raise UsageError("--limit must be at least 1.")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1.")
-        if self.max_batch_tokens < 1:
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise UsageError("--max-batch-tokens must be at least 1.")
 
     def attack_plan(self) -> AttackPlan:
@@ -165,7 +164,7 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
 
     t0 = time.perf_counter()
     stats = {t.name: routing_stats(model, tokenizer, t.calibration_texts(), layers, E, settings.batch_size,
-                                   max_tokens=settings.max_batch_tokens) for t in tasks}
+                                   max_tokens=settings.max_batch_tokens or "auto") for t in tasks}
     timings["attribution_pass"] = time.perf_counter() - t0
 
     scores: dict[str, dict[str, torch.Tensor]] = {}
