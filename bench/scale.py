@@ -13,9 +13,14 @@ RSS is that command's own (interpreter, torch and transformers included: "raw"):
   ``lock`` command's peak RSS ÷ largest shard (goal ≤ 1.5);
 - ``scan``'s attribution pass (:func:`moeharden.attack.attribution.routing_stats`: every observed
   method's sums, norms and probabilities in one pass; 64 calibration prompts × 128 tokens, batch 32,
-  packed by scan's default token budget of 2,048 per forward) ÷ a plain forward of the same modules
-  over the same tokens (4,096 per forward; goal ≤ 1.10), and scan's peak RSS — sampled every 2 ms
-  while the model loads (bf16) and during two attribution passes that run before any plain
+  packed by scan's token budget, ``token_budget``: 2,048 per forward on every truncated checkpoint)
+  ÷ a plain forward of the same modules over as many tokens (4,096 per forward; goal ≤ 1.10), and in
+  brackets ÷ a plain forward packed like scan (the record's own cost, apart from the budget's). Every
+  timed pass reads token ids of its own, as a scan meets new prompts in every forward: oneDNN then
+  compiles kernels for the experts' new token counts in every pass (about 1.4 ms per new shape at
+  OLMoE's width, 2–3× the matmul), which repeated ids let a pass skip when its kernels fit the
+  64-kernel cache — two 4,096-token forwards do, four 2,048-token ones do not. Scan's peak RSS —
+  sampled every 2 ms while the model loads (bf16) and during two attribution passes that run before any plain
   forward (the timing passes come after, and what the bench's own 4,096-token forwards leave
   behind is not scan's) — ÷ the model's weight bytes (goal ≤ 1.3), raw (the mmap'd shard pages
   transformers reads the weights through count in RSS) and private (RssAnon); with the allocator
@@ -174,27 +179,34 @@ info = moe_layers(model)
 layers, E = [li.layer for li in info], info[0].num_experts
 weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 V = model.config.vocab_size
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(3, min(V, 30000), (prompts, tokens), generator=g)
+
+def token_ids(seed):
+    return torch.randint(3, min(V, 30000), (prompts, tokens), generator=torch.Generator().manual_seed(seed))
+
+ids = token_ids(0)                    # scan's passes (and llm-compressor's, bench/reap_llmc.py): seed 0
 
 class Ids:   # the calibration "texts" are token-id rows; this plays the tokenizer's part
     def __call__(self, rows, **_):
         x = torch.stack(list(rows))
         return {"input_ids": x, "attention_mask": torch.ones_like(x)}
 
-rows = list(ids)
 base = model.base_model
+from moeharden.attack.attribution import token_budget, token_groups
+budget = token_budget(model)
+packed = token_groups([tokens] * prompts, batch, budget)      # scan's packing: rows per forward
 
 @torch.no_grad()
-def plain():
-    for i in range(0, prompts, batch):
-        x = ids[i:i + batch]
+def plain(x_all, groups):
+    for g in groups:
+        x = x_all[g[0]:g[-1] + 1]
         base(input_ids=x, attention_mask=torch.ones_like(x))
 
 last = []
 
-def attributed():
-    last[:] = [routing_stats(model, Ids(), rows, layers, E, batch_size=batch)]
+def attributed(x_all, keep=False):
+    got = routing_stats(model, Ids(), list(x_all), layers, E, batch_size=batch)
+    if keep:
+        last[:] = [got]
 
 @torch.no_grad()
 def lm_forward():
@@ -202,16 +214,23 @@ def lm_forward():
         x = ids[i:i + batch]
         model(input_ids=x, attention_mask=torch.ones_like(x))
 
+whole = [list(range(i, min(i + batch, prompts))) for i in range(0, prompts, batch)]   # the bench's forwards
 phase[0] = "scan"                     # scan's own: the load, then its passes (two), before any plain forward
-attributed(); attributed(); time.sleep(0.01)
-fns = [plain, attributed]
-names = ["plain", "attributed"]       # the timing passes: their peaks are recorded, not scan's
-phase[0] = "plain"; plain(); time.sleep(0.01)
-ts = [[], []]
-for _ in range(reps):
+attributed(ids, keep=True); attributed(ids); time.sleep(0.01)
+# Timed passes: every pass reads token ids of its own (a scan meets new prompts in every forward, so
+# oneDNN compiles new kernels for the experts' token counts each time; passes that repeated the same
+# ids would reuse them when they fit its 64-kernel cache — 2 forwards do, 4 do not — and time that
+# instead). "plain": the bench's forwards of a whole batch (4,096 tokens); "plain_packed": scan's
+# packing (the token budget); "attributed": scan's pass.
+fns = [lambda x: plain(x, whole), lambda x: plain(x, packed), attributed]
+names = ["plain", "plain_packed", "attributed"]   # the timing passes: their peaks are recorded, not scan's
+phase[0] = "plain"; plain(token_ids(1), whole); time.sleep(0.01)
+ts = [[], [], []]
+for rep in range(reps):
     for i, f in enumerate(fns):
         phase[0] = names[i]
-        t0 = time.perf_counter(); f(); ts[i].append(time.perf_counter() - t0)
+        x = token_ids(1000 + len(fns) * rep + i)
+        t0 = time.perf_counter(); f(x); ts[i].append(time.perf_counter() - t0)
         time.sleep(0.01)
 phase[0] = "after"
 peak_attr = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -220,7 +239,8 @@ t0 = time.perf_counter(); lm_forward(); t_lm = time.perf_counter() - t0
 from moeharden.attack.attribution import keep_sets, observed_scores
 reap = observed_scores(last[0])["reap"]
 reap_keep = keep_sets(reap, layers, E // 2)
-print(json.dumps({"plain": statistics.median(ts[0]), "attributed": statistics.median(ts[1]), "lm_forward": t_lm,
+print(json.dumps({"plain": statistics.median(ts[0]), "plain_packed": statistics.median(ts[1]),
+                  "attributed": statistics.median(ts[2]), "lm_forward": t_lm, "budget": budget, "ids": "fresh",
                   "reap_keep": {str(k): v for k, v in reap_keep.items()},
                   "reap_scores": {str(layer): [float(x) for x in row] for layer, row in zip(layers, reap, strict=True)},
                   "peak_kb": peak_attr, "weight_bytes": weight_bytes,
@@ -402,7 +422,8 @@ def table(results: dict[str, dict]) -> str:
             sp, at = anon * 1024 / r["weight_bytes"], r["attributed"] / r["plain"]
             for k, v in (("attr", at), ("scan_rss", sr), ("scan_private", sp)):
                 bucket[k].append(v)
-            scan_cells = f"{at:.3f} | {sr:.2f} / {sa:.2f} / {sp:.2f}"
+            same = f" ({r['attributed'] / r['plain_packed']:.3f} at scan's packing)" if "plain_packed" in r else ""
+            scan_cells = f"{at:.3f}{same} | {sr:.2f} / {sa:.2f} / {sp:.2f}"
         lines.append(f"| {name} | {r['bytes'] / 1e9:.2f} GB ({r['shards']}, {sh / 1e9:.2f} GB) | {pr:.2f} / {pa:.2f} | "
                      f"{pt:.2f} | {hs:.2f} | {lr:.2f} / {la:.2f} | {scan_cells} |")
     for label, got in (("goals (raw), truncated checkpoints", goals), ("goals (raw), released depth", full)):
