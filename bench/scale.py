@@ -16,16 +16,16 @@ RSS is that command's own (interpreter, torch and transformers included: "raw"):
   packed by scan's token budget, ``token_budget``: 2,048 per forward on every truncated checkpoint)
   ÷ a plain forward of the same modules over as many tokens (4,096 per forward; goal ≤ 1.10), and in
   brackets ÷ a plain forward packed like scan (the record's own cost, apart from the budget's). Every
-  timed pass reads token ids of its own, as a scan meets new prompts in every forward: oneDNN then
-  compiles kernels for the experts' new token counts in every pass (about 1.4 ms per new shape at
-  OLMoE's width, 2–3× the matmul), which repeated ids let a pass skip when its kernels fit the
-  64-kernel cache — two 4,096-token forwards do, four 2,048-token ones do not. Scan's peak RSS —
+  timed pass reads token ids of its own, as a scan meets new prompts in every forward: oneDNN
+  compiles a kernel for every new matmul shape (about 1.4 ms at OLMoE's width, 2–3× the matmul),
+  and the experts' token counts are new shapes until its cache holds the ones that recur; repeated
+  ids would let a pass reuse the very kernels of the pass before. Scan's peak RSS —
   sampled every 2 ms while the model loads (bf16) and during two attribution passes that run before any plain
   forward (the timing passes come after, and what the bench's own 4,096-token forwards leave
   behind is not scan's) — ÷ the model's weight bytes (goal ≤ 1.3), raw (the mmap'd shard pages
-  transformers reads the weights through count in RSS) and private (RssAnon); with the allocator
-  policy the CLI sets for every command (``io/allocator.py``: freed blocks ≥ 4 MiB leave the process,
-  oneDNN keeps at most 64 compiled kernels);
+  transformers reads the weights through count in RSS) and private (RssAnon); scan's pass hands
+  freed heap blocks back after every forward (``io/allocator.py``), oneDNN keeps its default
+  cache of 1,024 compiled kernels, as in the CLI;
 - growth: the same figures for OLMoE at 1, 2 and 4 layers with 64 and 32 experts, fitted as
   ``cost = a + b·layers``; the table gives the slope b and the largest relative deviation of a
   point from the line (linear in layers is the goal).
@@ -153,9 +153,6 @@ from moeharden.attack.attribution import routing_stats
 from moeharden.model.checkpoint import load_model
 from moeharden.model.registry import moe_layers
 import threading
-from moeharden.io.allocator import bound_primitive_cache, return_large_blocks
-return_large_blocks()                 # as the CLI does for every command (io/allocator.py)
-bound_primitive_cache()
 torch.set_num_threads(2)
 prompts, tokens, batch, reps = (int(x) for x in sys.argv[2:6])
 dtype = getattr(torch, sys.argv[6])
@@ -217,11 +214,10 @@ def lm_forward():
 whole = [list(range(i, min(i + batch, prompts))) for i in range(0, prompts, batch)]   # the bench's forwards
 phase[0] = "scan"                     # scan's own: the load, then its passes (two), before any plain forward
 attributed(ids, keep=True); attributed(ids); time.sleep(0.01)
-# Timed passes: every pass reads token ids of its own (a scan meets new prompts in every forward, so
-# oneDNN compiles new kernels for the experts' token counts each time; passes that repeated the same
-# ids would reuse them when they fit its 64-kernel cache — 2 forwards do, 4 do not — and time that
-# instead). "plain": the bench's forwards of a whole batch (4,096 tokens); "plain_packed": scan's
-# packing (the token budget); "attributed": scan's pass.
+# Timed passes: every pass reads token ids of its own (a scan meets new prompts in every forward;
+# passes that repeated the same ids would reuse the exact kernels oneDNN compiled for the experts'
+# token counts in the pass before). "plain": the bench's forwards of a whole batch (4,096 tokens);
+# "plain_packed": scan's packing (the token budget); "attributed": scan's pass.
 fns = [lambda x: plain(x, whole), lambda x: plain(x, packed), attributed]
 names = ["plain", "plain_packed", "attributed"]   # the timing passes: their peaks are recorded, not scan's
 phase[0] = "plain"; plain(token_ids(1), whole); time.sleep(0.01)

@@ -250,8 +250,10 @@ def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num
     its ``[B, T, vocab]`` logits would cost more than an MoE layer at real vocabulary sizes. Rows
     are packed by :func:`token_groups` (at most ``batch_size`` rows and ``max_tokens`` padded
     tokens per forward; ``"auto"``: :func:`token_budget`), so memory stays bounded at real width and
-    prompt length.
+    prompt length; after every forward the heaps' freed activation blocks go back to the system
+    (:func:`moeharden.io.allocator.release_free_memory`).
     """
+    from moeharden.io.allocator import release_free_memory
     from moeharden.model.routing import record_routing
 
     total = None
@@ -269,4 +271,6 @@ def routing_stats(model, tokenizer, texts: Sequence[str], layers: list[int], num
             decoder(**enc)
         st = stats_from_record(rec, layers, num_experts)
         total = st if total is None else merge_stats(total, st)
+        del rec, enc
+        release_free_memory()      # the forward's freed activations leave the process (io/allocator.py)
     return total

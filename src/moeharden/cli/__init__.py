@@ -64,10 +64,6 @@ def main() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from moeharden.io.allocator import bound_primitive_cache, return_large_blocks
-
-    return_large_blocks()      # freed activation blocks leave the process at once (io/allocator.py)
-    bound_primitive_cache()    # and oneDNN's bf16 kernels do not pile up, one per token count
     try:
         app()
     except KeyboardInterrupt:  # raised outside a command body

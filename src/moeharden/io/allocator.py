@@ -1,66 +1,41 @@
-"""The C allocator's policy for a process that holds a model and runs forwards on CPU.
+"""Handing freed activation memory back to the system after a forward on CPU.
 
 glibc serves a block from its heaps unless it is larger than a threshold that it *raises* to the
 size of every large block freed (up to 32 MiB). After the first forward, most activation tensors
-of a real-width MoE layer (``[T·k, H]`` copies of a few to tens of MiB) therefore land in the heaps,
-and what they leave behind when freed stays in the process: measured on OLMoE-1B-7B (2 layers,
-64 experts, 2,048 tokens per forward), scan's resident memory crept up by ~0.2 GB over a few
-forwards and peaked 0.09 GB higher than with every block of 4 MiB or more mapped on its own and
-unmapped when freed, at the same speed (docs/attacks-and-defenses.md §1.1). The CLI sets that
-policy for every command (:func:`return_large_blocks`); a library user decides for their own process.
+of a real-width MoE layer (``[T·k, H]`` copies of a few to tens of MiB) therefore live in the heaps,
+and what they leave behind when freed stays in the process. :func:`release_free_memory` returns
+those free pages (glibc's ``malloc_trim``); scan's attribution pass calls it after every forward.
 
-oneDNN, which runs PyTorch's bf16 matmuls on a CPU with native bf16 (AVX512-BF16, AMX), keeps up to
-1,024 compiled kernels ("primitives") by default, each with its own buffers. The grouped expert
-pass multiplies a different number of tokens for every expert and every forward, so each matmul
-is a new shape and the cache fills: on OLMoE-1B-7B (4 layers) scan's private memory rose by 0.4 GB
-over two passes and stayed there. :func:`bound_primitive_cache` caps it at 64 kernels: 0.13 GB lower
-peak at the same speed (a cap of 0 saves a little more but makes a tiny bf16 matmul 10× slower;
-docs/attacks-and-defenses.md §1.1).
+Earlier versions instead mapped every block of 4 MiB or more on its own for the whole process
+(``M_MMAP_THRESHOLD``) and capped oneDNN's kernel cache at 64. On a CPU with native bf16 both cost
+more than they saved (docs/attacks-and-defenses.md §1.1, stop 30): mapping each block anew costs
+page faults on every large allocation, and the expert pass multiplies a different number of tokens
+per expert, so a 64-kernel cache recompiles its bf16 kernels in every forward. On OLMoE-1B-7B
+(2 layers, 64 experts) the pass took 9.10 s with both against 3.93 s with a trim after each
+forward and oneDNN's default cache (1,024 kernels), which holds about 0.5 GiB more. A user short of
+memory may still set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (and glibc's ``MALLOC_MMAP_THRESHOLD_``)
+themselves.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
-LARGE_BLOCK = 4 << 20          # bytes: blocks at least this large are mapped alone, unmapped when freed
-PRIMITIVE_CACHE = 64           # oneDNN kernels kept (its default: 1,024)
-_ONEDNN_KEYS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
-_M_MMAP_THRESHOLD = -3         # glibc's mallopt parameter number (malloc.h)
 
+def release_free_memory() -> bool:
+    """Return the C heaps' free pages to the system (glibc's ``malloc_trim(0)``, every arena).
 
-def return_large_blocks(threshold: int = LARGE_BLOCK) -> bool:
-    """Ask glibc to map every block of ``threshold`` bytes or more on its own, so freeing it returns
-    the memory to the system at once (and stop it raising that threshold as blocks are freed).
-
-    A no-op where the C library is not glibc, and where the user chose a threshold with glibc's own
-    ``MALLOC_MMAP_THRESHOLD_`` environment variable (theirs stands).
+    A no-op where the C library is not glibc. Cheap (milliseconds): it walks the free lists only.
 
     Returns:
-        Whether the policy is now set.
+        Whether memory was returned (glibc's own answer; False where it is not available).
     """
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt     # the process's own C library
+        trim = ctypes.CDLL(None).malloc_trim      # the process's own C library
     except (OSError, AttributeError):
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
-
-
-def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE) -> bool:
-    """Cap oneDNN's primitive cache at ``capacity`` kernels (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
-
-    oneDNN reads the setting when it creates its first primitive, so this must run before the
-    process's first CPU matmul that goes through oneDNN. A user's own setting (either of oneDNN's
-    two names) stands.
-
-    Returns:
-        Whether this call set it.
-    """
-    if any(k in os.environ for k in _ONEDNN_KEYS):
-        return False
-    os.environ[_ONEDNN_KEYS[0]] = str(int(capacity))
-    return True
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim(0) == 1
