@@ -220,9 +220,8 @@ def token_budget(model, *, share: float = AUTO_TOKENS_SHARE, floor: int = MAX_BA
     dtype (``k = E`` where every expert runs on every token, Llama-4). The budget is as many tokens as
     keep that under ``share`` of the model's weight bytes, within ``[floor, cap]``: a truncated or
     small model gets the floor (its transient is bounded in absolute terms), a model at released size
-    forwards as many tokens at once as a plain forward would (bench/scale.py: at 2,048 tokens the
-    full-depth OLMoE-1B-7B pass took 1.14× a 4,096-token plain forward; at equal batching the record
-    costs 1.01–1.03×).
+    forwards as many tokens at once as a plain forward would (measured figures: bench/scale.py and
+    docs/attacks-and-defenses.md §1).
     """
     from moeharden.model.registry import moe_layers
 
