@@ -246,3 +246,89 @@ def test_cancellation_term_matches_an_independent_computation(tiny_demo_path):
     with torch.no_grad():
         value = float(pair_cancellation(tap.taps, batch.attention_mask, ratio))
     assert value == pytest.approx(sum(expect) / len(expect), rel=1e-5) and 0 < value <= ratio
+
+
+def test_partition_targets_are_distinct_deterministic_and_keyed():
+    from moeharden.defend.entangle.losses import partition_targets
+
+    ids = torch.arange(500)
+    t = partition_targets(ids, layer=1, num_experts=8, k=2, seed=0)
+    assert t.shape == (500, 2) and bool((t[:, 0] != t[:, 1]).all()) and int(t.min()) >= 0 and int(t.max()) < 8
+    assert torch.equal(t, partition_targets(ids.clone(), 1, 8, 2, 0))           # same key, same partition
+    assert not torch.equal(t, partition_targets(ids, 1, 8, 2, 1))               # another seed, another one
+    assert not torch.equal(t, partition_targets(ids, 2, 8, 2, 0))               # per layer
+    first = torch.bincount(t.reshape(-1), minlength=8).float() / t.numel()
+    assert float(first.min()) > 0.08 and float(first.max()) < 0.17             # every expert gets a share
+
+
+def test_partition_routing_matches_an_independent_computation(tiny_demo_path):
+    """−(1/k) Σ_j log softmax(router logits)[target_j], averaged over non-pad tokens and layers,
+    computed from the routers' own outputs (their logits) in a plain loop."""
+    from moeharden.defend.entangle.losses import RouterTap, partition_routing, partition_targets
+    from moeharden.model.registry import moe_layers
+    from moeharden.tasks.encoding import encode
+
+    model, tok, tasks = _load(tiny_demo_path)
+    batch = encode(tok, tasks[0].train[:5])
+    info = moe_layers(model)
+    logits_seen = []
+    hooks = [li.router.register_forward_hook(lambda m, a, out: logits_seen.append(out)) for li in info]
+    with torch.no_grad(), RouterTap(info) as tap:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        value = float(partition_routing(tap.inputs, batch.input_ids, batch.attention_mask, seed=3))
+    per_layer = []
+    for li, out in zip(info, logits_seen, strict=True):
+        logits = out[0] if isinstance(out, tuple) else out
+        logits = logits.reshape(-1, li.num_experts)                     # the router's own logits [B·T, E]
+        terms = []
+        for b in range(batch.input_ids.shape[0]):
+            for t in range(batch.input_ids.shape[1]):
+                if not batch.attention_mask[b, t]:
+                    continue
+                row = logits[b * batch.input_ids.shape[1] + t].double()
+                lp = row - torch.logsumexp(row, 0)
+                tgt = partition_targets(batch.input_ids[b, t:t + 1], li.layer, li.num_experts, li.top_k, 3)[0]
+                terms.append(-sum(float(lp[e]) for e in tgt) / li.top_k)
+        per_layer.append(sum(terms) / len(terms))
+    assert value == pytest.approx(sum(per_layer) / len(per_layer), rel=1e-5)
+    assert value >= torch.log(torch.tensor(float(info[0].top_k))).item() - 1e-6
+
+
+def test_partition_term_moves_routing_onto_the_partition(tiny_demo_path):
+    """A short entangle run with only the partition term switched on makes every router send more
+    tokens to their assigned experts than the original routing does."""
+    from moeharden.defend.entangle.losses import partition_targets
+    from moeharden.model.registry import moe_layers
+    from moeharden.tasks.encoding import encode
+
+    def agreement(model, batch):
+        info = moe_layers(model)
+        outs = []
+        hooks = [li.router.register_forward_hook(lambda m, a, out: outs.append(out)) for li in info]
+        with torch.no_grad():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        for h in hooks:
+            h.remove()
+        m = batch.attention_mask.reshape(-1).bool()
+        ids = batch.input_ids.reshape(-1)[m]
+        hits = []
+        for li, out in zip(info, outs, strict=True):
+            logits = (out[0] if isinstance(out, tuple) else out).reshape(-1, li.num_experts)[m]
+            chosen = logits.topk(li.top_k, -1).indices.sort(-1).values
+            want = partition_targets(ids, li.layer, li.num_experts, li.top_k, 0).sort(-1).values
+            hits.append(float((chosen == want).all(-1).float().mean()))
+        return sum(hits) / len(hits)
+
+    model, tok, tasks = _load(tiny_demo_path)
+    batch = encode(tok, [ex for t in tasks for ex in t.train[:8]])
+    before = agreement(model, batch)
+    recipe = EntangleRecipe(steps=40, batch_size=8, lr=3e-3, lambda_task=0.0, lambda_retain=0.0, lambda_prune=0.0,
+                            lambda_spread=0.0, lambda_partition=1.0, recompute_every=100, adversarial_swaps=1,
+                            subsets_per_step=1)
+    hist, _ = entangle_model(model, tok, tasks, recipe)
+    after = agreement(model, batch)
+    assert hist[-1]["partition"] < hist[0]["partition"]
+    assert after > max(0.5, before + 0.3), (before, after)

@@ -21,6 +21,9 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
 * ``C`` (optional, ``lambda_cancel``): on the full forward, each routed expert's own output is
   pushed away from the routed combination, relu(ρ − ‖E_s − y‖² / mean ‖y‖²) (ρ = ``cancel_ratio``):
   a token's experts disagree strongly and only their weighted sum is right (:func:`pair_cancellation`).
+* ``P`` (optional, ``lambda_partition``): every router is pulled toward a fixed secret partition
+  of the vocabulary, −(1/k) Σ_j log p(e_j(v)) per token of id v (:func:`partition_routing`):
+  experts specialise by token, not by task, so every task needs every expert.
 * ``L_spread``: per-task load balance, on single-task batches: Σ_layers (E·Σ_e p̄_e² − 1), where p̄
   is the task's mean routing distribution (softmax of router logits); 0 when uniform.
 * optional TAR-style first-order simulated recovery: ``recovery_steps`` attacker steps on the
@@ -59,6 +62,7 @@ from moeharden.defend.entangle.losses import (
     RouterTap,
     kl_retain,
     pair_cancellation,
+    partition_routing,
     pruned_divergence,
     pruned_hinge,
     simulated_recovery,
@@ -197,6 +201,10 @@ def _task_unit(tr: _Trainer, draws: _Draws, logs: dict[str, float], n_units: int
         l_ret = kl_retain(logits, t_logits, batch.attention_mask)
         l_spr = spread_loss(tap.inputs, batch.attention_mask)
         loss = r.lambda_task * l_task + r.lambda_retain * l_ret + r.lambda_spread * l_spr
+        if r.lambda_partition:
+            l_par = partition_routing(tap.inputs, batch.input_ids, batch.attention_mask, r.seed)
+            loss = loss + r.lambda_partition * l_par
+            logs["partition"] = logs.get("partition", 0.0) + float(l_par.detach()) / n_units
     if r.lambda_cancel:
         with accel.autocast():
             l_can = pair_cancellation(etap.taps, batch.attention_mask, r.cancel_ratio)
@@ -241,7 +249,8 @@ def _train_step(tr: _Trainer, step: int) -> dict[str, float]:
     if r.recovery_term:
         logs["recovery"] = 0.0
     if ranks.size > 1:      # the same keys in every process, computed a micro-batch or not
-        logs.update({k: 0.0 for k, on in (("cancel", r.lambda_cancel), ("diverge", r.lambda_diverge)) if on})
+        logs.update({k: 0.0 for k, on in (("cancel", r.lambda_cancel), ("diverge", r.lambda_diverge),
+                                          ("partition", r.lambda_partition)) if on})
     n_units = len(tr.tasks) * r.grad_accum      # micro-batches whose gradients one step sums
     units = [_unit_draws(tr, t, step, rng) for _ in range(r.grad_accum) for t in tr.tasks]
     for i, draws in enumerate(units):      # process p computes micro-batches p, p + N, ...

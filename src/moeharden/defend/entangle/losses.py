@@ -5,6 +5,7 @@
 :func:`kl_retain` is the KL term, :func:`pruned_hinge` the bounded ℓ of a pruned sub-model,
 :func:`pruned_divergence` the bounded push of a pruned sub-model's MoE-block outputs away from
 the full model's (block outputs captured by :class:`BlockTap`), :func:`spread_loss` the per-task load balance (router inputs captured by :class:`RouterTap`),
+:func:`partition_routing` the routers' pull toward a secret token partition,
 and :func:`simulated_recovery` the optional TAR-style first-order simulated-recovery term. The
 task term is the plain answer cross-entropy of :mod:`moeharden.tasks.encoding`.
 """
@@ -65,6 +66,49 @@ def spread_loss(router_inputs: Sequence[tuple[torch.Tensor, Any]], mask: torch.T
         pbar = torch.softmax(logits.float(), -1).mean(0)          # [E]
         total = total + (pbar.numel() * (pbar ** 2).sum() - 1.0)
     return total
+
+
+def partition_targets(token_ids: torch.Tensor, layer: int, num_experts: int, k: int, seed: int) -> torch.Tensor:
+    """The ``k`` distinct experts a token id is assigned to in ``layer``: ``[N] -> [N, k]``.
+
+    A keyed integer hash of (seed, layer, token id, expert) scores every expert; the ``k`` best
+    are the token's experts. Deterministic, the same in every process, and computed per batch (no
+    vocabulary-sized table), so it costs nothing at real vocabulary sizes.
+    """
+    v = token_ids.reshape(-1, 1).long()
+    e = torch.arange(num_experts, dtype=torch.long, device=v.device).reshape(1, -1)
+    h = v * 1_000_003 + e * 7_919 + (layer + 1) * 104_729 + (seed + 1) * 15_485_863
+    for mult in (0x5BD1E995, 0x27D4EB2F):          # xor-shift-multiply rounds (int64 wraps around)
+        h = (h ^ (h >> 15)) * mult
+        h = h & 0x7FFFFFFFFFFF
+    return torch.topk(h ^ (h >> 13), k, dim=-1).indices
+
+
+def partition_routing(router_inputs: Sequence[tuple[torch.Tensor, Any]], input_ids: torch.Tensor,
+                      mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """Cross-entropy of every router toward a fixed, secret token partition (mean over layers).
+
+    For each MoE layer and non-pad token of id v: −(1/k) Σ_j log p(e_j), where p is the softmax of
+    the router logits and e_1..e_k = :func:`partition_targets` (v, layer) — k is the layer's top-k.
+    Experts are then specialised by *token*, by a partition that has nothing to do with the tasks:
+    every task needs every expert (each holds the processing of its own share of the vocabulary),
+    no keep-set is better than another, and an expert holds nothing of the tokens it is not
+    assigned. Its minimum is log k (the router splits each token evenly over its k experts).
+
+    Args:
+        router_inputs: per MoE layer, (router input ``[B·T, H]`` with grad, MoELayer).
+        input_ids, mask: ``[B, T]`` token ids and attention mask (padding excluded).
+        seed: the partition's key (the recipe's seed).
+    """
+    keep = mask.reshape(-1).bool()
+    ids = input_ids.reshape(-1)[keep]
+    total = torch.zeros((), dtype=torch.float32)
+    for x, li in router_inputs:
+        logits = F.linear(x.reshape(-1, x.shape[-1])[keep], li.router_weight, li.router_bias)
+        target = partition_targets(ids, li.layer, li.num_experts, li.top_k, seed)
+        lp = torch.log_softmax(logits.float(), -1)
+        total = total - lp.gather(1, target).mean()
+    return total / max(1, len(router_inputs))
 
 
 def pruned_divergence(pruned: Sequence[torch.Tensor], full: Sequence[torch.Tensor], mask: torch.Tensor,
