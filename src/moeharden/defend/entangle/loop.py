@@ -21,7 +21,7 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
 * ``C`` (optional, ``lambda_cancel``): on the full forward, each routed expert's own output is
   pushed away from the routed combination, relu(ρ − ‖E_s − y‖² / mean ‖y‖²) (ρ = ``cancel_ratio``):
   a token's experts disagree strongly and only their weighted sum is right (:func:`pair_cancellation`).
-* ``P`` (optional, ``lambda_partition``): every router is pulled toward a fixed secret partition
+* ``P`` (optional, ``lambda_partition``): every router is pulled toward a fixed, keyed partition
   of the vocabulary, −(1/k) Σ_j log p(e_j(v)) per token of id v (:func:`partition_routing`):
   experts specialise by token, not by task, so every task needs every expert.
 * ``L_spread``: per-task load balance, on single-task batches: Σ_layers (E·Σ_e p̄_e² − 1), where p̄

@@ -5,7 +5,7 @@
 :func:`kl_retain` is the KL term, :func:`pruned_hinge` the bounded ℓ of a pruned sub-model,
 :func:`pruned_divergence` the bounded push of a pruned sub-model's MoE-block outputs away from
 the full model's (block outputs captured by :class:`BlockTap`), :func:`spread_loss` the per-task load balance (router inputs captured by :class:`RouterTap`),
-:func:`partition_routing` the routers' pull toward a secret token partition,
+:func:`partition_routing` the routers' pull toward a fixed token partition,
 and :func:`simulated_recovery` the optional TAR-style first-order simulated-recovery term. The
 task term is the plain answer cross-entropy of :mod:`moeharden.tasks.encoding`.
 """
@@ -86,7 +86,7 @@ def partition_targets(token_ids: torch.Tensor, layer: int, num_experts: int, k: 
 
 def partition_routing(router_inputs: Sequence[tuple[torch.Tensor, Any]], input_ids: torch.Tensor,
                       mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """Cross-entropy of every router toward a fixed, secret token partition (mean over layers).
+    """Cross-entropy of every router toward a fixed token partition (mean over layers).
 
     For each MoE layer and non-pad token of id v: −(1/k) Σ_j log p(e_j), where p is the softmax of
     the router logits and e_1..e_k = :func:`partition_targets` (v, layer) — k is the layer's top-k.

@@ -39,7 +39,7 @@ class EntangleRecipe(BaseModel):
     diverge_ratio: float = Field(4.0, gt=0)
     lambda_cancel: float = Field(0.0, ge=0)
     cancel_ratio: float = Field(4.0, gt=0)
-    lambda_partition: float = Field(0.0, ge=0)   # routers pulled toward a secret token partition
+    lambda_partition: float = Field(0.0, ge=0)   # routers pulled toward a fixed token partition
     subsets_per_step: int = Field(2, ge=1)
     keep_ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     sources: dict[Literal["attribution", "random", "adversarial"], float] = {
