@@ -1,5 +1,5 @@
 """One entangle step ÷ one plain fine-tuning step on the same batches (goal ≤ 3, without the
-recovery term; the recovery, divergence and cancellation terms' costs, and the demo recipe's, are
+recovery term; the recovery, divergence, cancellation and token-partition terms' costs, and the demo recipe's, are
 printed too). Demo model,
 single-task batches of 32 for each task, median over steps (the keep-set pools are computed once,
 outside the timing).
@@ -72,6 +72,7 @@ def main() -> None:
     tr = entangle_steps(path, tok, tasks, EntangleRecipe(**fixed, recovery_term=True))
     tdv = entangle_steps(path, tok, tasks, EntangleRecipe(**fixed, lambda_diverge=1.0))
     tc = entangle_steps(path, tok, tasks, EntangleRecipe(**fixed, lambda_cancel=1.0))
+    tpa = entangle_steps(path, tok, tasks, EntangleRecipe(**fixed, lambda_partition=1.0))
     demo_recipe = resources.files("moeharden").joinpath("data/demo_entangle.yaml")
     with resources.as_file(demo_recipe) as f:
         td = entangle_steps(path, tok, tasks, load_recipe(f, **fixed))
@@ -79,6 +80,7 @@ def main() -> None:
     print(f"with the simulated-recovery term (1 SGD step, every task): {tr / tp:.2f} ({tr * 1e3:.0f} ms)")
     print(f"with the divergence term (lambda_diverge): {tdv / tp:.2f} ({tdv * 1e3:.0f} ms)")
     print(f"with the cancellation term (lambda_cancel): {tc / tp:.2f} ({tc * 1e3:.0f} ms)")
+    print(f"with the token-partition routing term (lambda_partition): {tpa / tp:.2f} ({tpa * 1e3:.0f} ms)")
     print(f"the demo recipe (data/demo_entangle.yaml): {td / tp:.2f} ({td * 1e3:.0f} ms)")
 
 
