@@ -52,6 +52,11 @@ def pruned_hinge(logits: torch.Tensor, batch, recipe: EntangleRecipe) -> torch.T
     return F.relu(recipe.tau_token - ce).mean()
 
 
+def _router_logits(x: torch.Tensor, li: Any, keep: torch.Tensor) -> torch.Tensor:
+    """A router's float32 logits ``[N, E]`` on the non-pad rows ``keep`` of its input ``x``."""
+    return F.linear(x.reshape(-1, x.shape[-1])[keep], li.router_weight, li.router_bias).float()
+
+
 def spread_loss(router_inputs: Sequence[tuple[torch.Tensor, Any]], mask: torch.Tensor) -> torch.Tensor:
     """Σ_layers (E·Σ_e p̄_e² − 1) over one single-task batch (0 when routing is uniform).
 
@@ -62,8 +67,7 @@ def spread_loss(router_inputs: Sequence[tuple[torch.Tensor, Any]], mask: torch.T
     total = torch.zeros((), dtype=torch.float32)
     keep = mask.reshape(-1).bool()
     for x, li in router_inputs:
-        logits = F.linear(x.reshape(-1, x.shape[-1])[keep], li.router_weight, li.router_bias)
-        pbar = torch.softmax(logits.float(), -1).mean(0)          # [E]
+        pbar = torch.softmax(_router_logits(x, li, keep), -1).mean(0)          # [E]
         total = total + (pbar.numel() * (pbar ** 2).sum() - 1.0)
     return total
 
@@ -104,9 +108,8 @@ def partition_routing(router_inputs: Sequence[tuple[torch.Tensor, Any]], input_i
     ids = input_ids.reshape(-1)[keep]
     total = torch.zeros((), dtype=torch.float32)
     for x, li in router_inputs:
-        logits = F.linear(x.reshape(-1, x.shape[-1])[keep], li.router_weight, li.router_bias)
         target = partition_targets(ids, li.layer, li.num_experts, li.top_k, seed)
-        lp = torch.log_softmax(logits.float(), -1)
+        lp = torch.log_softmax(_router_logits(x, li, keep), -1)
         total = total - lp.gather(1, target).mean()
     return total / max(1, len(router_inputs))
 
