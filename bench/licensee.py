@@ -9,7 +9,7 @@ the learning rate that scores best on 64 held-out labelled examples of its own â
 labels, and scored on 256 evaluation rows. Prints, per task and budget, each model's mean over
 seeds with the Wilson 95% interval of the pooled rows, and whether the defended model's interval
 overlaps the original's (the acceptance line of the defense: "the same accuracy within the
-confidence intervals").
+confidence intervals") or, where the intervals are apart, on which side: better or worse.
 
 Run: .venv/bin/python bench/licensee.py ORIGINAL DEFENDED [--seeds 0 1 2] [--budgets 64 256]
      [--steps 150] [--json out.json]
@@ -113,11 +113,14 @@ def main() -> None:
                 lo, hi = wilson(correct, n)
                 res[label] = {"mean": sum(values) / len(values), "per_seed": values, "lo": lo, "hi": hi}
             overlap = res["defended"]["hi"] >= res["original"]["lo"] and res["original"]["hi"] >= res["defended"]["lo"]
-            rows.append({"task": name, "labels": budget, **res, "same_within_ci": overlap})
             o, d = res["original"], res["defended"]
+            # apart: which side the defended model's interval lies on (the acceptance line asks it
+            # to reach the original's accuracy: "better" meets it, "worse" does not)
+            verdict = "same" if overlap else ("better" if d["lo"] > o["hi"] else "worse")
+            rows.append({"task": name, "labels": budget, **res, "same_within_ci": overlap, "verdict": verdict})
+            shown = {"same": "same within CI", "better": "BETTER (intervals apart)", "worse": "WORSE (intervals apart)"}
             print(f"{name:<9} {budget:>4} labels  original {o['mean']:.3f} [{o['lo']:.3f}, {o['hi']:.3f}]  "
-                  f"defended {d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]  "
-                  f"{'same within CI' if overlap else 'DIFFERENT'}", flush=True)
+                  f"defended {d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]  {shown[verdict]}", flush=True)
     print(f"({len(args.seeds)} seeds, lr grid {LRS} chosen on {VALIDATION} held-out labels, {args.steps} steps, "
           f"batch {BATCH}; {time.perf_counter() - t0:.0f} s)")
     if args.json:
