@@ -8,7 +8,7 @@ import torch
 from families import build_tiny
 from transformers import AutoModelForCausalLM
 
-from moeharden.attack.references import reference_model
+from moeharden.attack.references import reference_model, reinitialised_copy
 from moeharden.model.registry import parameter_groups
 
 
@@ -43,3 +43,20 @@ def test_shared_and_scratch_reinitialise_what_they_claim(family):
     assert names == [] and all(torch.equal(t, orig[n]) for n, t in pruned.state_dict().items())
     # the original is never touched
     assert all(torch.equal(t, orig[n]) for n, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("group,kept", [("router", "experts"), ("experts", "router")])
+def test_a_single_group_is_reinitialised_and_the_other_kept(group, kept):
+    """The parts of the expert head start (bench/headstart_parts.py): one group fresh, the other stolen."""
+    model, _ = build_tiny("qwen2_moe")
+    orig = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    fresh = _fresh(model, 3).state_dict()
+    groups = parameter_groups(None, model)
+    copy_, names = reinitialised_copy(model, (group,), seed=3)
+    assert set(names) == set(groups[group])
+    for n, t in copy_.state_dict().items():
+        if n in groups[group]:
+            assert torch.equal(t, fresh[n]) and not torch.equal(t, orig[n]), n
+        else:
+            assert torch.equal(t, orig[n]), n
+    assert set(groups[kept]) and not set(groups[kept]) & set(names)

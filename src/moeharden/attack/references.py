@@ -51,20 +51,35 @@ def reference_model(model, reference: str, *, seed: int = 0):
         were replaced by fresh values.
     """
     from moeharden.errors import UsageError
-    from moeharden.model.registry import moe_layers, parameter_groups
 
     if reference not in REFERENCES:
         raise UsageError(f"Unknown reference {reference!r}.", hint=f"Choose from {', '.join(REFERENCES)}.")
     if reference == "pruned":
         return copy.deepcopy(model), []
+    return reinitialised_copy(model, REINIT_GROUPS[reference], seed=seed)
+
+
+def reinitialised_copy(model, groups: tuple[str, ...] | None, *, seed: int = 0):
+    """A copy of ``model`` with the parameter ``groups`` freshly initialised, the rest kept.
+
+    Args:
+        model: a loaded model of a supported family (left untouched).
+        groups: group names of :func:`moeharden.model.registry.parameter_groups` (``experts``,
+            ``router``, ...; a selection-bias buffer belongs to ``router``); None: every weight.
+        seed: seed of the fresh initialisation (the model class's own initialiser).
+    Returns:
+        ``(new_model, reinitialised)`` as :func:`reference_model`.
+    """
+    from moeharden.model.registry import moe_layers, parameter_groups
+
     fresh = fresh_model(model, seed)
-    if reference == "scratch":
+    if groups is None:
         return fresh, [n for n, _ in fresh.named_parameters()] + [n for n, _ in fresh.named_buffers()]
-    groups = parameter_groups(None, model)
-    names = {n for g in REINIT_GROUPS[reference] for n in groups[g]}
-    # selection biases (e.g. DeepSeek-V3's e_score_correction_bias) may be buffers: part of the router
-    sel = {id(li.selection_bias) for li in moe_layers(model) if li.selection_bias is not None}
-    names |= {n for n, b in model.named_buffers() if id(b) in sel}
+    by_group = parameter_groups(None, model)
+    names = {n for g in groups for n in by_group[g]}
+    if "router" in groups:   # selection biases (e.g. DeepSeek-V3's e_score_correction_bias) may be buffers
+        sel = {id(li.selection_bias) for li in moe_layers(model) if li.selection_bias is not None}
+        names |= {n for n, b in model.named_buffers() if id(b) in sel}
     out = copy.deepcopy(model)
     fresh_state = dict(fresh.named_parameters()) | dict(fresh.named_buffers())
     with torch.no_grad():
