@@ -16,7 +16,7 @@ verify's own. If the head start survives ``fresh_router`` and vanishes with ``fr
 in the experts' weights (a defense must change what they compute); the other way round, it is in
 the routing. Nothing in the attacker or the gate changes.
 
-Run: .venv/bin/python bench/headstart_parts.py CKPT VERIFY_DIR [--workers 2] [--tasks ...] [--json OUT]
+Run: .venv/bin/python bench/headstart_parts.py CKPT VERIFY_OR_SCAN_DIR [--workers 2] [--tasks ...] [--json OUT]
 (CKPT: the released checkpoint VERIFY_DIR/verify.json attacked; 36 curves on the demo, ~10 min on 2 cores.)
 """
 
@@ -102,19 +102,23 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt", type=Path)
-    ap.add_argument("verify", type=Path, help="a verify output directory (verify.json) of CKPT")
+    ap.add_argument("report", type=Path, help="a verify output directory (verify.json) of CKPT, or a scan "
+                    "directory (scan.json) of CKPT (e.g. the undefended baseline)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tasks", nargs="*", default=None, help="default: every task of the verify")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    doc = load_document(args.verify / "verify.json", VerifyDocument)
-    base = load_document(Path(doc.baseline.path), ScanDocument)
-    lad = doc.attack.ladder
+    if (args.report / "verify.json").exists():
+        doc = load_document(args.report / "verify.json", VerifyDocument)
+        attacked, base = doc.attack, load_document(Path(doc.baseline.path), ScanDocument)
+    else:
+        attacked = base = load_document(args.report / "scan.json", ScanDocument)
+    lad = attacked.ladder
     plan = plan_from_dict(lad.settings)
     keeps = dict(lad.settings["keeps"])
     tasks = [t for t in baseline_tasks(args.ckpt, base) if args.tasks is None or t.name in args.tasks]
-    keepsets = {t.name: strongest_keepset(doc.attack, t.name, keeps[t.name]) for t in tasks}
+    keepsets = {t.name: strongest_keepset(attacked, t.name, keeps[t.name]) for t in tasks}
     frac = float(lad.settings["target_fraction"])
     full = {t.name: (lad.summary[t.name].target / frac if t.higher_is_better else lad.summary[t.name].target * frac)
             for t in tasks}
