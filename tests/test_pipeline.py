@@ -5,7 +5,9 @@ are in the closing notes and docs). Checks the layout, that the before/after rep
 that verify.json is a well-formed gate whose verdict matches its rows, with the ladder's three
 references and head-start rows, that `moeharden verify` on the locked release exits with that
 verdict (0 pass, 1 fail) and re-attacks deterministically, and that the original (unhardened) model
-fails the same gate with exit code 1, with an expert head start.
+fails the same gate with exit code 1, with an expert head start. The release, trained beside the
+scan in its own process on one thread, is tensor for tensor the one `moeharden entangle` writes
+alone (an independent run of the same recipe and steps).
 
 The verdict is not asserted: with the full plan the shipped demo recipe fails the honest gate at
 every measured seed (README, docs/attacks-and-defenses.md §4.1), and the quick plan's smaller
@@ -17,11 +19,16 @@ from __future__ import annotations
 import base64
 import json
 import re
+from importlib import resources
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moeharden.cli import app
+from moeharden.demo.pipeline import DEMO_QUICK_ENTANGLE
+from moeharden.tasks.spec import TASK_FILE_NAME
 
 runner = CliRunner()
 
@@ -37,6 +44,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
     html = (out / "report.html").read_text()
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(pngs) >= 9 and all(base64.b64decode(p)[:4] == b"\x89PNG" for p in pngs)
+    secs = doc["pipeline"]["seconds"]
+    # the release is trained beside the scan: their joint wall time covers both, and the total covers all
+    assert secs["scan_and_entangle"] >= max(secs["scan"], secs["entangle"])
+    assert secs["total"] >= secs["scan_and_entangle"] + secs["lock"] + secs["verify"]
     verify = json.loads((out / "verify" / "verify.json").read_text())
     assert verify["schema"] == "moeharden.verify/1"
     assert verify["passed"] == all(r["pass"] for r in verify["gate"]) == doc["pipeline"]["passed"]
@@ -66,3 +77,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # the original's pruned copy is a head start over the shared weights on every task
     heads = [r for r in rows if r["check"] == "expert_head_start" and r["attack"] == "labels"]
     assert len(heads) == 3 and all(not r["pass"] for r in heads)
+    # trained beside the scan on one thread, the release is the one `moeharden entangle` alone writes
+    recipe = resources.files("moeharden").joinpath("data/demo_entangle.yaml")
+    with resources.as_file(recipe) as recipe_path:
+        res = runner.invoke(app, ["entangle", str(out / "model"), "--task", str(out / "owner-data" / TASK_FILE_NAME),
+                                  "--recipe", str(recipe_path), "--steps", str(DEMO_QUICK_ENTANGLE["steps"]),
+                                  "--out", str(tmp_path / "entangled-alone")])
+    assert res.exit_code == 0, res.output
+    alone = load_file(tmp_path / "entangled-alone" / "model.safetensors")
+    beside = load_file(out / "entangled" / "model.safetensors")
+    assert alone.keys() == beside.keys() and all(torch.equal(alone[k], beside[k]) for k in alone)

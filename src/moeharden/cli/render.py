@@ -85,7 +85,7 @@ def demo(result) -> None:
     p = result.pipeline
     if p is not None:
         verdict = "[green]PASSED[/]" if p.passed else "[red]FAILED[/]"
-        lines.append(f"Demo pipeline finished in {sum(p.seconds.values()):.0f} s; release gate {verdict}.")
+        lines.append(f"Demo pipeline finished in {p.seconds['total']:.0f} s; release gate {verdict}.")
         lines += [f"  [red]FAIL[/] {esc(r)}" for r in p.failing]
         lines.append(f"Before/after report: {esc(p.report)}")
     for line in lines:

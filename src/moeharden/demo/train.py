@@ -205,7 +205,8 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def _threads(n: int) -> Iterator[None]:
+def compute_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch compute threads, then restore the previous count."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -298,7 +299,7 @@ def train_demo(recipe: DemoRecipe, heldout: dict[str, list[dict]], *, steps: int
     hooks = _GateHooks(model)
     loss_val = mi_val = float("nan")
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    with _threads(recipe.threads):
+    with compute_threads(recipe.threads):
         wall0, cpu0 = time.perf_counter(), time.process_time()
         model.train()
         try:
