@@ -212,6 +212,25 @@ def test_scratch_init_trains_fresh_weights_against_the_original(tiny_demo_path):
     assert hist[0]["prune"] > 0 and hist[1]["prune"] == 0.0 and hist[1]["diverge"] == 0.0
 
 
+def test_frozen_experts_stay_the_fresh_draw_and_the_rest_trains(tiny_demo_path):
+    """``train_experts: false`` with ``init: scratch``: the routed experts end bit for bit as the
+    class's initialiser drew them under the seed (an independent ``from_config``); the router, the
+    attention and the embeddings move."""
+    from moeharden.attack.references import fresh_model
+    from moeharden.model.registry import parameter_groups
+
+    model, tok, tasks = _load(tiny_demo_path)
+    want = {n: p.detach().clone() for n, p in fresh_model(model, 3).named_parameters()}
+    groups = parameter_groups(None, model)
+    recipe = EntangleRecipe(steps=3, batch_size=4, lr=1e-2, init="scratch", seed=3, subsets_per_step=1,
+                            adversarial_swaps=1, train_experts=False)
+    entangle_model(model, tok, tasks, recipe)
+    got = dict(model.named_parameters())
+    assert groups["experts"] and all(torch.equal(got[n], want[n]) for n in groups["experts"])
+    for g in ("router", "attention", "embeddings"):
+        assert any(not torch.equal(got[n], want[n]) for n in groups[g]), g
+
+
 def test_cancellation_term_matches_an_independent_computation(tiny_demo_path):
     """Each routed slot's expert alone (weight 1) equals that expert's SwiGLU computed by hand, the
     block's experts output is their weighted sum, and the term is mean relu(ρ − ‖E_s − y‖²/mean‖y‖²)."""

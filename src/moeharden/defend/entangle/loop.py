@@ -36,6 +36,9 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
 The last ``polish_steps`` steps train the full model only (task, retain, spread terms).
 ``init: scratch`` trains the release from freshly initialised weights (the model class's own
 initialiser under ``seed``) with the original as the KL teacher — entangled from its first step.
+``train_experts: false`` leaves the routed experts as they start (with ``init: scratch``: the class's
+fresh initialisation, so a pruned copy's experts are a draw of what the ``shared`` reference starts
+from — the limit of a weight-level defense, docs §4.1); everything else trains.
 
 Checkpoints every ``checkpoint_every`` steps (:mod:`.resume`) allow ``--resume``; per-step
 randomness is derived from (seed, step), so a resumed run gives the same weights as an
@@ -123,8 +126,9 @@ def _setup(model, tokenizer, tasks, recipe: EntangleRecipe) -> _Trainer:
         with torch.no_grad():
             model.load_state_dict(fresh_model(model, recipe.seed).state_dict())
     model.train()
+    frozen = set() if recipe.train_experts else {id(p) for li in moe_layers(model) for p in li.experts.parameters()}
     for p in model.parameters():
-        p.requires_grad_(p.is_floating_point())
+        p.requires_grad_(p.is_floating_point() and id(p) not in frozen)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                             weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
