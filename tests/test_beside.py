@@ -23,8 +23,8 @@ def _fails():
 
 
 def _cleans_up(marker: str, started: str):
-    Path(started).write_text("running")
-    try:
+    try:                                  # `started` exists from its open(): the caller may interrupt the
+        Path(started).write_text("running")   # write itself, so it is inside the try
         time.sleep(60)
     finally:
         Path(marker).write_text("cleaned up")

@@ -433,7 +433,8 @@ def test_the_demo_summary_prints_user_paths_and_names_as_written():
     out = Path("a[bold]b/x[/]y")
     res = DemoResult(out=out, model_dir=out / "model", reused_cache=True, recipe_hash="h[red]",
                      training={"accuracy": {"t[i]": 1.0}},
-                     pipeline=PipelineResult(out, out / "report.html", False, ["row [bold]x"], {"scan": 1.0}))
+                     pipeline=PipelineResult(out, out / "report.html", False, ["row [bold]x"],
+                                                         {"scan": 1.0, "total": 1.0}))
     with ui.console.capture() as cap:
         render.demo(res)
     text = cap.get().replace("\n", "")
