@@ -213,7 +213,7 @@ def test_scratch_init_trains_fresh_weights_against_the_original(tiny_demo_path):
 
 
 def test_frozen_experts_stay_the_fresh_draw_and_the_rest_trains(tiny_demo_path):
-    """``train_experts: false`` with ``init: scratch``: the routed experts end bit for bit as the
+    """``expert_lr_scale: 0`` with ``init: scratch``: the routed experts end bit for bit as the
     class's initialiser drew them under the seed (an independent ``from_config``); the router, the
     attention and the embeddings move."""
     from moeharden.attack.references import fresh_model
@@ -223,7 +223,7 @@ def test_frozen_experts_stay_the_fresh_draw_and_the_rest_trains(tiny_demo_path):
     want = {n: p.detach().clone() for n, p in fresh_model(model, 3).named_parameters()}
     groups = parameter_groups(None, model)
     recipe = EntangleRecipe(steps=3, batch_size=4, lr=1e-2, init="scratch", seed=3, subsets_per_step=1,
-                            adversarial_swaps=1, train_experts=False)
+                            adversarial_swaps=1, expert_lr_scale=0.0)
     entangle_model(model, tok, tasks, recipe)
     got = dict(model.named_parameters())
     assert groups["experts"] and all(torch.equal(got[n], want[n]) for n in groups["experts"])

@@ -36,9 +36,10 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
 The last ``polish_steps`` steps train the full model only (task, retain, spread terms).
 ``init: scratch`` trains the release from freshly initialised weights (the model class's own
 initialiser under ``seed``) with the original as the KL teacher — entangled from its first step.
-``train_experts: false`` leaves the routed experts as they start (with ``init: scratch``: the class's
-fresh initialisation, so a pruned copy's experts are a draw of what the ``shared`` reference starts
-from — the limit of a weight-level defense, docs §4.1); everything else trains.
+``expert_lr_scale`` scales the routed experts' learning rate; at 0 they stay as they start (with
+``init: scratch``: the class's fresh initialisation, so a pruned copy's experts are a draw of what
+the ``shared`` reference starts from — the limit of a weight-level defense, docs §4.1); everything
+else trains at ``lr``.
 
 Checkpoints every ``checkpoint_every`` steps (:mod:`.resume`) allow ``--resume``; per-step
 randomness is derived from (seed, step), so a resumed run gives the same weights as an
@@ -126,11 +127,16 @@ def _setup(model, tokenizer, tasks, recipe: EntangleRecipe) -> _Trainer:
         with torch.no_grad():
             model.load_state_dict(fresh_model(model, recipe.seed).state_dict())
     model.train()
-    frozen = set() if recipe.train_experts else {id(p) for li in moe_layers(model) for p in li.experts.parameters()}
+    experts = {id(p) for li in moe_layers(model) for p in li.experts.parameters()}
+    scale = recipe.expert_lr_scale
     for p in model.parameters():
-        p.requires_grad_(p.is_floating_point() and id(p) not in frozen)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
-                            weight_decay=recipe.weight_decay)
+        p.requires_grad_(p.is_floating_point() and not (scale == 0 and id(p) in experts))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups: list = trainable
+    if scale not in (0, 1):          # the routed experts at a scaled learning rate (one group otherwise)
+        groups = [{"params": [p for p in trainable if id(p) not in experts]},
+                  {"params": [p for p in trainable if id(p) in experts], "lr": recipe.lr * scale}]
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: max(0.0, 1.0 - s / recipe.steps)) if recipe.lr_schedule == "linear" else (lambda s: 1.0))
     if current().size > 1:

@@ -57,7 +57,7 @@ class EntangleRecipe(BaseModel):
     recovery_every: int = Field(1, ge=1)
     recovery_keep_max: float = Field(0.5, gt=0, le=1)
     init: Literal["original", "scratch"] = "original"   # scratch: train the release from fresh weights
-    train_experts: bool = True             # false: the routed experts keep their initial weights
+    expert_lr_scale: float = Field(1.0, ge=0)  # the routed experts' lr ÷ lr (0: they keep their initial weights)
     polish_steps: int = Field(0, ge=0)     # the last N steps train the full model only (task + retain)
     checkpoint_every: int = Field(100, gt=0)
 
