@@ -26,8 +26,9 @@ from typing import Any
 from moeharden import __version__
 from moeharden.demo.build import build_demo_model, cache_root, read_stamp, write_owner_tasks
 from moeharden.demo.synthetic import TASKS
-from moeharden.demo.train import compute_threads, load_recipe
+from moeharden.demo.train import load_recipe
 from moeharden.io.beside import Beside
+from moeharden.io.threads import compute_threads
 
 
 @dataclass

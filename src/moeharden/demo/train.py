@@ -32,8 +32,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moeharden.demo.synthetic import ALPHABET, TASKS, SyntheticTask, generate, task_spec
 from moeharden.errors import ConfigFileError, validation_problems
+from moeharden.io.threads import compute_threads
 from moeharden.model.registry import MoELayer, moe_layers
 from moeharden.tasks.encoding import LMBatch, answer_logits, encode
 from moeharden.tasks.examples import Task
@@ -202,17 +201,6 @@ class _GateHooks:
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-9))).sum(-1)
-
-
-@contextmanager
-def compute_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch compute threads, then restore the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -70,18 +70,15 @@ def check_adapter(config: Any, *, seed: int = 0) -> SelfCheckResult:
     spec, tiny, key = prepared
     import time
 
-    import torch
+    from moeharden.io.threads import compute_threads
 
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)     # tensors of a few KB: one thread is ~10x faster than several on a busy CPU
     try:
-        rec, pruned = _run_checks(tiny, seed)
+        with compute_threads(1):     # tensors of a few KB: one thread is ~10x faster than several on a busy CPU
+            rec, pruned = _run_checks(tiny, seed)
         reason = ""
     except _CheckFailed as err:
         rec, pruned, reason = err.args[1], err.args[2], err.args[0]
-    finally:
-        torch.set_num_threads(threads)
     return remember(key, SelfCheckResult(spec.name, not reason, reason, rec, pruned, time.perf_counter() - t0))
 
 
