@@ -29,6 +29,9 @@ def _child(conn, fn: Callable, kwargs: dict, threads: int) -> None:
 
     from moeharden.console import set_json_mode
 
+    # SIGINT is the caller's stop request: a caller started with it ignored (a shell's background
+    # job) would hand that on, and the child would be killed after STOP_GRACE_S without its clean-up
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(threads)
     set_json_mode(True)                      # no progress bars drawn over the caller's
     t0 = time.perf_counter()
