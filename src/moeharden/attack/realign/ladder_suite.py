@@ -253,11 +253,10 @@ def run_curve_jobs(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[i
         return spread(jobs, lambda job: run_job(ctx, job), progress=progress)
     if plan.workers <= 1 or checkpoint is None or len(jobs) < 2 or lm_eval:
         return run_jobs(SuiteContext(model, tokenizer, tasks, keepsets, plan), jobs, progress=progress)
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from moeharden.io.pool import worker_pool
 
-    with ProcessPoolExecutor(max_workers=plan.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(str(checkpoint), list(tasks), keepsets, plan, trust_remote_code)) as ex:
+    # an interrupt or error stops the workers at once (a plain ProcessPoolExecutor ran every queued curve first)
+    with worker_pool(plan.workers, _init_worker, (str(checkpoint), list(tasks), keepsets, plan, trust_remote_code)) as ex:
         futures = [ex.submit(_worker_job, job) for job in jobs]
         out = []
         for f in futures:

@@ -1,0 +1,129 @@
+"""io/pool.py: worker processes stop when their caller stops — an error or Ctrl-C in the caller, the
+caller killed outright, and end to end, a Ctrl-C'd `moeharden scan --workers 2`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from moeharden.io.pool import worker_pool
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc; zombies excluded)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()      # after "pid (comm) ": state, ppid, ...
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _wait_until(cond, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+def test_results_in_order_and_a_job_error_reaches_the_caller():
+    with worker_pool(2) as ex:
+        assert [f.result() for f in [ex.submit(pow, b, 2) for b in range(6)]] == [0, 1, 4, 9, 16, 25]
+    with pytest.raises(ZeroDivisionError), worker_pool(2) as ex:
+        ex.submit(divmod, 1, 0).result()
+
+
+def test_an_error_in_the_caller_cancels_the_queue_and_ends_the_workers_at_once():
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="caller failed"), worker_pool(2) as ex:
+        futures = [ex.submit(time.sleep, 30) for _ in range(6)]       # 90 s of work for two workers
+        assert _wait_until(lambda: len(_children(os.getpid())) >= 2, 60)
+        workers = [p for p in _children(os.getpid()) if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+        raise RuntimeError("caller failed")
+    assert time.monotonic() - t0 < 25, "a plain ProcessPoolExecutor would have run all six jobs (90 s)"
+    assert workers and not any(_alive(p) for p in workers)
+    assert all(f.cancelled() for f in futures[-3:])      # the two running and the one queued ahead are not
+    assert not any(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+
+
+def test_workers_die_with_a_caller_killed_outright(tmp_path):
+    script = textwrap.dedent("""
+        import sys, time
+        from moeharden.io.pool import worker_pool
+        with worker_pool(2) as ex:
+            fs = [ex.submit(time.sleep, 60) for _ in range(4)]
+            print("started", flush=True)
+            time.sleep(120)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "started"
+        assert _wait_until(lambda: len(_children(p.pid)) >= 3, 60)        # two workers and the resource tracker
+        kids = _children(p.pid)
+        p.kill()
+        p.wait()
+        assert _wait_until(lambda: not any(_alive(k) for k in kids), 15), "workers outlived their killed caller"
+    finally:
+        p.kill()
+        for k in _children(p.pid):
+            os.kill(k, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    from moeharden.demo import build as demo
+
+    return demo.build_demo_model(tmp_path_factory.mktemp("demo") / "model", steps=30)
+
+
+@pytest.mark.parametrize("to", ["group", "parent"])
+def test_ctrl_c_ends_a_scan_with_two_workers_at_once_and_writes_nothing(demo_ckpt, tmp_path, to):
+    out = tmp_path / "scan"
+    p = subprocess.Popen([sys.executable, "-m", "moeharden", "scan", str(demo_ckpt), "--out", str(out), "--ladder",
+                          "--workers", "2", "--limit", "64", "--method", "frequency", "--keep", "2", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert _wait_until(lambda: len(_children(p.pid)) >= 3 or p.poll() is not None, 240), "the ladder never started"
+        assert p.poll() is None, p.communicate()[1]
+        kids = _children(p.pid)
+        time.sleep(2)                                    # the workers are inside their first curves
+        t0 = time.monotonic()
+        if to == "group":
+            os.killpg(p.pid, signal.SIGINT)              # Ctrl-C at a terminal: the whole process group
+        else:
+            os.kill(p.pid, signal.SIGINT)                # `kill -INT PID`: the scan's own process only
+        _, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err
+    assert took < 20, f"the scan took {took:.0f} s to stop"
+    assert "Traceback" not in err and "Interrupted" in err
+    assert _wait_until(lambda: not any(_alive(k) for k in kids), 15), "workers outlived the interrupted scan"
+    assert not out.exists() and list(tmp_path.iterdir()) == []
