@@ -4,11 +4,17 @@ itself, and a caller's failure stops it with SIGINT, so the call's own clean-up 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from procs import alive, children, wait_until
 
 from moeharden.errors import TaskError
 from moeharden.io.beside import Beside
@@ -53,3 +59,27 @@ def test_a_failing_caller_interrupts_the_child_and_its_cleanup_runs(tmp_path):
         raise ValueError("the caller's own work failed")
     assert marker.read_text() == "cleaned up"             # its finally ran: SIGINT, not a kill
     assert time.perf_counter() - t0 < 50                  # and it did not sleep its 60 s
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_child_dies_with_a_caller_killed_outright():
+    script = textwrap.dedent("""
+        from multiprocessing.connection import wait
+        from moeharden.io.beside import Beside
+        with Beside(wait, object_list=[], timeout=120) as b:      # a call that blocks for two minutes
+            print("started", flush=True)
+            b.result()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "started"
+        assert wait_until(lambda: children(p.pid), 30)
+        kids = children(p.pid)
+        time.sleep(3)                                       # the child is inside the call
+        p.kill()
+        p.wait()
+        assert wait_until(lambda: not any(alive(k) for k in kids), 15), "the call outlived its killed caller"
+    finally:
+        p.kill()
+        for k in children(p.pid):
+            os.kill(k, signal.SIGKILL)

@@ -24,10 +24,13 @@ STOP_GRACE_S = 30.0     # after SIGINT, how long the child may take to clean up 
 INTERRUPT_WAIT_S = 2.0  # after the caller's own Ctrl-C, how long before the child is sent one too
 
 
-def _child(conn, fn: Callable, kwargs: dict, threads: int) -> None:
+def _child(conn, fn: Callable, kwargs: dict, threads: int, parent: int) -> None:
     import torch
 
     from moeharden.console import set_json_mode
+    from moeharden.io.pool import die_with_parent
+
+    die_with_parent(parent)                  # a caller killed outright does not leave the call running
 
     # SIGINT is the caller's stop request: a caller started with it ignored (a shell's background
     # job) would hand that on, and the child would be killed after STOP_GRACE_S without its clean-up
@@ -59,7 +62,7 @@ class Beside:
     def __enter__(self) -> Beside:
         ctx = mp.get_context("spawn")
         self._conn, child_end = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child, args=(child_end, self._fn, self._kwargs, self._threads), daemon=False)
+        self._proc = ctx.Process(target=_child, args=(child_end, self._fn, self._kwargs, self._threads, os.getpid()), daemon=False)
         self._proc.start()
         child_end.close()
         return self
