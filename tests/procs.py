@@ -37,3 +37,27 @@ def wait_until(cond, timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return cond()
+
+
+def survivors_of_a_killed_caller(script: str, n_children: int, settle_s: float = 0.0) -> list[int]:
+    """Run ``script`` (which prints ``started`` once its children run) in a fresh interpreter, wait for
+    ``n_children`` children and ``settle_s`` more, SIGKILL it; the children still alive 15 s later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "started"
+        assert wait_until(lambda: len(children(p.pid)) >= n_children, 60)
+        kids = children(p.pid)
+        time.sleep(settle_s)
+        p.kill()
+        p.wait()
+        wait_until(lambda: not any(alive(k) for k in kids), 15)
+        return [k for k in kids if alive(k)]
+    finally:
+        p.kill()
+        for k in children(p.pid):
+            os.kill(k, signal.SIGKILL)

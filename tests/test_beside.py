@@ -4,9 +4,6 @@ itself, and a caller's failure stops it with SIGINT, so the call's own clean-up 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -14,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import alive, children, wait_until
+from procs import survivors_of_a_killed_caller
 
 from moeharden.errors import TaskError
 from moeharden.io.beside import Beside
@@ -70,16 +67,4 @@ def test_the_child_dies_with_a_caller_killed_outright():
             print("started", flush=True)
             b.result()
     """)
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "started"
-        assert wait_until(lambda: children(p.pid), 30)
-        kids = children(p.pid)
-        time.sleep(3)                                       # the child is inside the call
-        p.kill()
-        p.wait()
-        assert wait_until(lambda: not any(alive(k) for k in kids), 15), "the call outlived its killed caller"
-    finally:
-        p.kill()
-        for k in children(p.pid):
-            os.kill(k, signal.SIGKILL)
+    assert survivors_of_a_killed_caller(script, 1, settle_s=3) == []    # settled: the child is inside the call
