@@ -59,6 +59,15 @@ def tiny_mixtral_ckpt(session_tmp) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    """The demo model, briefly trained (30 steps; cached like the demo's own), for the tests that run
+    the CLI on it in other processes."""
+    from moeharden.demo import build as demo
+
+    return demo.build_demo_model(tmp_path_factory.mktemp("demo") / "model", steps=30)
+
+
 @pytest.fixture(scope="session")
 def locked_release(session_tmp) -> Path:
     """A tiny Mixtral in two or more shards (``src/``), a key pair (``keys/``), ``policy.yaml``

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,11 +46,6 @@ def wait_until(cond, timeout: float) -> bool:
 def survivors_of_a_killed_caller(script: str, n_children: int, settle_s: float = 0.0) -> list[int]:
     """Run ``script`` (which prints ``started`` once its children run) in a fresh interpreter, wait for
     ``n_children`` children and ``settle_s`` more, SIGKILL it; the children still alive 15 s later."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "started"

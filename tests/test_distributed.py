@@ -71,13 +71,6 @@ def test_an_error_in_one_process_ends_every_process(tmp_path):
     assert not list(tmp_path.glob("out.json.*"))
 
 
-@pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory):
-    from moeharden.demo import build as demo
-
-    return demo.build_demo_model(tmp_path_factory.mktemp("demo") / "model", steps=30)
-
-
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import alive as _alive
-from procs import children as _children
-from procs import survivors_of_a_killed_caller
-from procs import wait_until as _wait_until
+from procs import alive, children, survivors_of_a_killed_caller, wait_until
 
 from moeharden.io.pool import worker_pool
 
@@ -33,16 +30,16 @@ def test_an_error_in_the_caller_cancels_the_queue_and_ends_the_workers_at_once()
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="caller failed"), worker_pool(2) as ex:
         futures = [ex.submit(time.sleep, 30) for _ in range(6)]       # 90 s of work for two workers
-        assert _wait_until(lambda: len(_children(os.getpid())) >= 2, 60)
-        workers = [p for p in _children(os.getpid()) if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+        assert wait_until(lambda: len(children(os.getpid())) >= 2, 60)
+        workers = [p for p in children(os.getpid()) if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
         raise RuntimeError("caller failed")
     assert time.monotonic() - t0 < 25, "a plain ProcessPoolExecutor would have run all six jobs (90 s)"
-    assert workers and not any(_alive(p) for p in workers)
+    assert workers and not any(alive(p) for p in workers)
     assert futures[-1].cancelled()     # two run, at most three wait in the workers' queue: the last was still pending
     assert not any(f.done() and not f.cancelled() and f.exception() is None for f in futures)
 
 
-def test_workers_die_with_a_caller_killed_outright(tmp_path):
+def test_workers_die_with_a_caller_killed_outright():
     script = textwrap.dedent("""
         import sys, time
         from moeharden.io.pool import worker_pool
@@ -54,13 +51,6 @@ def test_workers_die_with_a_caller_killed_outright(tmp_path):
     assert survivors_of_a_killed_caller(script, 3) == []           # two workers and the resource tracker
 
 
-@pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory):
-    from moeharden.demo import build as demo
-
-    return demo.build_demo_model(tmp_path_factory.mktemp("demo") / "model", steps=30)
-
-
 @pytest.mark.parametrize("to", ["group", "parent"])
 def test_ctrl_c_ends_a_scan_with_two_workers_at_once_and_writes_nothing(demo_ckpt, tmp_path, to):
     out = tmp_path / "scan"
@@ -68,9 +58,9 @@ def test_ctrl_c_ends_a_scan_with_two_workers_at_once_and_writes_nothing(demo_ckp
                           "--workers", "2", "--limit", "64", "--method", "frequency", "--keep", "2", "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert _wait_until(lambda: len(_children(p.pid)) >= 3 or p.poll() is not None, 240), "the ladder never started"
+        assert wait_until(lambda: len(children(p.pid)) >= 3 or p.poll() is not None, 240), "the ladder never started"
         assert p.poll() is None, p.communicate()[1]
-        kids = _children(p.pid)
+        kids = children(p.pid)
         time.sleep(2)                                    # the workers are inside their first curves
         t0 = time.monotonic()
         if to == "group":
@@ -85,5 +75,5 @@ def test_ctrl_c_ends_a_scan_with_two_workers_at_once_and_writes_nothing(demo_ckp
     assert p.returncode == 130, err
     assert took < 20, f"the scan took {took:.0f} s to stop"
     assert "Traceback" not in err and "Interrupted" in err
-    assert _wait_until(lambda: not any(_alive(k) for k in kids), 15), "workers outlived the interrupted scan"
+    assert wait_until(lambda: not any(alive(k) for k in kids), 15), "workers outlived the interrupted scan"
     assert not out.exists() and list(tmp_path.iterdir()) == []
