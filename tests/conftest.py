@@ -24,7 +24,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # the demo model's accuracy, the paper's finding, the two-process runs, the honest gate). They start
 # first, so that under pytest-xdist (--dist loadfile, scripts/test.sh) no worker is left running one
 # of them alone at the end while the other is idle.
-HEAVY_FIRST = ("test_pipeline.py", "test_demo.py", "test_scan.py", "test_distributed.py", "test_gate_honest.py")
+HEAVY_FIRST = ("test_pipeline.py", "test_demo.py", "test_scan.py", "test_distributed.py", "test_gate_honest.py",
+               "test_journal.py")
 
 
 def pytest_collection_modifyitems(config, items):

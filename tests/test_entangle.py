@@ -46,6 +46,32 @@ def test_resume_gives_the_same_weights(tiny_demo_path, tmp_path, recovery):
     assert moved, "training changed nothing"
 
 
+def test_a_checkpoint_is_resumed_only_by_the_run_that_wrote_it(tiny_demo_path, tmp_path):
+    from moeharden.errors import UsageError
+
+    recipe = EntangleRecipe(steps=4, batch_size=8, recompute_every=2, adversarial_swaps=1, checkpoint_every=1,
+                            subsets_per_step=1, lr=1e-3)
+    model, tok, tasks = _load(tiny_demo_path)
+    _, done = entangle_model(model, tok, tasks, recipe, ckpt_dir=tmp_path / "c", stop_after=2)
+    assert done == 2
+    model, _, _ = _load(tiny_demo_path)         # the same run again: it picks up at step 2
+    hist, done = entangle_model(model, tok, tasks, recipe, ckpt_dir=tmp_path / "c", resume_if_same=True, stop_after=3)
+    assert done == 3 and [h["step"] for h in hist] == [1, 2, 3]
+    other = recipe.model_copy(update={"lr": 2e-3})
+    model, _, _ = _load(tiny_demo_path)         # another recipe: starts again, and --resume is refused
+    hist, done = entangle_model(model, tok, tasks, other, ckpt_dir=tmp_path / "d", stop_after=1)
+    model, _, _ = _load(tiny_demo_path)
+    with pytest.raises(UsageError, match="another run"):
+        entangle_model(model, tok, tasks, recipe, ckpt_dir=tmp_path / "d", resume=True)
+    hist, done = entangle_model(model, tok, tasks, recipe, ckpt_dir=tmp_path / "d", resume_if_same=True, stop_after=2)
+    assert done == 2 and [h["step"] for h in hist] == [1, 2]
+    model, _, _ = _load(tiny_demo_path)         # other starting weights: starts again
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    hist, done = entangle_model(model, tok, tasks, recipe, ckpt_dir=tmp_path / "c", resume_if_same=True, stop_after=1)
+    assert [h["step"] for h in hist] == [1]
+
+
 def test_pruned_term_is_bounded():
     from moeharden.tasks.encoding import LMBatch
 

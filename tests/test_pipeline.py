@@ -41,6 +41,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     doc = json.loads(res.stdout)
     for sub in ("model", "scan", "entangled", "locked", "verify"):
         assert (out / sub).is_dir(), sub
+    # the journals and entangle's checkpoint (kept while a rerun could resume) are gone once all is written
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".moeharden-output"]
     html = (out / "report.html").read_text()
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(pngs) >= 9 and all(base64.b64decode(p)[:4] == b"\x89PNG" for p in pngs)

@@ -1,5 +1,6 @@
 """io/pool.py: worker processes stop when their caller stops — an error or Ctrl-C in the caller, the
-caller killed outright, and end to end, a Ctrl-C'd `moeharden scan --workers 2`."""
+caller killed outright, and end to end, a Ctrl-C'd `moeharden scan --workers 2` (exit 130, no output; only
+the journal of its finished curves is left, for a run again to resume from)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ def test_ctrl_c_ends_a_scan_with_two_workers_at_once_and_writes_nothing(demo_ckp
     out = tmp_path / "scan"
     p = subprocess.Popen([sys.executable, "-m", "moeharden", "scan", str(demo_ckpt), "--out", str(out), "--ladder",
                           "--workers", "2", "--limit", "64", "--method", "frequency", "--keep", "2", "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         # one compute thread: beside another test file's work (pytest-xdist) two would
+                         # oversubscribe 2 cores and the scan could take minutes to reach its ladder
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert wait_until(lambda: len(children(p.pid)) >= 3 or p.poll() is not None, 240), "the ladder never started"
         assert p.poll() is None, p.communicate()[1]
@@ -76,4 +80,6 @@ def test_ctrl_c_ends_a_scan_with_two_workers_at_once_and_writes_nothing(demo_ckp
     assert took < 20, f"the scan took {took:.0f} s to stop"
     assert "Traceback" not in err and "Interrupted" in err
     assert wait_until(lambda: not any(alive(k) for k in kids), 15), "workers outlived the interrupted scan"
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # no output, and nothing but the journal of the curves it finished (a run again resumes from it)
+    assert not out.exists() and [q.name for q in tmp_path.iterdir()] == [".scan.ladder-journal"]
+    assert (tmp_path / ".scan.ladder-journal" / ".moeharden-output").is_file()

@@ -32,10 +32,49 @@ def _fingerprint(plan: AttackPlan, identity: dict, task_sizes: dict[str, list[in
     return json.loads(json.dumps(fp))        # as it reads back from a report (tuples become lists)
 
 
+def journal_fingerprint(model, tokenizer, tasks: Sequence, keepsets: dict, plan: AttackPlan) -> str:
+    """What every curve of a ladder depends on, as one sha256: the weights (every tensor's bytes),
+    the tokenizer's vocabulary, each task's examples (:meth:`Task.examples_sha256`), the keep-sets,
+    the plan (not ``workers``: the curves are the same in any process) and the versions of
+    moeharden, torch and transformers. A journal is reused only under the same fingerprint."""
+    import hashlib
+    import json
+
+    import torch
+    import transformers
+
+    from moeharden import __version__
+    from moeharden.model.checkpoint import tokenizer_sha256, weights_sha256
+
+    p = asdict(plan)
+    p.pop("workers", None)
+    return hashlib.sha256(json.dumps({
+        "versions": [__version__, torch.__version__, transformers.__version__], "plan": p,
+        "keepsets": {t: {str(k): list(v) for k, v in ks.items()} for t, ks in keepsets.items()},
+        "tasks": [[t.name, t.examples_sha256()] for t in tasks],
+        "tokenizer": tokenizer_sha256(tokenizer), "weights": weights_sha256(model),
+    }, sort_keys=True).encode()).hexdigest()
+
+
+def _valid_curve(key: str, record: dict) -> bool:
+    """A journaled curve is read back only if it is a valid curve record of its own job."""
+    import json
+
+    from pydantic import ValidationError
+
+    from moeharden.audit.ladder_records import LadderCurveRecord
+
+    try:
+        c = LadderCurveRecord.model_validate(record)
+    except ValidationError:
+        return False
+    return json.loads(key) == [c.task, c.reference, c.attack, c.strategy, c.seed]
+
+
 def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: dict[str, float],
                    keepsets: dict[str, dict[int, list[int]]], plan: AttackPlan, target_fraction: float,
                    checkpoint=None, reuse: dict | None = None, trust_remote_code: bool = False,
-                   progress=None) -> dict:
+                   progress=None, journal_dir=None) -> dict:
     """Run the plan's curves and return the JSON section.
 
     Args:
@@ -43,10 +82,19 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
         full: the attacked full model's metric per task (the target is a fraction of it).
         keepsets: per task, the strongest attacker's keep-set of the pruned shape.
         reuse: a baseline's ``ladder`` section whose ``scratch`` curves may be reused.
+        journal_dir: keep each finished curve there (:class:`moeharden.io.journal.Journal`), and
+            read back those an interrupted run of the same inputs finished; the caller removes it
+            once its output is written (:func:`moeharden.io.journal.remove_journal`).
     Returns:
         ``{"settings", "fingerprint", "curves", "summary", "reused_scratch", "seconds"}``.
     """
+    from contextlib import nullcontext
+
+    from rich.markup import escape
+
     from moeharden.attack.realign.headstart import summarize
+    from moeharden.console import info
+    from moeharden.io.journal import Journal
 
     t0 = time.perf_counter()
     sizes = {t.name: [len(t.evaluation), len(t.train)] for t in tasks}
@@ -57,8 +105,14 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
     if reuse and reuse.get("fingerprint") == fp:
         reused = [c for c in reuse.get("curves", []) if c["reference"] == "scratch"]
         skip = {(c["task"], "scratch", c["attack"]) for c in reused}
-    ran = run_suite(model, tokenizer, tasks, keepsets, plan, checkpoint=checkpoint, skip=skip,
-                    trust_remote_code=trust_remote_code, progress=progress)
+    with (Journal(journal_dir, journal_fingerprint(model, tokenizer, tasks, keepsets, plan)) if journal_dir
+          else nullcontext()) as journal:
+        if journal is not None:
+            journal.done = {k: v for k, v in journal.done.items() if _valid_curve(k, v)}
+        if journal is not None and journal.resumed:
+            info(f"Resuming: {journal.resumed} finished curve(s) read back from {escape(str(journal.directory))}.")
+        ran = run_suite(model, tokenizer, tasks, keepsets, plan, checkpoint=checkpoint, skip=skip,
+                        trust_remote_code=trust_remote_code, progress=progress, journal=journal)
     # plan order, with the reused curves where they would have run
     by_key = {(c["task"], c["reference"], c["attack"], c["strategy"], c["seed"]): c for c in ran + reused}
     curves = [by_key[(j.task, j.reference, j.attack, j.strategy, j.seed)]
@@ -97,13 +151,15 @@ def strongest_keepset(doc, task: str, keep: int) -> dict[int, list[int]]:
 
 
 def ladder_for_document(model, tokenizer, tasks, doc, plan: AttackPlan, *, checkpoint=None,
-                        keeps: dict[str, int] | None = None, reuse=None, trust_remote_code: bool = False):
+                        keeps: dict[str, int] | None = None, reuse=None, trust_remote_code: bool = False,
+                        journal_dir=None):
     """The typed ``ladder`` section for a scan document ``doc`` of ``model``.
 
     Args:
         keeps: the keep-count per task (a verify passes its baseline's, so both attack the same shape);
             default :func:`ladder_keep`.
         reuse: the baseline's :class:`LadderSection` (its ``scratch`` curves may be reused).
+        journal_dir: the run's journal of finished curves (:func:`ladder_section`).
     Returns:
         a :class:`moeharden.audit.ladder_records.LadderSection`.
     """
@@ -130,5 +186,5 @@ def ladder_for_document(model, tokenizer, tasks, doc, plan: AttackPlan, *, check
                                  full=full,
                                  keepsets=keepsets, plan=plan, target_fraction=DEFAULT_TARGET_FRACTION,
                                  checkpoint=checkpoint, reuse=None if reuse is None else reuse.to_json(),
-                                 trust_remote_code=trust_remote_code, progress=adv)
+                                 trust_remote_code=trust_remote_code, progress=adv, journal_dir=journal_dir)
     return LadderSection.model_validate(section)

@@ -271,18 +271,44 @@ def recovery_sections(model, tokenizer, tasks, doc: ScanDocument, settings: Scan
     return RecoverySections.model_validate(recovery_for_scan(model, tokenizer, tasks, doc.to_json(), settings))
 
 
+def ladder_journal(out: Path) -> Path | None:
+    """Where a scan or verify writing ``out`` keeps its finished learning curves until ``out`` is
+    written (``.<out>.ladder-journal`` beside it; :mod:`moeharden.io.journal`), checked now, before
+    minutes of work; ``None`` under ``accelerate launch`` (its processes share the curves instead).
+
+    Raises:
+        InputError: something moeharden did not write is at that path.
+    """
+    from moeharden.io.journal import check_journal_dir, journal_dir
+    from moeharden.io.ranks import current
+
+    if current().size > 1:
+        return None
+    d = journal_dir(Path(out), "ladder")
+    check_journal_dir(d)
+    return d
+
+
 def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: ScanSettings | None = None,
-         lm_eval_include: Sequence[Path] | None = None, trust_remote_code: bool = False) -> ScanResult:
+         lm_eval_include: Sequence[Path] | None = None, trust_remote_code: bool = False,
+         keep_journal: bool = False) -> ScanResult:
     """Load a checkpoint, scan it, and write ``scan.json``, ``report.md`` and ``report.html`` to ``out``.
+
+    The ladder's finished curves are journaled beside ``out`` (:func:`ladder_journal`): a scan
+    interrupted and run again with the same inputs and ``out`` runs only the curves it had not
+    finished, and writes what an uninterrupted scan writes.
 
     Args:
         ckpt: local directory or Hub repo id.
         tasks: task specs (preset names, task-file paths, ``lm-eval:NAME``); ``None`` = the
             checkpoint's own ``moeharden-tasks.yaml``.
+        keep_journal: leave the journal after writing ``out`` (the demo removes it when the whole
+            pipeline is done, so a demo stopped in a later stage does not run the scan's curves again).
     Raises:
         CheckpointError, UnsupportedModelError, TaskError, UsageError.
     """
     from moeharden.audit.report import render_scan
+    from moeharden.io.journal import remove_journal
     from moeharden.io.outputs import atomic_output_dir
     from moeharden.io.ranks import current
     from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
@@ -294,6 +320,7 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     from moeharden.io.outputs import check_output_dir
 
     check_output_dir(out)          # fail now, not after minutes of work
+    journal = ladder_journal(out)
     path = resolve_checkpoint(ckpt)
     # seed=None: each task file's own split seed stands (settings.seed drives the random controls)
     task_objs = limit_tasks(load_tasks(list(tasks) if tasks else None, checkpoint_dir=path, limit=None, seed=None,
@@ -313,12 +340,14 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
         from moeharden.audit.ladder import ladder_for_document
 
         doc.ladder = ladder_for_document(model, tokenizer, task_objs, doc, settings.attack_plan(), checkpoint=path,
-                                         trust_remote_code=trust_remote_code)
+                                         trust_remote_code=trust_remote_code, journal_dir=journal)
     if not current().main:      # under `accelerate launch` the first process writes the (same) document
         return ScanResult(doc, None)
     with atomic_output_dir(out) as tmp:
         (tmp / "scan.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_scan(doc, tmp)
+    if journal is not None and not keep_journal:
+        remove_journal(journal)          # the output it served is in place
     return ScanResult(doc, Path(out), {"json": str(Path(out) / "scan.json"),
                                         "markdown": str(Path(out) / "report.md"),
                                         "html": str(Path(out) / "report.html")})

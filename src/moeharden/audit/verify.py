@@ -114,14 +114,19 @@ def _reattack_recovery(model, tokenizer, tasks, data: ScanDocument, base: ScanDo
     return RecoverySections.model_validate(recovery_suite(model, tokenizer, tasks, data.to_json(), suite))
 
 
-def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySettings | None = None) -> VerifyResult:
+def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySettings | None = None,
+                   keep_journal: bool = False) -> VerifyResult:
     """Re-attack ``ckpt``, compare with ``baseline`` (scan.json), write ``out/verify.json`` + report.
+
+    The ladder's finished curves are journaled beside ``out`` as in :func:`moeharden.audit.scan.scan`
+    (an interrupted verify run again resumes).
 
     Args:
         ckpt: the hardened checkpoint (local directory or Hub id).
         baseline: the baseline ``scan.json``.
         out: output directory (written atomically).
         settings: gate file, public key, manifest, modes, steps (``baseline``/``out`` fields are ignored).
+        keep_journal: leave the journal after writing ``out`` (the demo removes it at its end).
     Returns:
         the result; ``passed`` is False when a gate row does not hold (the outputs are written either way).
     Raises:
@@ -129,7 +134,8 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     """
     from moeharden.audit.gate import gate_rows, load_gate
     from moeharden.audit.report import render_verify
-    from moeharden.audit.scan import ScanSettings, model_identity, scan_model
+    from moeharden.audit.scan import ScanSettings, ladder_journal, model_identity, scan_model
+    from moeharden.io.journal import remove_journal
     from moeharden.io.outputs import atomic_output_dir, check_output_dir
     from moeharden.io.ranks import current
     from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint, validate_checkpoint
@@ -138,6 +144,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     settings = settings or VerifySettings()
     base = load_document(baseline, ScanDocument)
     check_output_dir(out)          # fail now, not after minutes of work
+    journal = ladder_journal(out)
     gate = load_gate(settings.gate)
     path = resolve_checkpoint(ckpt, validate=False)     # integrity first: a tampered release exits 4, not 3
     integrity = _integrity(path, settings)
@@ -166,7 +173,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
         plan = plan_from_dict(base.ladder.settings, workers=settings.workers)
         data.ladder = ladder_for_document(model, tokenizer, tasks, data, plan, checkpoint=path,
                                           keeps=dict(base.ladder.settings.get("keeps") or {}), reuse=base.ladder,
-                                          trust_remote_code=settings.trust_remote_code)
+                                          trust_remote_code=settings.trust_remote_code, journal_dir=journal)
     rows = gate_rows(gate, base, data, integrity=integrity)
     doc = VerifyDocument(**stamp(), checkpoint=identity, baseline=BaselineRef(path=str(baseline), model=base.model),
                          gate_settings=gate, gate=rows, passed=all(r.passed for r in rows), integrity=integrity,
@@ -176,6 +183,8 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     with atomic_output_dir(out) as tmp:
         (tmp / "verify.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_verify(base, doc, tmp)
+    if journal is not None and not keep_journal:
+        remove_journal(journal)          # the output it served is in place
     return VerifyResult(doc, Path(out))
 
 

@@ -80,7 +80,9 @@ def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
             traceback.print_exc()
         fail(err.title, err.message, err.hint, err.exit_code)
     except KeyboardInterrupt:
-        ui.console.print("[yellow]Interrupted.[/] Outputs are written atomically; nothing partial was left.")
+        ui.console.print("[yellow]Interrupted.[/] Outputs are written atomically; nothing partial was left. "
+                         "Finished work is kept beside --out: the same scan, verify or demo run again resumes "
+                         "from it (entangle with --resume).")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise

@@ -13,6 +13,13 @@ comes from :func:`moeharden.demo.build.build_demo_model`). Layout of ``DIR``::
     DIR/locked/       the entangled checkpoint with policy, manifest and signature
     DIR/verify/       verify.json and its report
     DIR/report.html   the before/after report (also report.md)
+
+A demo stopped part-way (Ctrl-C, a crash, a closed laptop) and run again with the same ``DIR`` picks
+up where it stopped: the scan's and verify's finished learning curves are journaled beside their
+outputs (``DIR/.scan.ladder-journal``, ``DIR/.verify.ladder-journal``; :mod:`moeharden.io.journal`)
+and entangle's training checkpoint (``DIR/.entangled.entangle-ckpt``) is resumed when the same run
+wrote it. Each is kept until the whole pipeline is done, then removed; each is reused only for
+the same weights, tasks, recipe and plan, so the result is the one an uninterrupted demo gives.
 """
 
 from __future__ import annotations
@@ -87,8 +94,10 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
     from moeharden.audit.scan import ScanSettings, scan
     from moeharden.audit.verify import VerifySettings, describe_row, verify_attacks
     from moeharden.defend.entangle.command import EntangleSettings, entangle
+    from moeharden.defend.entangle.resume import remove_checkpoint_dir
     from moeharden.defend.lock import LockSettings, lock_checkpoint
     from moeharden.defend.signing import keygen
+    from moeharden.io.journal import journal_dir, remove_journal
 
     out = Path(out)
     secs: dict[str, float] = {}
@@ -112,9 +121,9 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
     t_both = time.perf_counter()
     with resources.as_file(recipe) as recipe_path, Beside(
             entangle, threads=ENTANGLE_THREADS, ckpt=str(model_dir), settings=EntangleSettings(
-                out=out / "entangled", tasks=(str(owner),), recipe_path=recipe_path,
-                **(entangle_overrides or {}))) as beside, compute_threads(1):
-        scan_res = stage("scan", scan, ckpt=str(model_dir), out=out / "scan",
+                out=out / "entangled", tasks=(str(owner),), recipe_path=recipe_path, resume_if_same=True,
+                keep_checkpoint=True, **(entangle_overrides or {}))) as beside, compute_threads(1):
+        scan_res = stage("scan", scan, ckpt=str(model_dir), out=out / "scan", keep_journal=True,
                          settings=ScanSettings(ladder=True, limit=limit, workers=workers, plan=plan or demo_plan()))
         beside.result()
     secs["entangle"] = round(beside.seconds, 1)
@@ -127,8 +136,12 @@ def run_pipeline(out: Path, model_dir: Path, *, entangle_overrides: dict | None 
         stage("lock", lock_checkpoint, ckpt=str(out / "entangled"), settings=LockSettings(
             out=out / "locked", policy=policy_path, key=keys / "moeharden.key"))
     ver = stage("verify", verify_attacks, ckpt=str(out / "locked"), baseline=out / "scan" / "scan.json",
-                out=out / "verify", settings=VerifySettings(pubkey=keys / "moeharden.pub", workers=workers))
+                out=out / "verify", keep_journal=True,
+                settings=VerifySettings(pubkey=keys / "moeharden.pub", workers=workers))
     md, html_path = render_verify(scan_res.data, ver.data, out)
+    for journal in (journal_dir(out / "scan", "ladder"), journal_dir(out / "verify", "ladder")):
+        remove_journal(journal)           # every stage's output is in place: nothing left to resume
+    remove_checkpoint_dir(out / ".entangled.entangle-ckpt")
     secs["total"] = round(time.perf_counter() - t_start, 1)
     return PipelineResult(out, html_path, ver.passed, [describe_row(r) for r in ver.failing()], secs)
 

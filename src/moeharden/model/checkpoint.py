@@ -288,6 +288,26 @@ def checkpoint_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model) -> str:
+    """sha256 over every tensor of a loaded model's state, in order: each name, dtype, shape and
+    its bytes (the weights a computation starts from, not a file's layout)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 over a tokenizer's vocabulary, padding side and pad token id."""
+    return hashlib.sha256(json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.padding_side,
+                                      tokenizer.pad_token_id]).encode()).hexdigest()
+
+
 def config_hash(path: Path) -> str:
     """sha256 of config.json's canonical JSON form (key order and whitespace do not count)."""
     data = json.loads((Path(path) / "config.json").read_text())

@@ -15,8 +15,10 @@ are not counted in the ladder (generous to the attacker).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 
 from moeharden.attack.realign.ladder import LadderSettings, run_ladder
@@ -185,16 +187,6 @@ def run_job(ctx: SuiteContext, job: CurveJob) -> dict:
     return curve.to_dict()
 
 
-def run_jobs(ctx: SuiteContext, jobs: Sequence[CurveJob], *, progress=None) -> list[dict]:
-    """Run ``jobs`` in this process, in order (``progress()`` after each)."""
-    out = []
-    for job in jobs:
-        out.append(run_job(ctx, job))
-        if progress is not None:
-            progress()
-    return out
-
-
 # --------------------------------------------------------------------------- worker processes
 _WORKER: SuiteContext | None = None
 
@@ -220,7 +212,7 @@ def _worker_job(job: CurveJob) -> dict:
 
 def run_suite(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[int]]], plan: AttackPlan, *,
               checkpoint=None, skip: set[tuple] = frozenset(), trust_remote_code: bool = False,
-              progress=None) -> list[dict]:
+              progress=None, journal=None) -> list[dict]:
     """Every curve of the plan, in plan order.
 
     Args:
@@ -231,39 +223,67 @@ def run_suite(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[int]]]
             ``accelerate launch`` the launch's processes share the curves instead (``workers`` unused).
         skip: ``(task, reference, attack)`` curves to leave out.
         progress: called after each finished curve.
+        journal: finished curves of an interrupted run of the same inputs (:func:`run_curve_jobs`).
     Returns:
         curve records (:meth:`LadderCurve.to_dict`), the same whatever ``plan.workers`` is.
     """
     jobs = plan_jobs([t.name for t in tasks], plan, skip=set(skip))
     return run_curve_jobs(model, tokenizer, tasks, keepsets, plan, jobs, checkpoint=checkpoint,
-                          trust_remote_code=trust_remote_code, progress=progress)
+                          trust_remote_code=trust_remote_code, progress=progress, journal=journal)
 
 
 def run_curve_jobs(model, tokenizer, tasks, keepsets: dict[str, dict[int, list[int]]], plan: AttackPlan,
                    jobs: Sequence[CurveJob], *, checkpoint=None, trust_remote_code: bool = False,
-                   progress=None) -> list[dict]:
+                   progress=None, journal=None) -> list[dict]:
     """Run the given curves (any tasks, references, attacks, strategies and seeds of ``tasks``) as
     :func:`run_suite` runs the plan's: in this process, over ``plan.workers`` spawned processes, or
-    over the processes of ``accelerate launch``; records in the order of ``jobs``."""
+    over the processes of ``accelerate launch``; records in the order of ``jobs``.
+
+    ``journal`` (a :class:`moeharden.io.journal.Journal` of these inputs): the curves it holds are
+    read back, not run, and every curve run is added to it as soon as it ends, so an interrupted
+    run loses only the curves in progress. A curve is a function of the model, tasks, keep-sets,
+    plan and its job alone (the same in any process and order), so the records are the ones an
+    uninterrupted run gives. Not used under ``accelerate launch`` (each process runs other curves).
+    """
     from moeharden.io.ranks import current, spread
 
     lm_eval = any(getattr(t, "lm_eval", None) is not None for t in tasks)
     if current().size > 1:      # under `accelerate launch`: the launch's processes share the curves
         ctx = SuiteContext(model, tokenizer, tasks, keepsets, plan)
         return spread(jobs, lambda job: run_job(ctx, job), progress=progress)
-    if plan.workers <= 1 or checkpoint is None or len(jobs) < 2 or lm_eval:
-        return run_jobs(SuiteContext(model, tokenizer, tasks, keepsets, plan), jobs, progress=progress)
-    from moeharden.io.pool import worker_pool
+    done = dict(journal.done) if journal is not None else {}
+    todo = [j for j in jobs if job_key(j) not in done]
+    ran: dict[str, dict] = {}
 
-    # an interrupt or error stops the workers at once (a plain ProcessPoolExecutor ran every queued curve first)
-    with worker_pool(plan.workers, _init_worker, (str(checkpoint), list(tasks), keepsets, plan, trust_remote_code)) as ex:
-        futures = [ex.submit(_worker_job, job) for job in jobs]
-        out = []
-        for f in futures:
-            out.append(f.result())
-            if progress is not None:
-                progress()
-    return out
+    def finished(job: CurveJob, record: dict) -> None:
+        ran[job_key(job)] = record
+        if journal is not None:
+            journal.add(job_key(job), record)
+        if progress is not None:
+            progress()
+
+    for _ in range(len(jobs) - len(todo)):      # read back from the journal
+        if progress is not None:
+            progress()
+    if plan.workers <= 1 or checkpoint is None or len(todo) < 2 or lm_eval:
+        ctx = SuiteContext(model, tokenizer, tasks, keepsets, plan)
+        for job in todo:
+            finished(job, run_job(ctx, job))
+    else:
+        from moeharden.io.pool import worker_pool
+
+        # an interrupt or error stops the workers at once (a plain ProcessPoolExecutor ran every queued curve first)
+        with worker_pool(plan.workers, _init_worker,
+                         (str(checkpoint), list(tasks), keepsets, plan, trust_remote_code)) as ex:
+            futures = {ex.submit(_worker_job, job): job for job in todo}
+            for f in as_completed(futures):           # journaled as each ends, in whatever order
+                finished(futures[f], f.result())
+    return [done[k] if k in done else ran[k] for k in map(job_key, jobs)]
+
+
+def job_key(job: CurveJob) -> str:
+    """A curve's key in a run's journal (:class:`moeharden.io.journal.Journal`)."""
+    return json.dumps([job.task, job.reference, job.attack, job.strategy, job.seed])
 
 
 def plan_from_dict(d: dict, *, workers: int = 1) -> AttackPlan:

@@ -41,7 +41,12 @@ class EntangleSettings:
         out: output directory (replaced only if empty or an earlier moeharden output).
         tasks: task specs (``None``: the checkpoint's own task file).
         recipe_path: a recipe YAML (``None``: the shipped default).
-        resume: continue from the training checkpoint in ``checkpoint_dir``.
+        resume: continue from the training checkpoint in ``checkpoint_dir`` (refused when another
+            run wrote it).
+        resume_if_same: continue from that checkpoint when this very run (the same weights,
+            tasks, recipe, processes) wrote it, and start again otherwise (the demo).
+        keep_checkpoint: leave the last training checkpoint after writing ``out``: a run again
+            with ``resume_if_same`` then only writes the output (the demo removes it at its end).
         stop_after: stop after this many steps in total (the run is then not completed).
         checkpoint_dir: where training checkpoints go (default: a hidden sibling of ``out``).
         limit: cap on examples per split.
@@ -66,6 +71,8 @@ class EntangleSettings:
     checkpoint_every: int | None = None
     seed: int | None = None
     resume: bool = False
+    resume_if_same: bool = False     # resume only a checkpoint of this very run, else start again (the demo)
+    keep_checkpoint: bool = False    # leave the last checkpoint after writing out (the demo removes it at its end)
     stop_after: int | None = None
     checkpoint_dir: Path | None = None
     limit: int | None = None
@@ -145,7 +152,8 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     t0 = time.perf_counter()
     with progress_bar("entangle", total=recipe.steps) as advance:
         history, done = entangle_model(model, tokenizer, task_objs, recipe, ckpt_dir=ckpt_dir, resume=resume,
-                                       stop_after=settings.stop_after, progress=advance)
+                                       resume_if_same=settings.resume_if_same, stop_after=settings.stop_after,
+                                       progress=advance)
     seconds = time.perf_counter() - t0
     completed = done >= recipe.steps
     last = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
@@ -162,7 +170,8 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
                                 tasks=[t.name for t in task_objs], recipe=recipe.model_dump(mode="json"),
                                 history=history, seconds=round(seconds, 2))
         (tmp / ENTANGLE_RECORD).write_text(record.to_file_text())
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if not settings.keep_checkpoint:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
 
 

@@ -75,12 +75,14 @@ from moeharden.defend.entangle.losses import (
 from moeharden.defend.entangle.pools import refresh_pools, sample_keepset, train_keeps
 from moeharden.defend.entangle.recipe import EntangleRecipe
 from moeharden.defend.entangle.resume import (
+    checkpoint_run,
     claim_checkpoint_dir,
     has_checkpoint,
     load_checkpoint,
+    run_fingerprint,
     save_checkpoint,
 )
-from moeharden.errors import InputError
+from moeharden.errors import InputError, UsageError
 from moeharden.io.ranks import barrier, current, sum_
 from moeharden.model.registry import moe_layers
 from moeharden.model.routing import mask_experts
@@ -289,7 +291,8 @@ def _train_step(tr: _Trainer, step: int) -> dict[str, float]:
 
 
 def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir: Path | None = None,
-                   resume: bool = False, stop_after: int | None = None, progress=None) -> tuple[list[dict], int]:
+                   resume: bool = False, resume_if_same: bool = False, stop_after: int | None = None,
+                   progress=None) -> tuple[list[dict], int]:
     """Train ``model`` in place with the entanglement objective; returns (loss history, steps done).
 
     Args:
@@ -299,14 +302,19 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
             calibration for keep-set pools).
         recipe: the training knobs.
         ckpt_dir: where resumable checkpoints go (``None`` = no checkpoints).
-        resume: continue from the checkpoint in ``ckpt_dir`` when there is one.
+        resume: continue from the checkpoint in ``ckpt_dir`` when there is one; it must have been
+            written by a run of the same weights, tokenizer, tasks, recipe and process count
+            (:func:`~moeharden.defend.entangle.resume.run_fingerprint`).
+        resume_if_same: continue from the checkpoint only if it was written by such a run, and
+            start again otherwise (the demo: an interrupted demo picks up where it stopped).
         stop_after: stop (with a checkpoint) after this many steps in total, as an interruption would.
         progress: called as ``progress(1, **losses)`` after every step.
     Returns:
         ``(history, steps done)``; history holds one ``{"step", loss terms...}`` row per step.
     Raises:
         InputError: a task without training examples, or a ``ckpt_dir`` holding data moeharden did
-            not write. UnsupportedModelError.
+            not write. UsageError: ``resume`` and the checkpoint was written by another run.
+            UnsupportedModelError.
     """
     empty = [t.name for t in tasks if not t.train]
     if empty:
@@ -315,9 +323,15 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
         if current().main:
             claim_checkpoint_dir(ckpt_dir)
         barrier()
-    tr = _setup(model, tokenizer, tasks, recipe)
     latest = ckpt_dir / "latest" if ckpt_dir is not None else None
-    start = _resume(tr, latest) if resume and latest is not None and has_checkpoint(latest) else 0
+    run = run_fingerprint(model, tokenizer, tasks, recipe, current().size) if latest is not None else None
+    same = latest is not None and has_checkpoint(latest) and checkpoint_run(latest) == run
+    if resume and latest is not None and has_checkpoint(latest) and not same:
+        raise UsageError(f"--resume: the checkpoint in {ckpt_dir} was written by another run (other weights, "
+                         "tasks, recipe, process count or versions), or before runs were fingerprinted.",
+                         hint="Run without --resume to start again, or pass the --checkpoint-dir of this run.")
+    tr = _setup(model, tokenizer, tasks, recipe)
+    start = _resume(tr, latest) if (resume or resume_if_same) and same else 0
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     for step in range(start, end):
         logs = _train_step(tr, step)
@@ -326,7 +340,7 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
             progress(1, **logs)
         done = step + 1
         if latest is not None and tr.accel.is_main_process and (done % recipe.checkpoint_every == 0 or done == end):
-            save_checkpoint(latest, tr.base, tr.opt, {"step": done, "history": tr.history,
+            save_checkpoint(latest, tr.base, tr.opt, {"step": done, "history": tr.history, "run": run,
                                                       "attr_pool": tr.attr_pool, "adv_pool": tr.adv_pool})
     tr.model.eval()
     return tr.history, max(end, start)

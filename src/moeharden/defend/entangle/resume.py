@@ -88,6 +88,36 @@ def load_checkpoint(ckpt_dir: Path, model, opt) -> dict:
     return state
 
 
+def checkpoint_run(ckpt_dir: Path) -> str | None:
+    """The run fingerprint a checkpoint was written under (:func:`run_fingerprint`); ``None`` when
+    it has none (written before fingerprints) or cannot be read."""
+    try:
+        state = json.loads((Path(ckpt_dir) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    run = state.get("run") if isinstance(state, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def run_fingerprint(model, tokenizer, tasks, recipe, world_size: int) -> str:
+    """What an entangle run's result depends on, as one sha256: the starting weights (every
+    tensor's bytes), the tokenizer, the tasks' examples, the recipe, the number of processes and
+    the versions of moeharden, torch and transformers. A checkpoint is resumed only under the
+    same fingerprint."""
+    import hashlib
+
+    import transformers
+
+    from moeharden import __version__
+    from moeharden.model.checkpoint import tokenizer_sha256, weights_sha256
+
+    return hashlib.sha256(json.dumps({
+        "versions": [__version__, torch.__version__, transformers.__version__], "world_size": world_size,
+        "recipe": recipe.model_dump(mode="json"), "tasks": [[t.name, t.examples_sha256()] for t in tasks],
+        "tokenizer": tokenizer_sha256(tokenizer), "weights": weights_sha256(model),
+    }, sort_keys=True).encode()).hexdigest()
+
+
 def has_checkpoint(ckpt_dir: Path) -> bool:
     """Whether ``ckpt_dir`` holds a checkpoint (directories are swapped in whole, so one found is complete)."""
     return (Path(ckpt_dir) / "state.json").exists()
