@@ -298,7 +298,7 @@ def weights_sha256(model) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))      # a view: no copy of the tensor
     return h.hexdigest()
 
 
