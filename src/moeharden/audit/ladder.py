@@ -37,23 +37,12 @@ def journal_fingerprint(model, tokenizer, tasks: Sequence, keepsets: dict, plan:
     the tokenizer's vocabulary, each task's examples (:meth:`Task.examples_sha256`), the keep-sets,
     the plan (not ``workers``: the curves are the same in any process) and the versions of
     moeharden, torch and transformers. A journal is reused only under the same fingerprint."""
-    import hashlib
-    import json
-
-    import torch
-    import transformers
-
-    from moeharden import __version__
-    from moeharden.model.checkpoint import tokenizer_sha256, weights_sha256
+    from moeharden.model.checkpoint import run_inputs_sha256
 
     p = asdict(plan)
     p.pop("workers", None)
-    return hashlib.sha256(json.dumps({
-        "versions": [__version__, torch.__version__, transformers.__version__], "plan": p,
-        "keepsets": {t: {str(k): list(v) for k, v in ks.items()} for t, ks in keepsets.items()},
-        "tasks": [[t.name, t.examples_sha256()] for t in tasks],
-        "tokenizer": tokenizer_sha256(tokenizer), "weights": weights_sha256(model),
-    }, sort_keys=True).encode()).hexdigest()
+    return run_inputs_sha256(model, tokenizer, tasks, plan=p,
+                             keepsets={t: {str(k): list(v) for k, v in ks.items()} for t, ks in keepsets.items()})
 
 
 def _valid_curve(key: str, record: dict) -> bool:

@@ -308,6 +308,22 @@ def tokenizer_sha256(tokenizer) -> str:
                                       tokenizer.pad_token_id]).encode()).hexdigest()
 
 
+def run_inputs_sha256(model, tokenizer, tasks, **more) -> str:
+    """sha256 of what a run's result depends on: the weights, the tokenizer, every task's examples
+    (``examples_sha256``), the versions of moeharden, torch and transformers, and ``more`` (JSON data:
+    the plan, keep-sets, recipe...). A run resumes saved work only under the same value."""
+    import torch
+    import transformers
+
+    from moeharden import __version__
+
+    return hashlib.sha256(json.dumps({
+        "versions": [__version__, torch.__version__, transformers.__version__],
+        "tasks": [[t.name, t.examples_sha256()] for t in tasks],
+        "tokenizer": tokenizer_sha256(tokenizer), "weights": weights_sha256(model), **more,
+    }, sort_keys=True).encode()).hexdigest()
+
+
 def config_hash(path: Path) -> str:
     """sha256 of config.json's canonical JSON form (key order and whitespace do not count)."""
     data = json.loads((Path(path) / "config.json").read_text())

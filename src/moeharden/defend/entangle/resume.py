@@ -104,18 +104,9 @@ def run_fingerprint(model, tokenizer, tasks, recipe, world_size: int) -> str:
     tensor's bytes), the tokenizer, the tasks' examples, the recipe, the number of processes and
     the versions of moeharden, torch and transformers. A checkpoint is resumed only under the
     same fingerprint."""
-    import hashlib
+    from moeharden.model.checkpoint import run_inputs_sha256
 
-    import transformers
-
-    from moeharden import __version__
-    from moeharden.model.checkpoint import tokenizer_sha256, weights_sha256
-
-    return hashlib.sha256(json.dumps({
-        "versions": [__version__, torch.__version__, transformers.__version__], "world_size": world_size,
-        "recipe": recipe.model_dump(mode="json"), "tasks": [[t.name, t.examples_sha256()] for t in tasks],
-        "tokenizer": tokenizer_sha256(tokenizer), "weights": weights_sha256(model),
-    }, sort_keys=True).encode()).hexdigest()
+    return run_inputs_sha256(model, tokenizer, tasks, recipe=recipe.model_dump(mode="json"), world_size=world_size)
 
 
 def has_checkpoint(ckpt_dir: Path) -> bool:
