@@ -181,6 +181,7 @@ def test_an_interrupted_scan_resumes_and_writes_what_an_uninterrupted_one_writes
     doc = json.loads((out / "scan.json").read_text())
     assert _curves(doc) == _curves(json.loads((tmp_path / "whole" / "scan.json").read_text()))
     assert doc["ladder"]["summary"] == json.loads((tmp_path / "whole" / "scan.json").read_text())["ladder"]["summary"]
+    assert doc["ladder"]["resumed_curves"] == 3 and whole.data.ladder.resumed_curves == 0   # the document says so
     assert res.out == out and not jdir.exists()           # removed once the output is in place
 
 
@@ -202,8 +203,9 @@ def test_a_journal_of_other_weights_is_not_reused(ckpt, tmp_path, monkeypatch):
     save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
     again = Interrupt(None)
     monkeypatch.setattr(ladder_suite, "run_job", again)
-    _scan(other, out)
+    res = _scan(other, out)
     assert len(again.ran) == 12                              # every curve run again on the new weights
+    assert res.data.ladder.resumed_curves == 0
 
 
 def test_with_two_workers_finished_curves_are_journaled_as_they_end_and_read_back(ckpt, tmp_path):
@@ -229,6 +231,7 @@ def test_with_two_workers_finished_curves_are_journaled_as_they_end_and_read_bac
     res = _scan(ckpt, out, workers=2)
     got = res.data.to_json()["ladder"]["curves"]
     assert [c["seconds"] for c in got[:4]] == [1234.5] * 4 and all(c["seconds"] < 1000 for c in got[4:])
+    assert res.data.ladder.resumed_curves == 4                # the two records that did not validate ran again
     assert _curves({"ladder": {"curves": got}}) == _curves({"ladder": {"curves": curves}})
     assert not journal_dir(out, "ladder").exists()
 
@@ -252,5 +255,5 @@ def test_a_demo_stopped_in_verify_runs_again_without_redoing_the_scan_or_entangl
     res = run_pipeline(out, ckpt, **kw)
     assert {j.reference for j in again.ran} <= {"pruned", "shared"}             # verify's curves only (scratch reused)
     assert len(again.ran) == 3 * len(ladder_suite.plan_jobs(["sentiment"], PLAN)) * 2 // 3 - 2
-    assert (res.out / "verify" / "verify.json").is_file()
+    assert json.loads((res.out / "verify" / "verify.json").read_text())["ladder"]["resumed_curves"] == 2
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing left to resume

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from moeharden.attack.realign.ladder_suite import AttackPlan, plan_jobs, run_suite
+from moeharden.attack.realign.ladder_suite import AttackPlan, job_key, plan_jobs, run_suite
 
 
 def _fingerprint(plan: AttackPlan, identity: dict, task_sizes: dict[str, list[int]], keeps: dict[str, int]) -> dict:
@@ -75,7 +75,8 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
             read back those an interrupted run of the same inputs finished; the caller removes it
             once its output is written (:func:`moeharden.io.journal.remove_journal`).
     Returns:
-        ``{"settings", "fingerprint", "curves", "summary", "reused_scratch", "seconds"}``.
+        ``{"settings", "fingerprint", "curves", "summary", "reused_scratch", "resumed_curves",
+        "seconds"}``.
     """
     from contextlib import nullcontext
 
@@ -98,8 +99,10 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
           else nullcontext()) as journal:
         if journal is not None:
             journal.done = {k: v for k, v in journal.done.items() if _valid_curve(k, v)}
-        if journal is not None and journal.resumed:
-            info(f"Resuming: {journal.resumed} finished curve(s) read back from {escape(str(journal.directory))}.")
+        resumed = 0 if journal is None else sum(job_key(j) in journal.done for j in
+                                                 plan_jobs([t.name for t in tasks], plan, skip=skip))
+        if resumed:
+            info(f"Resuming: {resumed} finished curve(s) read back from {escape(str(journal.directory))}.")
         ran = run_suite(model, tokenizer, tasks, keepsets, plan, checkpoint=checkpoint, skip=skip,
                         trust_remote_code=trust_remote_code, progress=progress, journal=journal)
     # plan order, with the reused curves where they would have run
@@ -113,6 +116,7 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
         "curves": curves,
         "summary": summarize(curves, full=full, higher=higher, target_fraction=target_fraction),
         "reused_scratch": bool(reused),
+        "resumed_curves": resumed,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 

@@ -98,4 +98,8 @@ class LadderSection(Record):
     summary: dict[str, TaskLadder] = Field(description="`{task: figures}`: labels to recover, areas, head starts.")
     reused_scratch: bool = Field(description="The `scratch` curves were reused from the baseline (same "
                                              "architecture, splits and plan).")
-    seconds: float = Field(ge=0, description="Wall time of the section.")
+    resumed_curves: int = Field(0, ge=0, description="Curves read back from the journal of an interrupted run "
+                                                     "of the same inputs, not run again (0: every curve not "
+                                                     "reused ran in this run). Each keeps the `seconds` it took "
+                                                     "when it ran; the section's `seconds` counts this run only.")
+    seconds: float = Field(ge=0, description="Wall time of the section (this run only; see `resumed_curves`).")
