@@ -46,6 +46,45 @@ def test_resume_gives_the_same_weights(tiny_demo_path, tmp_path, recovery):
     assert moved, "training changed nothing"
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_a_ctrl_c_checkpoints_the_step_in_progress_and_a_second_stops_at_once(tiny_demo_path, tmp_path, presses):
+    """One Ctrl-C at step 3 (checkpoints every 2): step 3 ends and is checkpointed, and the resumed
+    run gives the uninterrupted run's weights; two presses stop at once (the checkpoint of step 2)."""
+    import json
+    import os
+    import signal
+
+    from moeharden.defend.entangle.resume import checkpoint_run
+
+    recipe = EntangleRecipe(steps=6, batch_size=8, recompute_every=3, adversarial_swaps=2, checkpoint_every=2,
+                            subsets_per_step=1, lr=1e-3)
+    model_a, tok, tasks = _load(tiny_demo_path)
+    entangle_model(model_a, tok, tasks, recipe)
+    steps = []
+
+    def press(_n, **_logs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 3:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+            steps.append("after the presses")             # reached only when the Ctrl-C was held
+
+    model_b, _, _ = _load(tiny_demo_path)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        entangle_model(model_b, tok, tasks, recipe, ckpt_dir=tmp_path / "b", progress=press)
+    assert signal.getsignal(signal.SIGINT) is before      # the handler is given back
+    state = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
+    assert state["step"] == (3 if presses == 1 else 2) and checkpoint_run(tmp_path / "b" / "latest")
+    assert ("after the presses" in steps) == (presses == 1)
+    model_c, _, _ = _load(tiny_demo_path)
+    hist, done = entangle_model(model_c, tok, tasks, recipe, ckpt_dir=tmp_path / "b", resume=True)
+    assert done == 6 and [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    a = dict(model_a.named_parameters())
+    for n, p in model_c.named_parameters():
+        torch.testing.assert_close(p, a[n], rtol=0, atol=1e-6)
+
+
 def test_a_checkpoint_is_resumed_only_by_the_run_that_wrote_it(tiny_demo_path, tmp_path):
     from moeharden.errors import UsageError
 

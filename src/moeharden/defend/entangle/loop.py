@@ -41,7 +41,9 @@ initialiser under ``seed``) with the original as the KL teacher — entangled fr
 the ``shared`` reference starts from — the limit of a weight-level defense, docs §4.1); everything
 else trains at ``lr``.
 
-Checkpoints every ``checkpoint_every`` steps (:mod:`.resume`) allow ``--resume``; per-step
+Checkpoints every ``checkpoint_every`` steps (:mod:`.resume`) allow ``--resume``, and so does a
+Ctrl-C: it is held until the step in progress ends, which is then checkpointed
+(:class:`~moeharden.io.interrupt.HeldInterrupt`; one process only); per-step
 randomness is derived from (seed, step), so a resumed run gives the same weights as an
 uninterrupted one. The loop is split as setup (:func:`_setup`) / one task's micro-batch
 (:func:`_task_unit`) / one optimizer step (:func:`_train_step`) / the loop (:func:`entangle_model`).
@@ -83,6 +85,7 @@ from moeharden.defend.entangle.resume import (
     save_checkpoint,
 )
 from moeharden.errors import InputError, UsageError
+from moeharden.io.interrupt import HeldInterrupt
 from moeharden.io.ranks import barrier, current, sum_
 from moeharden.model.registry import moe_layers
 from moeharden.model.routing import mask_experts
@@ -333,14 +336,19 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     tr = _setup(model, tokenizer, tasks, recipe)
     start = _resume(tr, latest) if (resume or resume_if_same) and same else 0
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
-    for step in range(start, end):
-        logs = _train_step(tr, step)
-        tr.history.append({"step": step + 1, **{k: round(v, 5) for k, v in logs.items()}})
-        if progress is not None:
-            progress(1, **logs)
-        done = step + 1
-        if latest is not None and tr.accel.is_main_process and (done % recipe.checkpoint_every == 0 or done == end):
-            save_checkpoint(latest, tr.base, tr.opt, {"step": done, "history": tr.history, "run": run,
-                                                      "attr_pool": tr.attr_pool, "adv_pool": tr.adv_pool})
+    # one process with checkpoints: a Ctrl-C ends the step in progress and checkpoints it (a second
+    # one stops at once); several processes stop where they are (they would each stop at another step)
+    with HeldInterrupt(enabled=latest is not None and current().size == 1) as stop:
+        for step in range(start, end):
+            logs = _train_step(tr, step)
+            tr.history.append({"step": step + 1, **{k: round(v, 5) for k, v in logs.items()}})
+            if progress is not None:
+                progress(1, **logs)
+            done = step + 1
+            if latest is not None and tr.accel.is_main_process and (
+                    done % recipe.checkpoint_every == 0 or done == end or stop.requested):
+                save_checkpoint(latest, tr.base, tr.opt, {"step": done, "history": tr.history, "run": run,
+                                                          "attr_pool": tr.attr_pool, "adv_pool": tr.adv_pool})
+            stop.raise_if_requested()
     tr.model.eval()
     return tr.history, max(end, start)
