@@ -12,7 +12,9 @@ code as verify (:func:`moeharden.attack.realign.headstart.summarize`, the gate's
 ``--gate`` or the default gate file). Every way of splitting the curves into disjoint groups is a
 trial; the printed failure rate is the mean over trials (an unbiased estimate of the chance that
 the row fails a defense at the limit; trials share curves, so it is not a binomial count).
-Nothing in the gate or the attacker is changed: this measures the rows as they are.
+Nothing in the gate or the attacker is changed: this measures the rows as they are. The computation
+is the library's (:mod:`moeharden.audit.gate_null`), which `moeharden verify --null-seeds N` runs
+within a verify; this bench runs it afterwards on an existing verify output.
 
 Run: .venv/bin/python bench/gate_null.py CKPT VERIFY_DIR [--seeds 9] [--workers 2] [--json OUT]
 (CKPT: the released checkpoint that VERIFY_DIR/verify.json attacked; ~72 curves on the demo.)
@@ -21,38 +23,16 @@ Run: .venv/bin/python bench/gate_null.py CKPT VERIFY_DIR [--seeds 9] [--workers 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import statistics
 import time
 from pathlib import Path
 
 
-def _trials(curves: dict, strategies: tuple[str, ...], n: int, attack: str):
-    """Every split of the seeds into disjoint groups: ``(pruned curves, shared curves)``.
-
-    The ``shared`` group takes ``n`` seeds of the first strategy; the ``pruned`` group ``n`` other
-    seeds of the first strategy and ``n`` seeds of each further strategy (labels) — the plan's
-    shape — drawn from every combination (seeds of further strategies from those ``curves`` holds).
-    """
-    first = sorted(s for (st, s) in curves if st == strategies[0])
-    others = [st for st in strategies[1:] if attack == "labels"]
-    for ref in itertools.combinations(first, n):
-        rest = [s for s in first if s not in ref]
-        for pr in itertools.combinations(rest, n):
-            extra_choices = [itertools.combinations(sorted(s for (st2, s) in curves if st2 == st), n) for st in others]
-            for extra in itertools.product(*extra_choices) if others else [()]:
-                pruned = [curves[(strategies[0], s)] for s in pr]
-                for st, seeds in zip(others, extra, strict=True):
-                    pruned += [curves[(st, s)] for s in seeds]
-                yield pruned, [curves[(strategies[0], s)] for s in ref]
-
-
 def main() -> None:
-    from moeharden.attack.realign.headstart import summarize
-    from moeharden.attack.realign.ladder_suite import CurveJob, plan_from_dict, run_curve_jobs
+    from moeharden.attack.realign.ladder_suite import plan_from_dict, run_curve_jobs
     from moeharden.audit.documents import ScanDocument, load_document
-    from moeharden.audit.gate import head_start_holds, load_gate
+    from moeharden.audit.gate import load_gate
+    from moeharden.audit.gate_null import null_jobs, null_rows
     from moeharden.audit.ladder import strongest_keepset
     from moeharden.audit.verdict import VerifyDocument
     from moeharden.audit.verify import baseline_tasks
@@ -82,40 +62,14 @@ def main() -> None:
     full = {t.name: (lad.summary[t.name].target / frac if t.higher_is_better else lad.summary[t.name].target * frac)
             for t in tasks}
     higher = {t.name: t.higher_is_better for t in tasks}
-    extra = max(n, args.seeds - n)           # seeds of the further strategies: enough for one group and spares
-    jobs = []
-    for t in tasks:
-        for s in range(args.seeds):
-            jobs.append(CurveJob(t.name, "shared", "labels", strategies[0], 1000 + s))
-            jobs.append(CurveJob(t.name, "shared", "distill", "random", 1000 + s))
-        for st in strategies[1:]:
-            jobs += [CurveJob(t.name, "shared", "labels", st, 1000 + s) for s in range(extra)]
+    measured = {(name, attack): a.expert_head_start.area for name, sm in lad.summary.items()
+                for attack, a in sm.attacks.items() if a.expert_head_start is not None}
+    jobs = null_jobs([t.name for t in tasks], plan, args.seeds)
     model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
     t0 = time.perf_counter()
     ran = run_curve_jobs(model, tok, tasks, keepsets, plan, jobs, checkpoint=args.ckpt)
     print(f"{len(ran)} shared curves in {time.perf_counter() - t0:.0f} s", flush=True)
-
-    rows = []
-    for t in tasks:
-        for attack in ("labels", "distill"):
-            strat = strategies if attack == "labels" else ("random",)
-            curves = {(c["strategy"], c["seed"]): c for c in ran if c["task"] == t.name and c["attack"] == attack}
-            fails, areas, ratios, count = 0, [], [], 0
-            for pruned, ref in _trials(curves, strat, n, attack):
-                group = [dict(c, reference="pruned") for c in pruned] + [dict(c, reference="shared") for c in ref]
-                hs = summarize(group, full={t.name: full[t.name]}, higher={t.name: higher[t.name]},
-                               target_fraction=frac)[t.name]["attacks"][attack]["expert_head_start"]
-                ratio, holds = head_start_holds(gate, hs["pruned_labels"], hs["reference_labels"], hs["area"])
-                fails += not holds
-                areas.append(hs["area"])
-                if ratio is not None:
-                    ratios.append(ratio)
-                count += 1
-            row = {"task": t.name, "attack": attack, "trials": count, "fail_rate": fails / count,
-                   "area_median": statistics.median(areas), "area_max": max(areas),
-                   "ratio_median": statistics.median(ratios) if ratios else None,
-                   "ratio_below": sum(r < gate.expert_head_start_min_labels_ratio for r in ratios) / count}
-            rows.append(row)
+    rows = null_rows(ran, plan=plan, gate=gate, full=full, higher=higher, target_fraction=frac, measured=measured)
     print(f"\nexpert_head_start at the physical limit (pruned ≡ shared): {args.seeds} seeds per curve kind, "
           f"plan of {n} seeds, strategies {list(strategies)}; thresholds: labels ratio ≥ "
           f"{gate.expert_head_start_min_labels_ratio}, area ≤ {gate.expert_head_start_max_area}")

@@ -103,3 +103,33 @@ class LadderSection(Record):
                                                      "reused ran in this run). Each keeps the `seconds` it took "
                                                      "when it ran; the section's `seconds` counts this run only.")
     seconds: float = Field(ge=0, description="Wall time of the section (this run only; see `resumed_curves`).")
+
+
+class HeadStartNullRow(Record):
+    """One expert-head-start row at the physical limit: `shared` curves playing both sides."""
+
+    task: str = Field(description="Task name.")
+    attack: Literal["labels", "distill"] = Field(description="The attack of the row.")
+    trials: int = Field(ge=1, description="Splits of the null's curves into a `pruned` and a disjoint `shared` group.")
+    fail_rate: float = Field(ge=0, le=1, description="Share of the trials in which the gate's row fails: how "
+                                                     "often it fails a pruned copy no better than fresh experts.")
+    area_median: float = Field(description="Median over the trials of the row's area (pruned − shared).")
+    area_max: float = Field(description="Largest area over the trials.")
+    ratio_median: float | None = Field(description="Median labels ratio (null: no trial had one).")
+    ratio_below: float = Field(ge=0, le=1, description="Share of the trials whose labels ratio is below the gate's "
+                                                       "minimum.")
+    measured_area: float | None = Field(description="The verify's own area for this row (null: not measured).")
+    beyond_null: bool | None = Field(description="The measured area exceeds every trial's: a real head start, "
+                                                 "not the row's own noise (null: not measured).")
+
+
+class HeadStartNull(Record):
+    """`verify --null-seeds N`: how often each expert-head-start row fails a defense at the limit
+    (docs/attacks-and-defenses.md §5.5); the gate's verdict is unchanged."""
+
+    seeds: int = Field(ge=2, description="`shared` curves per task and attack (seeds 1000…).")
+    rows: list[HeadStartNullRow] = Field(description="One per task and attack.")
+    all_pass_if_independent: float = Field(ge=0, le=1, description="The chance that every row passes a defense at "
+                                                                   "the limit, were the rows independent.")
+    curves: list[LadderCurveRecord] = Field(description="The null's `shared` curves.")
+    seconds: float = Field(ge=0, description="Wall time of the null's curves.")

@@ -160,6 +160,32 @@ def headstart_html(doc: ScanDocument, heading: str) -> list[str]:
     return [f"<h2>{html.escape(heading)}</h2>", _html_table(HEADSTART_HEADER, rows)] if rows else []
 
 
+NULL_HEADER = ["task", "attack", "trials", "row fails at the limit", "area: median / max",
+               "labels ratio: median / share below", "measured area", "beyond the null"]
+
+
+def null_rows_table(verify) -> list[list[str]]:
+    """The ``head_start_null`` section as table rows (empty without ``--null-seeds``)."""
+    null = verify.head_start_null
+    if null is None:
+        return []
+    return [[r.task, r.attack, str(r.trials), f"{r.fail_rate:.0%}", f"{r.area_median:+.3f} / {r.area_max:+.3f}",
+             f"{'—' if r.ratio_median is None else f'{r.ratio_median:.2f}'} / {r.ratio_below:.0%}",
+             "—" if r.measured_area is None else f"{r.measured_area:+.3f}",
+             "—" if r.beyond_null is None else ("yes: a real head start" if r.beyond_null else "no")]
+            for r in null.rows]
+
+
+def null_text(verify) -> str:
+    null = verify.head_start_null
+    return (f"The expert-head-start rows at the physical limit: {null.seeds} `shared` curves per task and attack "
+            "play both the pruned copy and the reference, split every way, and the gate's own row is computed on "
+            "each split. \"Row fails at the limit\" is how often the row fails a release whose pruned copy is no "
+            "better a start than fresh experts; a measured area beyond every split's is a real head start. The "
+            "gate's verdict is unchanged. If the rows were independent, a release at the limit would pass all of "
+            f"them {null.all_pass_if_independent:.0%} of the time.")
+
+
 def render_scan(scan: ScanDocument, out_dir: Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` for a scan into ``out_dir``; returns both paths."""
     from moeharden.audit import plots
@@ -309,6 +335,11 @@ def render_verify(before: ScanDocument, verify: VerifyDocument, out_dir: Path) -
               "<h3>After</h3>", _html_table(HEADLINE_HEADER, headline_rows(after))]
     md += headstart_md(before, "Head starts before (baseline)") + headstart_md(after, "Head starts after (hardened)")
     parts += headstart_html(before, "Head starts before (baseline)") + headstart_html(after, "Head starts after (hardened)")
+    if verify.head_start_null is not None:
+        md += ["## Expert head start at the physical limit", "", null_text(verify), "",
+               _md_table(NULL_HEADER, null_rows_table(verify)), ""]
+        parts += ["<h2>Expert head start at the physical limit</h2>", f"<p>{html.escape(null_text(verify))}</p>",
+                  _html_table(NULL_HEADER, null_rows_table(verify))]
     for t in after.tasks:
         parts += _verify_task_parts(before, after, t.name)
         for label, doc in (("before", before), ("after", after)):

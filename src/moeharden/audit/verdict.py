@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moeharden.audit.documents import ModelIdentity, Record, ScanDocument, ToolInfo
+from moeharden.audit.ladder_records import HeadStartNull
 
 VERIFY_SCHEMA = "moeharden.verify/1"
 
@@ -182,6 +183,9 @@ class VerifyDocument(Record):
     attack: ScanDocument = Field(description="The full re-attack of the hardened checkpoint: a scan document "
                                              "(recovery sections run with every mode).")
     seconds: float = Field(ge=0, description="Wall time of the re-attack.")
+    head_start_null: HeadStartNull | None = Field(None, description="With `--null-seeds N`: each expert-head-start "
+                                                                    "row at the physical limit (its false-failure "
+                                                                    "rate and null areas), else null.")
 
     def failing(self) -> list[GateRow]:
         """The rows that do not hold."""
@@ -189,5 +193,8 @@ class VerifyDocument(Record):
 
     def summary(self) -> dict[str, Any]:
         """The short JSON the CLI emits."""
-        return {"passed": self.passed, "gate": [r.to_json() for r in self.gate],
-                "integrity": None if self.integrity is None else self.integrity.to_json()}
+        out = {"passed": self.passed, "gate": [r.to_json() for r in self.gate],
+               "integrity": None if self.integrity is None else self.integrity.to_json()}
+        if self.head_start_null is not None:        # its rows, not its curves (those are in verify.json)
+            out["head_start_null"] = {k: v for k, v in self.head_start_null.to_json().items() if k != "curves"}
+        return out

@@ -40,6 +40,7 @@ class VerifySettings:
     workers: int = 1                    # processes for the ladder's curves
     trust_remote_code: bool = False
     tasks: tuple[str, ...] = ()         # --task values (default: the checkpoint's own file, else the baseline's)
+    null_seeds: int = 0                 # > 0: each expert-head-start row at the physical limit (audit/gate_null.py)
 
 
 @dataclass
@@ -58,6 +59,49 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out) if self.out else None, **self.data.summary()}
+
+
+def _check_null_seeds(seeds: int, base: ScanDocument) -> None:
+    """``--null-seeds`` needs a baseline with a ladder and two disjoint groups of the plan's seeds.
+
+    Raises:
+        UsageError: before any work.
+    """
+    if not seeds:
+        return
+    if base.ladder is None:
+        raise UsageError("--null-seeds needs a baseline scanned with the ladder (scan --ladder): the null "
+                         "repeats its plan.", hint="Run scan with --ladder, or leave out --null-seeds.")
+    n = len(base.ladder.settings.get("seeds") or ())
+    if seeds < 2 * n:
+        raise UsageError(f"--null-seeds {seeds} is too few: the null splits its curves into two disjoint groups "
+                         f"of the plan's {n} seed(s), so it needs at least {2 * n}.",
+                         hint=f"Pass --null-seeds {2 * n} or more (9 for a 3-seed plan: 1,680 trials per row).")
+
+
+def _head_start_null(model, tokenizer, tasks, data: ScanDocument, plan, settings: VerifySettings, gate, *,
+                     checkpoint):
+    """The typed ``head_start_null`` section (:func:`moeharden.audit.gate_null.head_start_null`) on the
+    ladder's own keep-sets and pruned shape."""
+    from moeharden.audit.gate_null import head_start_null, null_jobs
+    from moeharden.audit.ladder import strongest_keepset
+    from moeharden.audit.ladder_records import HeadStartNull
+    from moeharden.console import progress_bar
+
+    lad = data.ladder
+    keeps = dict(lad.settings["keeps"])
+    attacked = [t for t in tasks if t.name in keeps]
+    keepsets = {t.name: strongest_keepset(data, t.name, keeps[t.name]) for t in attacked}
+    measured = {(name, attack): a.expert_head_start.area for name, s in lad.summary.items()
+                for attack, a in s.attacks.items() if a.expert_head_start is not None}
+    total = len(null_jobs([t.name for t in attacked], plan, settings.null_seeds))
+    with progress_bar("null: shared curves at the limit", total=total) as bar:
+        section = head_start_null(model, tokenizer, attacked, keepsets, plan, settings.null_seeds, gate=gate,
+                                  full={t.name: t.full for t in data.tasks},
+                                  target_fraction=float(lad.settings["target_fraction"]), measured=measured,
+                                  checkpoint=checkpoint, trust_remote_code=settings.trust_remote_code,
+                                  progress=bar)
+    return HeadStartNull.model_validate(section)
 
 
 def describe_row(r: GateRow) -> str:
@@ -143,6 +187,7 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
 
     settings = settings or VerifySettings()
     base = load_document(baseline, ScanDocument)
+    _check_null_seeds(settings.null_seeds, base)
     check_output_dir(out)          # fail now, not after minutes of work
     journal = ladder_journal(out)
     gate = load_gate(settings.gate)
@@ -175,9 +220,12 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
                                           keeps=dict(base.ladder.settings.get("keeps") or {}), reuse=base.ladder,
                                           trust_remote_code=settings.trust_remote_code, journal_dir=journal)
     rows = gate_rows(gate, base, data, integrity=integrity)
+    null = None
+    if settings.null_seeds and data.ladder is not None:
+        null = _head_start_null(model, tokenizer, tasks, data, plan, settings, gate, checkpoint=path)
     doc = VerifyDocument(**stamp(), checkpoint=identity, baseline=BaselineRef(path=str(baseline), model=base.model),
                          gate_settings=gate, gate=rows, passed=all(r.passed for r in rows), integrity=integrity,
-                         attack=data, seconds=round(time.perf_counter() - t0, 2))
+                         attack=data, seconds=round(time.perf_counter() - t0, 2), head_start_null=null)
     if not current().main:      # under `accelerate launch` the first process writes the (same) document
         return VerifyResult(doc, None)
     with atomic_output_dir(out) as tmp:

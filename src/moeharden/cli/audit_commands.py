@@ -91,6 +91,11 @@ def verify(
     task: Annotated[list[str] | None, typer.Option(
         "--task", "-t", help="The baseline's tasks (as given to scan), when CKPT does not carry them in its "
                              "moeharden-tasks.yaml and they came from a task file. Repeatable.")] = None,
+    null_seeds: Annotated[int, typer.Option(
+        "--null-seeds", help="Also run N shared curves per task and attack and report how often each expert-head-"
+                             "start row fails a release at the physical limit (its pruned copy no better than "
+                             "fresh experts); at least twice the plan's seeds, 9 for the default plan. The "
+                             "verdict is unchanged.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Check signature and tensor hashes (exit 4 on failure); with --baseline, re-attack the model and
@@ -101,7 +106,8 @@ def verify(
     from moeharden.audit.verify import verify as run_verify
 
     settings = VerifySettings(baseline=baseline, out=out, gate=gate, pubkey=pubkey, manifest=manifest,
-                              workers=workers, trust_remote_code=trust_remote_code, tasks=tuple(task or ()))
+                              workers=workers, trust_remote_code=trust_remote_code, tasks=tuple(task or ()),
+                              null_seeds=null_seeds)
     result = call(run_verify, ckpt, settings)
     if isinstance(result, IntegrityReport):
         if not emit(result.to_json()):

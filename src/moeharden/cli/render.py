@@ -46,6 +46,19 @@ def gate(result) -> None:
     ui.console.print(f"verify.json and report: {esc(result.out)}")
     for r in result.failing():
         ui.console.print(f"  [red]FAIL[/] {esc(r.describe())}")
+    null = result.data.head_start_null
+    if null is not None:
+        from moeharden.audit.report import NULL_HEADER, null_rows_table
+
+        table = Table(title=f"Expert head start at the physical limit ({null.seeds} shared curves per row; "
+                            "the verdict above is unchanged)")
+        for col in NULL_HEADER:
+            table.add_column(col)
+        for row in null_rows_table(result.data):
+            table.add_row(*map(esc, row))
+        ui.console.print(table)
+        ui.console.print(f"A release at the limit would pass every row {null.all_pass_if_independent:.0%} of the "
+                         "time (rows taken as independent).")
 
 
 def integrity(res) -> None:
