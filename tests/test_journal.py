@@ -236,6 +236,29 @@ def test_with_two_workers_finished_curves_are_journaled_as_they_end_and_read_bac
     assert not journal_dir(out, "ladder").exists()
 
 
+def test_a_verify_stopped_in_its_null_curves_resumes_them(ckpt, tmp_path, monkeypatch):
+    """verify --null-seeds journals the null's curves beside the ladder's: a verify stopped after
+    three null curves runs only the other five again, and writes the uninterrupted verify's section."""
+    from moeharden.audit.verify import VerifySettings, verify_attacks
+
+    base = _scan(ckpt, tmp_path / "scan").out / "scan.json"
+    settings = VerifySettings(null_seeds=4)
+    whole = verify_attacks(str(ckpt), base, tmp_path / "whole", settings=settings).data.to_json()["head_start_null"]
+    n_ladder = len(ladder_suite.plan_jobs(["sentiment"], PLAN, skip={("sentiment", "scratch", "labels"),
+                                                                     ("sentiment", "scratch", "distill")}))
+    out = tmp_path / "verify"
+    monkeypatch.setattr(ladder_suite, "run_job", Interrupt(n_ladder + 3))
+    with pytest.raises(KeyboardInterrupt):
+        verify_attacks(str(ckpt), base, out, settings=settings)
+    again = Interrupt(None)
+    monkeypatch.setattr(ladder_suite, "run_job", again)
+    got = verify_attacks(str(ckpt), base, out, settings=settings).data.to_json()["head_start_null"]
+    assert len(again.ran) == len(whole["curves"]) - 3 == 5 and all(j.seed >= 1000 for j in again.ran)
+    strip = [{k: v for k, v in c.items() if k != "seconds"} for c in got["curves"]]
+    assert strip == [{k: v for k, v in c.items() if k != "seconds"} for c in whole["curves"]]
+    assert got["rows"] == whole["rows"] and not journal_dir(out, "ladder").exists()
+
+
 @pytest.mark.slow
 def test_a_demo_stopped_in_verify_runs_again_without_redoing_the_scan_or_entangle(ckpt, tmp_path, monkeypatch):
     from moeharden.demo.pipeline import run_pipeline

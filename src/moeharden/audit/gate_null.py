@@ -114,16 +114,29 @@ def null_rows(curves: Sequence[dict], *, plan: AttackPlan, gate, full: dict[str,
 def head_start_null(model, tokenizer, tasks: Sequence, keepsets: dict[str, dict[int, list[int]]],
                     plan: AttackPlan, seeds: int, *, gate, full: dict[str, float], target_fraction: float,
                     measured: dict[tuple[str, str], float], checkpoint=None, trust_remote_code: bool = False,
-                    progress=None) -> dict:
+                    progress=None, journal_dir=None) -> dict:
     """Run the null's ``shared`` curves and summarise them (the ``head_start_null`` section).
+
+    ``journal_dir``: the ladder's journal (:func:`moeharden.audit.ladder.ladder_section`): the null's
+    curves are journaled there too, under the same fingerprint (their seeds are not the plan's), so
+    an interrupted verify run again reads back every finished curve of both.
 
     Returns:
         ``{"seeds", "rows", "all_pass_if_independent", "curves", "seconds"}``.
     """
+    from contextlib import nullcontext
+
+    from moeharden.audit.ladder import journal_fingerprint, valid_curve
+    from moeharden.io.journal import Journal
+
     t0 = time.perf_counter()
     jobs = null_jobs([t.name for t in tasks], plan, seeds)
-    curves = run_curve_jobs(model, tokenizer, tasks, keepsets, plan, jobs, checkpoint=checkpoint,
-                            trust_remote_code=trust_remote_code, progress=progress)
+    with (Journal(journal_dir, journal_fingerprint(model, tokenizer, tasks, keepsets, plan)) if journal_dir
+          else nullcontext()) as journal:
+        if journal is not None:
+            journal.done = {k: v for k, v in journal.done.items() if valid_curve(k, v)}
+        curves = run_curve_jobs(model, tokenizer, tasks, keepsets, plan, jobs, checkpoint=checkpoint,
+                                trust_remote_code=trust_remote_code, progress=progress, journal=journal)
     rows = null_rows(curves, plan=plan, gate=gate, full=full, higher={t.name: t.higher_is_better for t in tasks},
                      target_fraction=target_fraction, measured=measured)
     together = 1.0

@@ -45,7 +45,7 @@ def journal_fingerprint(model, tokenizer, tasks: Sequence, keepsets: dict, plan:
                              keepsets={t: {str(k): list(v) for k, v in ks.items()} for t, ks in keepsets.items()})
 
 
-def _valid_curve(key: str, record: dict) -> bool:
+def valid_curve(key: str, record: dict) -> bool:
     """A journaled curve is read back only if it is a valid curve record of its own job."""
     import json
 
@@ -98,7 +98,7 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
     with (Journal(journal_dir, journal_fingerprint(model, tokenizer, tasks, keepsets, plan)) if journal_dir
           else nullcontext()) as journal:
         if journal is not None:
-            journal.done = {k: v for k, v in journal.done.items() if _valid_curve(k, v)}
+            journal.done = {k: v for k, v in journal.done.items() if valid_curve(k, v)}
         resumed = 0 if journal is None else sum(job_key(j) in journal.done for j in
                                                  plan_jobs([t.name for t in tasks], plan, skip=skip))
         if resumed:

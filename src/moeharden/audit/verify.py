@@ -80,7 +80,7 @@ def _check_null_seeds(seeds: int, base: ScanDocument) -> None:
 
 
 def _head_start_null(model, tokenizer, tasks, data: ScanDocument, plan, settings: VerifySettings, gate, *,
-                     checkpoint):
+                     checkpoint, journal_dir=None):
     """The typed ``head_start_null`` section (:func:`moeharden.audit.gate_null.head_start_null`) on the
     ladder's own keep-sets and pruned shape."""
     from moeharden.audit.gate_null import head_start_null, null_jobs
@@ -100,7 +100,7 @@ def _head_start_null(model, tokenizer, tasks, data: ScanDocument, plan, settings
                                   full={t.name: t.full for t in data.tasks},
                                   target_fraction=float(lad.settings["target_fraction"]), measured=measured,
                                   checkpoint=checkpoint, trust_remote_code=settings.trust_remote_code,
-                                  progress=bar)
+                                  progress=bar, journal_dir=journal_dir)
     return HeadStartNull.model_validate(section)
 
 
@@ -222,7 +222,8 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     rows = gate_rows(gate, base, data, integrity=integrity)
     null = None
     if settings.null_seeds and data.ladder is not None:
-        null = _head_start_null(model, tokenizer, tasks, data, plan, settings, gate, checkpoint=path)
+        null = _head_start_null(model, tokenizer, tasks, data, plan, settings, gate, checkpoint=path,
+                                journal_dir=journal)
     doc = VerifyDocument(**stamp(), checkpoint=identity, baseline=BaselineRef(path=str(baseline), model=base.model),
                          gate_settings=gate, gate=rows, passed=all(r.passed for r in rows), integrity=integrity,
                          attack=data, seconds=round(time.perf_counter() - t0, 2), head_start_null=null)
