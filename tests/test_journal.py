@@ -278,5 +278,5 @@ def test_a_demo_stopped_in_verify_runs_again_without_redoing_the_scan_or_entangl
     res = run_pipeline(out, ckpt, **kw)
     assert {j.reference for j in again.ran} <= {"pruned", "shared"}             # verify's curves only (scratch reused)
     assert len(again.ran) == 3 * len(ladder_suite.plan_jobs(["sentiment"], PLAN)) * 2 // 3 - 2
-    assert json.loads((res.out / "verify" / "verify.json").read_text())["ladder"]["resumed_curves"] == 2
+    assert json.loads((res.out / "verify" / "verify.json").read_text())["attack"]["ladder"]["resumed_curves"] == 2
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing left to resume

@@ -57,7 +57,10 @@ def valid_curve(key: str, record: dict) -> bool:
         c = LadderCurveRecord.model_validate(record)
     except ValidationError:
         return False
-    return json.loads(key) == [c.task, c.reference, c.attack, c.strategy, c.seed]
+    try:
+        return json.loads(key) == [c.task, c.reference, c.attack, c.strategy, c.seed]
+    except (ValueError, RecursionError):        # a key that is not one of ours: run the curve again
+        return False
 
 
 def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: dict[str, float],

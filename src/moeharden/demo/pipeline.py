@@ -194,6 +194,22 @@ class DemoResult:
         }
 
 
+def _check_resume_paths(out: Path) -> None:
+    """Before any work: what the pipeline keeps beside its stages' outputs (the ladder journals and
+    entangle's checkpoints) must be moeharden's, not a user's file, directory or link (otherwise
+    the run would stop there, many minutes in).
+
+    Raises:
+        InputError: one of them is not moeharden's to use.
+    """
+    from moeharden.defend.entangle.resume import check_checkpoint_dir
+    from moeharden.io.journal import check_journal_dir, journal_dir
+
+    for stage in ("scan", "verify"):
+        check_journal_dir(journal_dir(out / stage, "ladder"))
+    check_checkpoint_dir(out / ".entangled.entangle-ckpt")
+
+
 def run_demo(out: Path, retrain: bool = False, model_only: bool = False, quick: bool = False) -> DemoResult:
     """Build or reuse the demo model into ``out/model``, then run scan → entangle → lock → verify
     and write the before/after report to ``out/report.html`` (:func:`run_pipeline`).
@@ -221,6 +237,7 @@ def run_demo(out: Path, retrain: bool = False, model_only: bool = False, quick: 
     check_output_dir(out / "model")
     if not model_only:
         signing_keys_state(out / "keys")
+        _check_resume_paths(out)
     recipe = load_recipe()
     cached = not retrain and read_stamp(cache_root() / f"demo-{recipe.hash()}") is not None
     model_dir = build_demo_model(Path(out) / "model", retrain=retrain, recipe=recipe)

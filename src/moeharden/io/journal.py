@@ -9,9 +9,10 @@ again, and removes the journal once its output is in place. A journal whose fing
 never reused: it is emptied and started again.
 
 Only what moeharden wrote is touched: the directory is claimed with the ``.moeharden-output`` marker
-(one that holds anything else is refused, as an output directory is), the journal file is opened
-without following a symbolic link, and only a claimed directory is ever removed. A torn last line
-(the process died mid-write) ends the journal: the lines before it are kept.
+(one that holds anything else, or another moeharden output, is refused), the journal file is opened
+without following a symbolic link (and refused when it has other hard links), and only a claimed
+directory is ever removed. A torn last line (the process died mid-write) ends the journal: the
+lines before it are kept.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import shutil
 import stat
 from pathlib import Path
 
-from moeharden.errors import InputError
+from moeharden.errors import InputError, MoehardenError
 from moeharden.io.outputs import OUTPUT_MARKER
 
 SCHEMA = "moeharden.journal/1"
 JOURNAL_FILE = "journal.jsonl"
+MARKER_KIND = "journal"          # the kind in the directory's .moeharden-output marker
 MAX_JOURNAL_BYTES = 256 * 1024 * 1024   # far above any ladder's curves (a curve record is a few KB)
 
 
@@ -37,9 +39,23 @@ def journal_dir(out: Path, kind: str) -> Path:
     return out.with_name(f".{out.name}.{kind}-journal")
 
 
+def _is_journal_marker(marker: Path) -> bool:
+    """Whether ``marker`` is the marker a :class:`Journal` writes (a regular file, not a link, of kind
+    ``journal``), not that of another moeharden output."""
+    from moeharden.io.files import read_json_object
+
+    if marker.is_symlink():
+        return False
+    try:
+        doc = read_json_object(marker, what="marker", max_bytes=4096)
+    except (MoehardenError, OSError):
+        return False
+    return doc.get("tool") == "moeharden" and doc.get("kind") == MARKER_KIND
+
+
 def check_journal_dir(directory: Path) -> None:
-    """Fail early when ``directory`` is not moeharden's to write: a file or link, or a non-empty
-    directory without moeharden's marker.
+    """Fail early when ``directory`` is not moeharden's to write: a file or link, a non-empty
+    directory without moeharden's marker, or another moeharden output (its marker is not a journal's).
 
     Raises:
         InputError: as above.
@@ -48,7 +64,15 @@ def check_journal_dir(directory: Path) -> None:
     if d.is_symlink() or (d.exists() and not d.is_dir()):
         raise InputError(f"{d} exists and is not a directory moeharden wrote; it keeps the run's journal.",
                          hint="Move it away, or choose another --out.")
-    if d.is_dir() and not (d / OUTPUT_MARKER).is_file() and any(d.iterdir()):
+    marker = d / OUTPUT_MARKER
+    if d.is_dir() and (marker.is_symlink() or (marker.exists() and not marker.is_file())):
+        raise InputError(f"{marker} is not a file moeharden wrote; refusing to keep a journal beside it.",
+                         hint="Move the directory away, or choose another --out.")
+    if d.is_dir() and marker.exists() and not _is_journal_marker(marker):
+        raise InputError(f"{d} holds another moeharden output (or a {OUTPUT_MARKER} moeharden did not write), not "
+                         "a run's journal; refusing to keep a journal in it (it would be deleted at the end).",
+                         hint="Move it away, or choose another --out.")
+    if d.is_dir() and not marker.exists() and any(d.iterdir()):
         raise InputError(f"{d} is not empty and was not written by moeharden; refusing to keep a journal in it.",
                          hint="Move it away, or choose another --out.")
 
@@ -57,8 +81,7 @@ def remove_journal(directory: Path) -> bool:
     """Delete a journal directory moeharden claimed (its output is in place); returns whether it did.
     Anything else at that path is left alone."""
     d = Path(directory)
-    marker = d / OUTPUT_MARKER
-    if d.is_dir() and not d.is_symlink() and marker.is_file() and not marker.is_symlink():
+    if d.is_dir() and not d.is_symlink() and _is_journal_marker(d / OUTPUT_MARKER):
         shutil.rmtree(d, ignore_errors=True)
         return True
     return False
@@ -86,7 +109,7 @@ class Journal:
         if not marker.exists():
             fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
             with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"tool": "moeharden", "kind": "journal"}) + "\n")
+                f.write(json.dumps({"tool": "moeharden", "kind": MARKER_KIND}) + "\n")
         self.path = self.directory / JOURNAL_FILE
         self.done: dict[str, dict] = {}
         try:
@@ -96,9 +119,13 @@ class Journal:
             raise InputError(f"Cannot open the run's journal {self.path}: {err.strerror or err}.",
                              hint="Move it away, or choose another --out.") from None
         try:
-            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise InputError(f"{self.path} is not a regular file; refusing to use it as the run's journal.",
                                  hint="Move it away, or choose another --out.")
+            if st.st_nlink != 1:        # a hard link: truncating or appending would change another file too
+                raise InputError(f"{self.path} has other hard links (another file shares its contents); refusing "
+                                 "to use it as the run's journal.", hint="Move it away, or choose another --out.")
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -140,7 +167,7 @@ class Journal:
                 break
             try:
                 item = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):       # torn, garbled or absurdly nested: the end
                 break
             if not isinstance(item, dict):
                 break

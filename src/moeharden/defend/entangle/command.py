@@ -10,7 +10,6 @@ ordinary Hugging Face checkpoint plus ``entangle.json``
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from moeharden.defend.entangle.loop import entangle_model
 from moeharden.defend.entangle.recipe import EntangleRecipe, load_recipe
 from moeharden.defend.entangle.record import ENTANGLE_RECORD, EntangleRecord
-from moeharden.defend.entangle.resume import has_checkpoint
+from moeharden.defend.entangle.resume import check_checkpoint_dir, has_checkpoint, remove_checkpoint_dir
 from moeharden.errors import UsageError, validation_problems
 
 # the recipe fields the command line may override (each an EntangleSettings field; None = the recipe's value)
@@ -171,7 +170,7 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
                                 history=history, seconds=round(seconds, 2))
         (tmp / ENTANGLE_RECORD).write_text(record.to_file_text())
     if not settings.keep_checkpoint:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_checkpoint_dir(ckpt_dir)         # only a directory moeharden claimed for checkpoints
     return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
 
 
@@ -188,6 +187,7 @@ def _prepare(src, out, settings):
         raise UsageError(f"entangle trains on task files and presets; {', '.join(bad)} cannot be trained on.")
     ckpt_dir = (Path(settings.checkpoint_dir) if settings.checkpoint_dir
                 else out.with_name(f".{out.name}.entangle-ckpt"))
+    check_checkpoint_dir(ckpt_dir)      # fail now, before the model loads (claimed when training starts)
     if settings.resume and not has_checkpoint(ckpt_dir / "latest"):
         raise UsageError(f"--resume: no checkpoint found in {ckpt_dir}.",
                          hint="Run without --resume first, or pass --checkpoint-dir.")

@@ -81,10 +81,11 @@ from moeharden.defend.entangle.resume import (
     claim_checkpoint_dir,
     has_checkpoint,
     load_checkpoint,
+    read_state,
     run_fingerprint,
     save_checkpoint,
 )
-from moeharden.errors import InputError, UsageError
+from moeharden.errors import CheckpointError, InputError, UsageError
 from moeharden.io.interrupt import HeldInterrupt
 from moeharden.io.ranks import barrier, current, sum_
 from moeharden.model.registry import moe_layers
@@ -160,8 +161,14 @@ def _setup(model, tokenizer, tasks, recipe: EntangleRecipe) -> _Trainer:
 
 
 def _resume(tr: _Trainer, latest: Path) -> int:
-    """Load the latest checkpoint into ``tr``; returns the step to continue from."""
-    state = load_checkpoint(latest, tr.base, tr.opt)
+    """Load the latest checkpoint into ``tr``; returns the step to continue from.
+
+    Raises:
+        CheckpointError: a damaged or foreign checkpoint (:func:`~.resume.load_checkpoint`; ``tr``
+            is then untouched).
+    """
+    state = load_checkpoint(latest, tr.base, tr.opt, steps=tr.recipe.steps, layers=tr.layers,
+                            num_experts=tr.num_experts, tasks=[t.name for t in tr.tasks])
     with warnings.catch_warnings():   # replaying the schedule before any optimizer step is intended
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(state["step"]):   # the schedule is a pure function of the step
@@ -317,7 +324,8 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     Raises:
         InputError: a task without training examples, or a ``ckpt_dir`` holding data moeharden did
             not write. UsageError: ``resume`` and the checkpoint was written by another run.
-            UnsupportedModelError.
+            CheckpointError: ``resume`` and the checkpoint is damaged, or its files are links
+            (with ``resume_if_same`` such a checkpoint is started again). UnsupportedModelError.
     """
     empty = [t.name for t in tasks if not t.train]
     if empty:
@@ -330,11 +338,23 @@ def entangle_model(model, tokenizer, tasks, recipe: EntangleRecipe, *, ckpt_dir:
     run = run_fingerprint(model, tokenizer, tasks, recipe, current().size) if latest is not None else None
     same = latest is not None and has_checkpoint(latest) and checkpoint_run(latest) == run
     if resume and latest is not None and has_checkpoint(latest) and not same:
+        read_state(latest)          # one that cannot be read says why (a link, a missing file, not JSON)
         raise UsageError(f"--resume: the checkpoint in {ckpt_dir} was written by another run (other weights, "
                          "tasks, recipe, process count or versions), or before runs were fingerprinted.",
                          hint="Run without --resume to start again, or pass the --checkpoint-dir of this run.")
     tr = _setup(model, tokenizer, tasks, recipe)
-    start = _resume(tr, latest) if (resume or resume_if_same) and same else 0
+    start = 0
+    if (resume or resume_if_same) and same:
+        try:
+            start = _resume(tr, latest)
+        except CheckpointError as err:      # checked before anything was loaded: tr is as _setup left it
+            if resume:
+                raise
+            from rich.markup import escape
+
+            from moeharden.console import info
+
+            info(f"Starting again: {escape(err.message)}")     # resume_if_same (the demo): its own, damaged
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     # one process with checkpoints: a Ctrl-C ends the step in progress and checkpoints it (a second
     # one stops at once); several processes stop where they are (they would each stop at another step)
