@@ -24,8 +24,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from moeharden.errors import InputError, MoehardenError
-from moeharden.io.outputs import OUTPUT_MARKER
+from moeharden.errors import InputError
+from moeharden.io.outputs import OUTPUT_MARKER, marker_kind
 
 SCHEMA = "moeharden.journal/1"
 JOURNAL_FILE = "journal.jsonl"
@@ -40,17 +40,8 @@ def journal_dir(out: Path, kind: str) -> Path:
 
 
 def _is_journal_marker(marker: Path) -> bool:
-    """Whether ``marker`` is the marker a :class:`Journal` writes (a regular file, not a link, of kind
-    ``journal``), not that of another moeharden output."""
-    from moeharden.io.files import read_json_object
-
-    if marker.is_symlink():
-        return False
-    try:
-        doc = read_json_object(marker, what="marker", max_bytes=4096)
-    except (MoehardenError, OSError):
-        return False
-    return doc.get("tool") == "moeharden" and doc.get("kind") == MARKER_KIND
+    """Whether ``marker`` is the marker a :class:`Journal` writes, not that of another moeharden output."""
+    return marker_kind(marker) == MARKER_KIND
 
 
 def check_journal_dir(directory: Path) -> None:

@@ -44,6 +44,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pic
 CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 
+def marker_kind(marker: Path) -> str | None:
+    """The ``kind`` a moeharden marker file records (``journal``, ``entangle-checkpoints``); ``None``
+    when ``marker`` is a link, not a regular file, unreadable, not moeharden's, or has no kind."""
+    from moeharden.errors import MoehardenError
+    from moeharden.io.files import read_json_object
+
+    if Path(marker).is_symlink():
+        return None
+    try:
+        doc = read_json_object(Path(marker), what="marker", max_bytes=4096)
+    except (MoehardenError, OSError):
+        return None
+    kind = doc.get("kind")
+    return kind if doc.get("tool") == "moeharden" and isinstance(kind, str) else None
+
+
 def check_output_dir(out: Path, *, overwrite: bool = True) -> None:
     """Fail early when ``out`` may not be (re)placed by :func:`atomic_output_dir`.
 

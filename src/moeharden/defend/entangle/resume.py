@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from moeharden.errors import CheckpointError, InputError, MoehardenError, validation_problems
-from moeharden.io.outputs import OUTPUT_MARKER
+from moeharden.io.outputs import OUTPUT_MARKER, marker_kind
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 MARKER_KIND = "entangle-checkpoints"
@@ -39,17 +39,9 @@ RESUME_HINT = ("Run without --resume to start again (the checkpoint is then repl
 
 
 def _is_checkpoint_marker(marker: Path) -> bool:
-    """Whether ``marker`` is the marker :func:`claim_checkpoint_dir` writes (a regular file, not a
-    link, of kind ``entangle-checkpoints``), not that of another moeharden output."""
-    from moeharden.io.files import read_json_object
-
-    if marker.is_symlink():
-        return False
-    try:
-        doc = read_json_object(marker, what="marker", max_bytes=4096)
-    except (MoehardenError, OSError):
-        return False
-    return doc.get("tool") == "moeharden" and doc.get("kind") == MARKER_KIND
+    """Whether ``marker`` is the marker :func:`claim_checkpoint_dir` writes, not that of another
+    moeharden output."""
+    return marker_kind(marker) == MARKER_KIND
 
 
 def claim_checkpoint_dir(ckpt_dir: Path) -> None:
