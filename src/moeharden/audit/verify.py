@@ -76,7 +76,7 @@ def _check_null_seeds(seeds: int, base: ScanDocument) -> None:
     if seeds < 2 * n:
         raise UsageError(f"--null-seeds {seeds} is too few: the null splits its curves into two disjoint groups "
                          f"of the plan's {n} seed(s), so it needs at least {2 * n}.",
-                         hint=f"Pass --null-seeds {2 * n} or more (9 for a 3-seed plan: 1,680 trials per row).")
+                         hint=f"Pass --null-seeds {2 * n} or more (9 for the demo's plan: 1,680 trials per row).")
 
 
 def _head_start_null(model, tokenizer, tasks, data: ScanDocument, plan, settings: VerifySettings, gate, *,
