@@ -322,15 +322,20 @@ def test_a_journal_record_under_a_key_that_is_not_json_is_run_again():
         assert not valid_curve(key, record)
 
 
+def _forbid(monkeypatch, module, name: str) -> None:
+    """Make ``module.name`` fail the test if called: the refusal must come before that work."""
+    def called(*_a, **_k):
+        raise AssertionError(f"{name} was called")
+
+    monkeypatch.setattr(module, name, called)
+
+
 @pytest.mark.parametrize("where", [".scan.ladder-journal", ".verify.ladder-journal", ".entangled.entangle-ckpt"])
 def test_the_demo_refuses_a_users_file_at_its_resume_paths_before_any_work(tmp_path, monkeypatch, where):
     """The demo checks where it keeps journals and checkpoints before it trains or loads anything."""
     from moeharden.demo import pipeline
 
-    def no_work(*_a, **_k):
-        raise AssertionError("the demo started working")
-
-    monkeypatch.setattr(pipeline, "build_demo_model", no_work)
+    _forbid(monkeypatch, pipeline, "build_demo_model")
     out = tmp_path / "demo"
     out.mkdir()
     (out / where).write_bytes(USER)
@@ -342,10 +347,7 @@ def test_the_demo_refuses_a_users_file_at_its_resume_paths_before_any_work(tmp_p
 def test_entangle_refuses_a_users_checkpoint_dir_before_loading_the_model(made, tmp_path, monkeypatch):
     from moeharden.model import checkpoint
 
-    def no_load(*_a, **_k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(checkpoint, "load_model", no_load)
+    _forbid(monkeypatch, checkpoint, "load_model")
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "notes.txt").write_bytes(USER)
