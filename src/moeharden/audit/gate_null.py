@@ -124,17 +124,11 @@ def head_start_null(model, tokenizer, tasks: Sequence, keepsets: dict[str, dict[
     Returns:
         ``{"seeds", "rows", "all_pass_if_independent", "curves", "seconds"}``.
     """
-    from contextlib import nullcontext
-
-    from moeharden.audit.ladder import journal_fingerprint, valid_curve
-    from moeharden.io.journal import Journal
+    from moeharden.audit.ladder import curve_journal
 
     t0 = time.perf_counter()
     jobs = null_jobs([t.name for t in tasks], plan, seeds)
-    with (Journal(journal_dir, journal_fingerprint(model, tokenizer, tasks, keepsets, plan)) if journal_dir
-          else nullcontext()) as journal:
-        if journal is not None:
-            journal.done = {k: v for k, v in journal.done.items() if valid_curve(k, v)}
+    with curve_journal(journal_dir, model, tokenizer, tasks, keepsets, plan) as journal:
         curves = run_curve_jobs(model, tokenizer, tasks, keepsets, plan, jobs, checkpoint=checkpoint,
                                 trust_remote_code=trust_remote_code, progress=progress, journal=journal)
     rows = null_rows(curves, plan=plan, gate=gate, full=full, higher={t.name: t.higher_is_better for t in tasks},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from moeharden.attack.realign.ladder_suite import AttackPlan, job_key, plan_jobs, run_suite
@@ -63,6 +64,21 @@ def valid_curve(key: str, record: dict) -> bool:
         return False
 
 
+@contextmanager
+def curve_journal(journal_dir, model, tokenizer, tasks: Sequence, keepsets: dict, plan: AttackPlan):
+    """The run's :class:`~moeharden.io.journal.Journal` of finished curves under
+    :func:`journal_fingerprint`, holding only valid curve records (:func:`valid_curve`); ``None``
+    without ``journal_dir``."""
+    from moeharden.io.journal import Journal
+
+    if not journal_dir:
+        yield None
+        return
+    with Journal(journal_dir, journal_fingerprint(model, tokenizer, tasks, keepsets, plan)) as journal:
+        journal.done = {k: v for k, v in journal.done.items() if valid_curve(k, v)}
+        yield journal
+
+
 def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: dict[str, float],
                    keepsets: dict[str, dict[int, list[int]]], plan: AttackPlan, target_fraction: float,
                    checkpoint=None, reuse: dict | None = None, trust_remote_code: bool = False,
@@ -81,13 +97,10 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
         ``{"settings", "fingerprint", "curves", "summary", "reused_scratch", "resumed_curves",
         "seconds"}``.
     """
-    from contextlib import nullcontext
-
     from rich.markup import escape
 
     from moeharden.attack.realign.headstart import summarize
     from moeharden.console import info
-    from moeharden.io.journal import Journal
 
     t0 = time.perf_counter()
     sizes = {t.name: [len(t.evaluation), len(t.train)] for t in tasks}
@@ -98,10 +111,7 @@ def ladder_section(model, tokenizer, tasks: Sequence, *, identity: dict, full: d
     if reuse and reuse.get("fingerprint") == fp:
         reused = [c for c in reuse.get("curves", []) if c["reference"] == "scratch"]
         skip = {(c["task"], "scratch", c["attack"]) for c in reused}
-    with (Journal(journal_dir, journal_fingerprint(model, tokenizer, tasks, keepsets, plan)) if journal_dir
-          else nullcontext()) as journal:
-        if journal is not None:
-            journal.done = {k: v for k, v in journal.done.items() if valid_curve(k, v)}
+    with curve_journal(journal_dir, model, tokenizer, tasks, keepsets, plan) as journal:
         resumed = 0 if journal is None else sum(job_key(j) in journal.done for j in
                                                  plan_jobs([t.name for t in tasks], plan, skip=skip))
         if resumed:
