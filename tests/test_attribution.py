@@ -150,3 +150,39 @@ def test_token_budget_scales_with_the_model(tiny_mixtral):
     assert token_budget(tiny_mixtral, share=40.0, floor=1, cap=100) == 100
     half = copy.deepcopy(tiny_mixtral).to(torch.bfloat16)                    # bytes halve on both sides
     assert token_budget(half, share=3.0, floor=1, cap=10**9) == int(3.0 * weight_bytes // per_token)
+
+
+def test_null_expert_picks_count_for_no_expert():
+    """LongCat-Flash's router also picks weightless identity experts (ids E…E+Z-1): they are in the
+    routing record as the router chose them, and attribution counts them for no expert — the per-
+    expert sums equal a hand count over the record's real picks only."""
+    from families import build_tiny
+
+    from moeharden.model.registry import moe_layers
+    from moeharden.model.routing import record_routing
+
+    model, _ = build_tiny("longcat_flash")
+    layers = moe_layers(model)
+    E = layers[0].num_experts
+    assert layers[0].num_null == 2 and layers[0].router_rows == E + 2
+    ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), record_routing(model, norms=True) as rec:
+        model(input_ids=ids)
+    st = stats_from_record(rec, [li.layer for li in layers], E)
+    null_picks = 0
+    for row, li in enumerate(layers):
+        r = rec.layers[li.layer]
+        count, gate, wnorm = [0.0] * E, [0.0] * E, [0.0] * E
+        for e, w, n in zip(r.indices.reshape(-1).tolist(), r.weights.reshape(-1).tolist(),
+                           r.norms.reshape(-1).tolist(), strict=True):
+            if e >= E:
+                null_picks += 1
+                continue
+            count[e] += 1
+            gate[e] += w
+            wnorm[e] += w * n
+        assert st.count[row].tolist() == count
+        assert st.gate[row].tolist() == pytest.approx(gate)
+        assert st.weighted_norm[row].tolist() == pytest.approx(wnorm)
+        assert r.probs.shape[1] == E                          # the routed experts' scores only
+    assert null_picks > 0, "the tiny router should pick its null experts on some tokens"

@@ -25,6 +25,7 @@ from moeharden.model.registry import (
 from moeharden.model.registry import (
     lora_targets,
     moe_layers,
+    null_experts,
     parameter_groups,
     spec_for_config,
     supported_families,
@@ -131,7 +132,7 @@ def _classified_numel(spec, cfg, tensors: dict[str, list[int]]):
         elif role.kind == "expert":
             assert shape[role.axis] == 8 * role.rows_per_expert
         else:
-            assert shape[role.axis] == 8
+            assert shape[role.axis] == 8 + role.null       # router rows: experts, then null experts
     for layer, seen in experts_seen.items():
         assert seen == set(range(8)), (layer, seen)
     return got
@@ -178,7 +179,7 @@ def test_pruned_config_builds_a_model_with_kept_experts(family):
         d1 = type(cfg).from_dict(pruned_config(spec, cfg.to_dict(), 1))
         with torch.device("meta"):
             m1 = model_class(family)(d1)
-        assert {li.top_k for li in moe_layers(m1)} == {1}
+        assert {li.top_k for li in moe_layers(m1)} == {min(2, 1 + null_experts(spec, cfg))}   # null experts stay
     for bad in (0, 9):
         with pytest.raises(KeepSetError):
             pruned_config(spec, cfg.to_dict(), bad)
@@ -242,7 +243,7 @@ def test_lora_targets_cover_each_familys_attention_and_train_only_adapters(famil
     attention_linears = set()
     for name, mod in model.named_modules():
         kind = type(mod).__name__.lower()
-        if "attention" not in kind or kind.endswith("decoderlayer"):
+        if not ("attention" in kind or kind.endswith("mla")) or kind.endswith("decoderlayer"):   # MLA: latent attention
             continue
         for child, sub in mod.named_children():
             if isinstance(sub, torch.nn.Linear):
@@ -256,6 +257,7 @@ def test_lora_targets_cover_each_familys_attention_and_train_only_adapters(famil
     assert attention_linears, "no attention projection found by module type"
     decoder = dict(model.named_modules())[SPECS_BY_TYPE[family].layers_path]
     n_decoder = sum(1 for layer in decoder if any("attention" in type(m).__name__.lower()   # hybrids: attention
+                                                  or type(m).__name__.lower().endswith("mla")
                                                   for m in layer.modules() if m is not layer))   # layers only
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(modules),
                                                   target_parameters=list(params) or None, lora_dropout=0.0))
@@ -329,3 +331,13 @@ def test_a_checkpoint_stored_in_its_original_layout_is_read_through_the_conversi
         qshapes = {n: list(f.get_slice(n).get_shape()) for n in f.keys()}
     classify_tensors(spec_for_config(qcfg), qcfg, qshapes)
     assert not disk._VIEWS
+
+
+def test_kept_rows_keep_null_expert_rows_last():
+    """Pruning a router keeps the kept experts' rows, then every null expert's row (LongCat-Flash);
+    a flattened layout keeps each kept expert's block of rows."""
+    from moeharden.model.disk import TensorRole
+
+    assert TensorRole(0, "router", axis=0, null=2).kept_rows([5, 1], 10) == [5, 1, 8, 9]
+    assert TensorRole(0, "router", axis=0).kept_rows([5, 1], 8) == [5, 1]
+    assert TensorRole(0, "expert", axis=0, rows_per_expert=3).kept_rows([2, 0], 24) == [6, 7, 8, 0, 1, 2]

@@ -205,9 +205,11 @@ def test_mask_below_top_k_caps_top_k(tiny):
     with torch.no_grad(), mask_experts(model, keep), record_routing(model, norms=False) as rec:
         out = model(input_ids=ids, attention_mask=mask).logits
     assert torch.isfinite(out).all()
-    for li in layers:
-        assert rec.layers[li.layer].indices.shape[1] == 1
-        assert set(rec.layers[li.layer].indices.reshape(-1).tolist()) == {1}
+    for li in layers:      # null experts (LongCat-Flash) stay routable beside the one kept expert
+        null = set(range(li.num_experts, li.router_rows))
+        assert rec.layers[li.layer].indices.shape[1] == min(li.top_k, 1 + li.num_null)
+        got = set(rec.layers[li.layer].indices.reshape(-1).tolist())
+        assert 1 in got and got <= {1} | null
 
 
 def _swiglu(x, w_gate, w_up, w_down, act=F.silu):
@@ -266,7 +268,9 @@ def test_recorded_norms_match_hand_computed_expert_mlp(tiny):
             for t in range(0, x.shape[0], 3):
                 for s in range(r.indices.shape[1]):
                     e, w = int(r.indices[t, s]), float(r.weights[t, s])
-                    if li.spec.weight_on_input:   # Llama-4: ‖f(g·x)‖ / g, the contribution's norm over g
+                    if e >= li.num_experts:       # a null expert (LongCat-Flash): the identity
+                        want = float(x[t].norm())
+                    elif li.spec.weight_on_input:   # Llama-4: ‖f(g·x)‖ / g, the contribution's norm over g
                         want = float(expert_fn(li.experts, e, w * x[t]).norm()) / w
                     else:
                         want = float(expert_fn(li.experts, e, x[t]).norm())
@@ -280,21 +284,25 @@ def _physically_pruned(model, cfg, keep, kept):
     router rows, selection-bias entries). No disk IO: validates masking and pruned_config alone."""
     spec = spec_for_config(cfg)
     new_cfg = type(cfg).from_dict(pruned_config(spec, cfg.to_dict(), kept))
-    roles = {}
+    roles, router = {}, set()
     for li in moe_layers(model):
         for p in li.experts.parameters():
             roles[id(p)] = li
         for t in (li.router_weight, li.router_bias, li.selection_bias):
             if t is not None:
                 roles[id(t)] = li
+                router.add(id(t))
         for name, t in li.router.named_parameters():          # further [E] vectors (Gemma-4's per-expert scale)
             if f"{li.spec.router_attr}.{name}".endswith(li.spec.expert_vectors or ("\0",)):
                 roles[id(t)] = li
     sd = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        li = roles.get(id(t))
+        li, is_router = roles.get(id(t)), id(t) in router
         t = t.detach()
-        if li is not None:
+        if li is not None and li.num_null and is_router:     # router rows: kept experts, then every null one
+            axis = 0 if t.shape[0] == li.router_rows else t.dim() - 1
+            t = t.index_select(axis, torch.tensor(keep[li.layer] + list(range(li.num_experts, li.router_rows))))
+        elif li is not None:
             E, idx = li.num_experts, torch.tensor(keep[li.layer])
             axis = 0 if t.shape[0] % E == 0 and t.dim() > 1 or t.dim() == 1 else t.dim() - 1   # [1, E]: last
             if t.shape[axis] == E:
@@ -336,7 +344,7 @@ def test_masked_model_equals_in_memory_pruned_model(tiny, kept):
         got = pruned(input_ids=ids, attention_mask=mask).logits
     assert (masked - plain).abs().max() > 1e-3, "the mask should remove experts the model was using"
     assert (got - masked).abs().max() <= 1e-4
-    assert [li.top_k for li in moe_layers(pruned)] == [min(2, n)] * len(keep)
+    assert [li.top_k for li in moe_layers(pruned)] == [min(2, n + li.num_null) for li in moe_layers(model)]
 
 
 def test_record_nested_in_mask_sees_only_kept_experts():

@@ -63,7 +63,8 @@ def stats_from_record(record, layers: Sequence[int], num_experts: int) -> Routin
 
     Args:
         record: the routing record (``record.layers[l]`` has ``indices [T,k]``, ``weights [T,k]``,
-            optional ``norms [T,k]`` and ``probs [T,E]``; padding already removed).
+            optional ``norms [T,k]`` and ``probs [T,E]``; padding already removed). Picks of null
+            experts (ids ``≥ E``, LongCat-Flash) count for no expert.
         layers: decoder-layer indices of the MoE layers, in row order.
         num_experts: experts per layer (E).
     """
@@ -72,10 +73,12 @@ def stats_from_record(record, layers: Sequence[int], num_experts: int) -> Routin
         rec = record.layers[layer]
         idx = rec.indices.reshape(-1).long()                     # [T*k]
         w = rec.weights.reshape(-1).double()                     # [T*k]
+        real = idx < num_experts                                 # picks of null experts are no expert's
+        idx, w = idx[real], w[real]
         st.count[row] += torch.bincount(idx, minlength=num_experts).double()
         st.gate[row] += torch.bincount(idx, weights=w, minlength=num_experts)
         if rec.norms is not None:
-            n = rec.norms.reshape(-1).double()
+            n = rec.norms.reshape(-1).double()[real]
             st.norm[row] += torch.bincount(idx, weights=n, minlength=num_experts)
             st.weighted_norm[row] += torch.bincount(idx, weights=w * n, minlength=num_experts)
         if rec.probs is not None:

@@ -95,7 +95,6 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         new_cfg["moeharden"] = {**(cfg_dict.get("moeharden") or {}),
                                 "pruned": {"version": __version__, "kept_experts": K, "from_experts": E}}
         digest = checkpoint_digest(src)
-        index = {layer: torch.tensor(ids, dtype=torch.long) for layer, ids in keep.items()}
         plan, sources = _plan(files, roles, keep)
         t1 = time.perf_counter()
         with atomic_output_dir(out, overwrite=overwrite) as tmp, _ShardReader() as reader:
@@ -103,14 +102,13 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
                 info, role = sources[p.name]
                 if role is None or role.expert is not None:       # copied as is, file to file
                     return [(reader.handle_for(info), info.start, info.end - info.start)]
-                ids = keep[role.layer]
+                ids, n = keep[role.layer], info.shape[role.axis]
                 if contiguous_rows(info, role.axis):              # each kept expert is one contiguous byte range
-                    per = (info.end - info.start) // (info.shape[role.axis] // role.rows_per_expert)
-                    return [(reader.handle_for(info), info.start + e * per, per) for e in ids]
-                rows = index[role.layer]                          # general case: read, select, write
-                if role.rows_per_expert > 1:
-                    r = role.rows_per_expert
-                    rows = (rows[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+                    row = (info.end - info.start) // n
+                    per = row * role.rows_per_expert
+                    return ([(reader.handle_for(info), info.start + e * per, per) for e in ids]
+                            + [(reader.handle_for(info), info.start + r * row, row) for r in range(n - role.null, n)])
+                rows = torch.tensor(role.kept_rows(ids, n), dtype=torch.long)   # general case: read, select, write
                 return reader.read(info).index_select(role.axis, rows)
 
             shards = write_streaming_shards(tmp, plan, produce, cap,
@@ -170,7 +168,7 @@ def _plan(files, roles, keep):
                     continue                      # a removed expert's tensor: dropped
                 name = role.rename(info.name, ids.index(role.expert))
             else:
-                shape[role.axis] = len(ids) * role.rows_per_expert
+                shape[role.axis] = len(role.kept_rows(ids, shape[role.axis]))
         else:
             role = None
         plan.append(PlannedTensor(name, info.dtype, tuple(shape), dtype_nbytes(info.dtype, shape)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from moeharden.errors import KeepSetError, UnsupportedModelError
-from moeharden.model.registry import FamilySpec, config_value, get_path, routing_groups
+from moeharden.model.registry import FamilySpec, config_value, get_path, null_experts, routing_groups
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class TensorRole:
 
     ``kind``: ``expert`` (per-expert tensor when ``expert`` is set, else fused along ``axis``),
     ``router`` (rows along ``axis``) or ``selection_bias`` (along ``axis``). Flattened layouts
-    (DBRX ``[E·I, H]``) have ``rows_per_expert = I``.
+    (DBRX ``[E·I, H]``) have ``rows_per_expert = I``. ``null``: rows after the ``E`` experts' of a
+    router or selection bias that belong to weightless identity experts (always kept, in order).
     """
 
     layer: int
@@ -33,6 +34,13 @@ class TensorRole:
     expert: int | None = None
     axis: int | None = None
     rows_per_expert: int = 1
+    null: int = 0
+
+    def kept_rows(self, ids: Sequence[int], size: int) -> list[int]:
+        """Indices along ``axis`` (of length ``size``) that keeping experts ``ids`` keeps, in order."""
+        r = self.rows_per_expert
+        rows = [e * r + j for e in ids for j in range(r)]
+        return rows + list(range(size - self.null, size)) if self.null else rows
 
     def rename(self, name: str, new_expert: int) -> str:
         """The name of a per-expert tensor renumbered to ``new_expert``."""
@@ -109,7 +117,7 @@ def _through_conversion(spec: FamilySpec, config: Any, model_type: str | None, n
     if role is None or swap is None or role.axis is None or not shape:
         return role
     axis = b if role.axis == a else a if role.axis == b else role.axis
-    return TensorRole(role.layer, role.kind, role.expert, axis, role.rows_per_expert)
+    return TensorRole(role.layer, role.kind, role.expert, axis, role.rows_per_expert, role.null)
 
 
 _VIEWS: dict[str, tuple[list, list, dict]] = {}
@@ -157,8 +165,12 @@ def _classify(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) ->
         if E is not None and int(pe.group(2)) >= int(E):
             raise UnsupportedModelError(f"{name}: expert id {pe.group(2)} but the config has {E} experts per layer.")
         return TensorRole(layer, "expert", expert=int(pe.group(2)))
+    null = null_experts(spec, config, layer)
     if spec.selection_bias and name.endswith(_SELECTION_BIAS + (spec.selection_bias.rsplit(".", 1)[-1],)):
-        return TensorRole(layer, "selection_bias", axis=len(shape) - 1)
+        if null and (not shape or E is None or shape[-1] != E + null):
+            raise UnsupportedModelError(f"{name}: selection bias of shape {shape}, expected {E} experts and "
+                                        f"{null} null experts.")
+        return TensorRole(layer, "selection_bias", axis=len(shape) - 1, null=null)
     if ".experts." in name or _FUSED_EXTRA.search(name):
         if spec.flat_rows_key:
             rows = int(config_value(config, (spec.flat_rows_key,)))
@@ -170,9 +182,9 @@ def _classify(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) ->
         return TensorRole(layer, "expert", axis=0)
     if (_ROUTER.search(name) or name.endswith(spec.expert_vectors)
             or spec.router_linear and name.endswith(_router_leaves(spec))):
-        if not shape or shape[0] != E:
+        if not shape or E is None or shape[0] != E + null:
             return None   # e.g. a 1-row gate of a dense block
-        return TensorRole(layer, "router", axis=0)
+        return TensorRole(layer, "router", axis=0, null=null)
     return None
 
 
@@ -184,7 +196,7 @@ def _router_leaves(spec: FamilySpec) -> tuple[str, ...]:
 def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
     """The config of a checkpoint pruned to ``kept`` experts per MoE layer.
 
-    Updates the expert count; caps top-k at ``kept``; with group-limited routing the group count
+    Updates the expert count; caps top-k at ``kept`` (plus the null experts, which stay); with group-limited routing the group count
     must still divide ``kept`` and ``topk_group`` is capped at the group count.
 
     Raises:
@@ -209,10 +221,11 @@ def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
         v = get_path(cfg, k)
         if v is not None:
             put(k, [kept] * len(v) if isinstance(v, (list, tuple)) else kept)
+    routable = kept + null_experts(spec, cfg)       # null experts stay routable
     for k in spec.top_k_keys:
         v = get_path(cfg, k)
         if v is not None:
-            put(k, [min(int(x), kept) for x in v] if isinstance(v, (list, tuple)) else min(int(v), kept))
+            put(k, [min(int(x), routable) for x in v] if isinstance(v, (list, tuple)) else min(int(v), routable))
     groups = routing_groups(spec, cfg)
     if groups > 1:
         if kept % groups:

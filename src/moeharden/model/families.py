@@ -145,9 +145,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("LFM2-MoE", ("lfm2_moe",), block_attrs=("feed_forward",), selection_bias="expert_bias",
                score="sigmoid", attention_projs=("q_proj", "k_proj", "v_proj", "self_attn.out_proj"),
                expert_keys=("num_experts",), tiny=(("layer_types", ["conv", "full_attention"]), ("num_dense_layers", 1))),
-    FamilySpec("LongCat-Flash", ("longcat_flash",), router_attr="router", expert_keys=("n_routed_experts",),
-               top_k_keys=("moe_topk",), refuse="zero-computation experts: the router also scores identity "
-               "'zero experts' (zero_expert_num) that hold no weights, so expert ids and router rows differ"),
+    FamilySpec("LongCat-Flash", ("longcat_flash",), router_attr="router", router_linear="classifier",
+               expert_keys=("n_routed_experts",), top_k_keys=("moe_topk",), top_k_attrs=("router.top_k",),
+               selection_bias="router.e_score_correction_bias", null_experts_key="zero_expert_num",
+               router_choice_at=(2, 1), attention_projs=_MLA_PROJS, tiny=(("zero_expert_num", 2),),
+               notes="zero-computation experts: weightless identity experts the router also scores "
+                     "(zero_expert_num rows after the routed ones), never pruned; a shortcut MoE beside "
+                     "two dense MLPs per layer"),
     FamilySpec("Mellum", ("mellum",)),
     FamilySpec("MiMo-V2-Flash", ("mimo_v2_flash",), **{**_DSV3, "shared_attrs": ()}, tiny=(("num_key_value_heads", 1),)),
     FamilySpec("MiniMax-M2", ("minimax_m2",), selection_bias="e_score_correction_bias", score="sigmoid",

@@ -105,9 +105,15 @@ class MoELayer:
     selection_bias: Any | None    # [E] or [1, E]
     experts: Any
     shared_experts: list[Any]
-    num_experts: int
+    num_experts: int              # routed experts E (rows of the router that hold weights)
     top_k: int
     spec: FamilySpec
+    num_null: int = 0             # weightless identity experts scored after them (router rows E..E+Z-1)
+
+    @property
+    def router_rows(self) -> int:
+        """Rows of the router weight: the routed experts, then the null experts (never pruned)."""
+        return self.num_experts + self.num_null
 
     @property
     def top_k_paths(self) -> tuple[str, ...]:
@@ -150,7 +156,9 @@ def moe_layers(model: Any) -> list[MoELayer]:
             sel = get_path(block, spec.selection_bias) if spec.selection_bias else None
             shared = [m for m in (getattr(block, a, None) for a in spec.shared_attrs) if m is not None]
             top_k = next((v for v in (get_path(block, p) for p in spec.top_k_attrs) if isinstance(v, int)), top_k_cfg)
-            out.append(MoELayer(i, block, router, w, b, sel, experts, shared, int(w.shape[0]), int(top_k), spec))
+            null = null_experts(spec, cfg, i)
+            out.append(MoELayer(i, block, router, w, b, sel, experts, shared, int(w.shape[0]) - null, int(top_k), spec,
+                                null))
             break
     if not out:
         raise UnsupportedModelError(f"This {spec.name} model has no MoE layer (every layer is dense).")
@@ -164,6 +172,13 @@ def num_experts(config: Any) -> int:
     if v is None:
         raise UnsupportedModelError(f"The {spec.name} config has no expert count ({', '.join(spec.expert_keys)}).")
     return int(v)
+
+
+def null_experts(spec: FamilySpec, config: Any, layer: int | None = None) -> int:
+    """Weightless identity experts the router scores after the routed ones (0 for most families)."""
+    if not spec.null_experts_key:
+        return 0
+    return int(config_value(config, (spec.null_experts_key,), layer) or 0)
 
 
 def routing_groups(spec: FamilySpec, config: Any) -> int:
@@ -237,8 +252,9 @@ def parameter_groups(spec: FamilySpec | None, model: Any) -> dict[str, list[str]
     by_module: dict[int, str] = {}
     for _, mod in model.named_modules():       # parents first, so inner modules win
         kind = type(mod).__name__.lower()
+        attention = "attention" in kind or kind.endswith("mla")           # MLA: multi-head latent attention
         g = ("lm_head" if mod is out_emb else "embeddings" if isinstance(mod, torch.nn.Embedding)
-             else "attention" if "attention" in kind else "norms" if "norm" in kind else None)
+             else "attention" if attention else "norms" if "norm" in kind else None)
         if g is not None:
             for p in mod.parameters():
                 by_module[id(p)] = g

@@ -72,14 +72,17 @@ def _sel(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 def _probs(li: MoELayer, router_out) -> torch.Tensor:
-    """``[T, E]`` score function of the router logits the router returned (masked ones included)."""
+    """``[T, E]`` score function of the router logits the router returned (masked ones included); the
+    scores of null experts (router rows after the ``E`` experts') are left out."""
     logits = router_out[li.spec.logits_at] if isinstance(router_out, (tuple, list)) else router_out
-    logits = logits.detach().reshape(-1, li.num_experts).float()
+    logits = logits.detach().reshape(-1, li.router_rows).float()
     if li.spec.score == "sigmoid":
-        return torch.sigmoid(logits)
-    if li.spec.score == "probs":         # the router already returns probabilities
-        return logits
-    return logits.T.softmax(0).T        # same values; softmax over a short last dim is ~7x slower on CPU
+        p = torch.sigmoid(logits)
+    elif li.spec.score == "probs":       # the router already returns probabilities
+        p = logits
+    else:
+        p = logits.T.softmax(0).T        # same values; softmax over a short last dim is ~7x slower on CPU
+    return p[:, :li.num_experts] if li.num_null else p
 
 
 @contextmanager
@@ -125,31 +128,50 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
     Its norms are recorded, then the outputs are weighted and summed over the k slots as the
     model does. Where the model runs transformers' ``grouped_mm`` experts (the default), the pass
     is that one instead, with the norms read inside it (:func:`_grouped_with_norms`).
+
+    A family with null experts (LongCat-Flash) hands its experts module remapped pairs (a null
+    pick becomes a real expert id with weight 0); the record holds the router's own choice instead
+    (ids ``E …`` for null experts, read from the router's output), and a null pick's norm is the
+    token's own (the identity's output).
     """
     experts = li.experts
     orig = experts.forward
     own = experts.__dict__.get("forward")     # an instance-level forward (accelerate hooks) to restore
     _ones: dict[str, torch.Tensor] = {}
+    choice: dict[str, torch.Tensor] = {}
     handles = []
     if probs:
         def router_post(module, args, output):
             p = _probs(li, output)
             rec._add(li.layer, probs=_sel(p, _keep_rows(mask, p.shape[0])))
         handles.append(li.router.register_forward_hook(router_post))
+    if li.num_null and li.spec.router_choice_at:
+        def router_choice(module, args, output):
+            at_i, at_w = li.spec.router_choice_at
+            choice["i"], choice["w"] = output[at_i], output[at_w]
+        handles.append(li.router.register_forward_hook(router_choice))
+
+    def record(idx, w, rows, nrm=None, flat=None):
+        if "i" in choice:                                             # the router's own (null) picks
+            idx, w = choice.pop("i").reshape(idx.shape), choice.pop("w").reshape(w.shape)
+            if nrm is not None:
+                null = idx >= li.num_experts
+                nrm = torch.where(null, _row_norms(flat.detach()).unsqueeze(-1).to(nrm.dtype), nrm)
+        rec._add(li.layer, indices=_sel(idx, rows), weights=_sel(w.float(), rows),
+                 norms=None if nrm is None else _sel(nrm, rows))
 
     def forward(*args, **kwargs):
         hidden, top_k_index, top_k_weights = (list(args) + list(kwargs.values()))[:3]
         flat = hidden.reshape(-1, hidden.shape[-1])                   # [T, H]
         rows = _keep_rows(mask, flat.shape[0])
         if not norms:
-            rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows))
+            record(top_k_index, top_k_weights, rows)
             return orig(*args, **kwargs)
         T, k = top_k_index.shape
         fast = _grouped_with_norms(experts, flat, top_k_index, top_k_weights)
         if fast is not None:
             out, nrm = fast
-            rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows),
-                     norms=_sel(nrm, rows))
+            record(top_k_index, top_k_weights, rows, nrm, flat)
             return out.to(hidden.dtype).reshape(hidden.shape)
         pairs = flat.repeat_interleave(k, dim=0)                       # [T*k, H], row t*k+s = token t
         ones = _ones.get("t")
@@ -162,8 +184,7 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
         out = y3[:, 0] * w[:, 0]                                        # [T, H]; slot by slot, the same
         for s in range(1, k):                                           # sums as .sum(dim=1), but a
             out = out + y3[:, s] * w[:, s]                              # strided reduction is ~2x slower
-        rec._add(li.layer, indices=_sel(top_k_index, rows), weights=_sel(top_k_weights.float(), rows),
-                 norms=_sel(nrm, rows))
+        record(top_k_index, top_k_weights, rows, nrm, flat)
         return out.to(hidden.dtype).reshape(hidden.shape)
 
     experts.forward = forward
@@ -323,8 +344,9 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
             if li.layer not in keep:
                 continue
             kept = sorted(int(e) for e in keep[li.layer])
-            m = torch.full((li.num_experts,), float("-inf"))
+            m = torch.full((li.router_rows,), float("-inf"))
             m[kept] = 0.0
+            m[li.num_experts:] = 0.0                                  # null experts stay routable
             router = li.router
             orig_fwd = router.__dict__.get("forward")
 
@@ -344,8 +366,8 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
                 owner_path, _, attr = path.rpartition(".")
                 owner = get_path(li.block, owner_path) if owner_path else li.block
                 cur = getattr(owner, attr, None) if owner is not None else None
-                if isinstance(cur, int) and cur > len(kept):
-                    setattr(owner, attr, len(kept))
+                if isinstance(cur, int) and cur > len(kept) + li.num_null:
+                    setattr(owner, attr, len(kept) + li.num_null)
                     restore.append(("attr", (owner, attr), cur))
         yield
     finally:

@@ -284,13 +284,7 @@ def _pruned_logits(model, config, keep, tmp: Path, ids):
             if role.expert in ids_keep:
                 out[role.rename(name, ids_keep.index(role.expert))] = t
             continue
-        idx = torch.tensor(ids_keep)
-        if role.rows_per_expert > 1:
-            E = t.shape[role.axis] // role.rows_per_expert
-            t = t.reshape(E, role.rows_per_expert, *t.shape[1:])[idx].reshape(-1, *t.shape[1:])
-        else:
-            t = t.index_select(role.axis, idx)
-        out[name] = t.contiguous()
+        out[name] = t.index_select(role.axis, torch.tensor(role.kept_rows(ids_keep, t.shape[role.axis]))).contiguous()
     (tmp / "out").mkdir()
     cfg = pruned_config(spec, json.loads((tmp / "src" / "config.json").read_text()), len(next(iter(keep.values()))))
     (tmp / "out" / "config.json").write_text(json.dumps(cfg))

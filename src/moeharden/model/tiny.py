@@ -21,6 +21,7 @@ _SMALL: dict[str, int] = {
     "hidden_size": 32, "d_model": 32, "num_hidden_layers": 2, "n_layers": 2, "num_layers": 2,
     "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64,
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+    "qk_head_dim": 16,   # = qk_nope_head_dim + qk_rope_head_dim (a settable attribute in some configs)
     "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
 }
 _OFF_WHEN_NONE = {"n_group", "topk_group"}   # None switches the feature off: keep it off
