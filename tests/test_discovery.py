@@ -326,3 +326,25 @@ def test_self_check_child_failure_is_reported_and_a_dead_child_is_replaced(cold_
     with adapter_check.AdapterCheck(cfg) as check:
         assert check.wait().ok                               # run here instead
     assert not adapter_check.AdapterCheck(cfg, enabled=False).wait()
+
+
+
+def test_a_cold_self_check_prints_nothing_of_its_own(cold_self_check, capfd, monkeypatch):
+    """The self-check saves and reloads its tiny model beside the user's command; transformers'
+    progress bars for that ("Writing model shards", "Loading weights") were interleaved with the
+    command's output. They are off during the check and back on afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from moeharden.model import selfcheck
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)   # the suite's conftest sets it
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()                          # as in a user's terminal
+    try:
+        assert selfcheck.check_adapter(CONFIG_MAPPING["qwen3_moe"]()).ok
+        err = capfd.readouterr().err
+        assert "Writing model shards" not in err and "Loading weights" not in err
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()
