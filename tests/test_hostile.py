@@ -440,3 +440,28 @@ def test_the_demo_summary_prints_user_paths_and_names_as_written():
     text = cap.get().replace("\n", "")
     for s in (str(out / "model"), "h[red]", "t[i]", "row [bold]x", str(out / "report.html")):
         assert s in text
+
+
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_an_output_that_is_the_input_or_another_commands_output_is_refused(release, tmp_path):
+    """Before, a moeharden output was replaced by any command: ``prune P --out P`` pruned a checkpoint
+    into itself (deleting the source), and ``prune … --out locked`` replaced a signed release. Both
+    are refused before any work (exit 3), and the directories are untouched."""
+    ck = _copy(release / "src", tmp_path)
+    assert _run("prune", ck, "--experts-from", _keep(tmp_path), "--out", tmp_path / "P").exit_code == 0
+    before = _tree(tmp_path / "P")
+    res = _run("prune", tmp_path / "P", "--experts-from", _keep(tmp_path), "--out", tmp_path / "P")
+    assert res.exit_code == 3 and "is or holds the input" in res.output, res.output
+    assert _tree(tmp_path / "P") == before
+    locked = _copy(release / "locked", tmp_path, "locked")
+    signed = _tree(locked)
+    res = _run("prune", ck, "--experts-from", _keep(tmp_path), "--out", locked)
+    assert res.exit_code == 3 and "holds a moeharden lock output" in res.output, res.output
+    res = _run("lock", ck, "--policy", release / "policy.yaml", "--key", release / "keys" / "moeharden.key",
+               "--out", release / "keys")
+    assert res.exit_code == 3 and "is or holds the input" in res.output, res.output
+    assert _tree(locked) == signed and _verify(locked, release).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -17,6 +17,7 @@ from moeharden.io.outputs import (
     OUTPUT_MARKER,
     SIDE_FILE_SKIP,
     atomic_output_dir,
+    check_output_dir,
     copy_side_files,
     replace_dir,
     temp_sibling,
@@ -45,6 +46,67 @@ def test_atomic_dir_gets_ordinary_permissions(tmp_path):
     with atomic_output_dir(out):
         pass
     assert os.stat(out).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_an_output_is_replaced_only_by_an_output_of_its_own_kind(tmp_path):
+    """The marker records what wrote the directory; a re-run of the same command refreshes it, another
+    command refuses it (a release, a baseline scan, a journal are not a prune's to replace), and a
+    marker of an older moeharden (no kind) counts as any kind."""
+    import json
+
+    out = tmp_path / "out"
+    with atomic_output_dir(out, kind="scan") as tmp:
+        (tmp / "scan.json").write_text("{}")
+    assert json.loads((out / OUTPUT_MARKER).read_text())["kind"] == "scan"
+    with atomic_output_dir(out, kind="scan") as tmp:               # the same command again: refreshed
+        (tmp / "scan.json").write_text('{"again": 1}')
+    for other in ("verify", "prune", "lock"):
+        with pytest.raises(InputError, match="holds a moeharden scan output"):
+            check_output_dir(out, kind=other)
+        with pytest.raises(InputError), atomic_output_dir(out, kind=other):
+            pass
+    assert (out / "scan.json").read_text() == '{"again": 1}'
+    (out / OUTPUT_MARKER).write_text('{"tool": "moeharden", "version": "0.1"}\n')   # written before kinds
+    check_output_dir(out, kind="verify")
+    journal = tmp_path / "j"
+    journal.mkdir()
+    (journal / OUTPUT_MARKER).write_text('{"tool": "moeharden", "kind": "journal"}\n')
+    (journal / "curves.jsonl").write_text("x")
+    with pytest.raises(InputError, match="journal output"):
+        check_output_dir(journal, kind="scan")
+
+
+def test_an_output_is_never_an_input_or_a_directory_holding_one(tmp_path):
+    """``verify --baseline scan/scan.json --out scan`` would delete the baseline it reads, and
+    ``prune out --out out`` the checkpoint it prunes; both are refused before any work. An output
+    inside an input directory is allowed (nothing of it is replaced)."""
+    scan = tmp_path / "scan"
+    with atomic_output_dir(scan, kind="verify") as tmp:              # even an output of the same kind
+        (tmp / "scan.json").write_text("{}")
+    for inputs in ([scan / "scan.json"], [scan], [str(scan)], ["some-org/some-model", scan / "scan.json"]):
+        with pytest.raises(InputError, match="is or holds the input"):
+            check_output_dir(scan, kind="verify", inputs=inputs)
+    link = tmp_path / "link"
+    link.symlink_to(scan, target_is_directory=True)
+    with pytest.raises(InputError, match="is or holds the input"):      # through a link to it
+        check_output_dir(link, kind="verify", inputs=[scan / "scan.json"])
+    check_output_dir(scan, kind="verify", inputs=[tmp_path / "elsewhere.json", "some-org/some-model"])
+    with atomic_output_dir(scan / "inner", kind="verify", inputs=[scan / "scan.json"]) as tmp:
+        (tmp / "v.json").write_text("{}")
+    assert (scan / "scan.json").is_file()
+
+
+def test_a_linked_marker_does_not_make_a_directory_moeharden_s(tmp_path):
+    """A ``.moeharden-output`` that is a link (to any file) is not a marker moeharden wrote: the
+    directory is a user's, and is not replaced."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "data.txt").write_text("mine")
+    (tmp_path / "any.json").write_text('{"tool": "moeharden"}')
+    (user / OUTPUT_MARKER).symlink_to(tmp_path / "any.json")
+    with pytest.raises(InputError, match="not written by moeharden"):
+        check_output_dir(user, kind="scan")
+    assert (user / "data.txt").read_text() == "mine"
 
 
 def test_atomic_dir_failure_keeps_the_previous_output(tmp_path):

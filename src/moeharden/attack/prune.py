@@ -80,7 +80,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
 
     t0 = time.perf_counter()
     src = Path(src)
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, kind="prune", inputs=[src])
     cap = parse_size(max_shard_size)
     from moeharden.model.checkpoint import checkpoint_layout
 
@@ -97,7 +97,7 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         digest = checkpoint_digest(src)
         plan, sources = _plan(files, roles, keep)
         t1 = time.perf_counter()
-        with atomic_output_dir(out, overwrite=overwrite) as tmp, _ShardReader() as reader:
+        with atomic_output_dir(out, overwrite=overwrite, kind="prune", inputs=[src]) as tmp, _ShardReader() as reader:
             def produce(p):
                 info, role = sources[p.name]
                 if role is None or role.expert is not None:       # copied as is, file to file

@@ -319,7 +319,7 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     settings.validate()
     from moeharden.io.outputs import check_output_dir
 
-    check_output_dir(out)          # fail now, not after minutes of work
+    check_output_dir(out, kind="scan", inputs=[ckpt])          # fail now, not after minutes of work
     journal = ladder_journal(out)
     path = resolve_checkpoint(ckpt)
     # seed=None: each task file's own split seed stands (settings.seed drives the random controls)
@@ -343,7 +343,7 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
                                          trust_remote_code=trust_remote_code, journal_dir=journal)
     if not current().main:      # under `accelerate launch` the first process writes the (same) document
         return ScanResult(doc, None)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, kind="scan", inputs=[path]) as tmp:
         (tmp / "scan.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_scan(doc, tmp)
     if journal is not None and not keep_journal:

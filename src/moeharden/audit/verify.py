@@ -188,7 +188,8 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     settings = settings or VerifySettings()
     base = load_document(baseline, ScanDocument)
     _check_null_seeds(settings.null_seeds, base)
-    check_output_dir(out)          # fail now, not after minutes of work
+    inputs = _inputs(ckpt, baseline, settings)
+    check_output_dir(out, kind="verify", inputs=inputs)          # fail now, not after minutes of work
     journal = ladder_journal(out)
     gate = load_gate(settings.gate)
     path = resolve_checkpoint(ckpt, validate=False)     # integrity first: a tampered release exits 4, not 3
@@ -229,12 +230,17 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
                          attack=data, seconds=round(time.perf_counter() - t0, 2), head_start_null=null)
     if not current().main:      # under `accelerate launch` the first process writes the (same) document
         return VerifyResult(doc, None)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, kind="verify", inputs=inputs) as tmp:
         (tmp / "verify.json").write_text(json.dumps(doc.to_json(), indent=2) + "\n")
         render_verify(base, doc, tmp)
     if journal is not None and not keep_journal:
         remove_journal(journal)          # the output it served is in place
     return VerifyResult(doc, Path(out))
+
+
+def _inputs(ckpt: str, baseline: Path, settings: VerifySettings) -> list:
+    """What a verify reads, which its ``--out`` must not be or hold."""
+    return [p for p in (ckpt, baseline, settings.gate, settings.pubkey, settings.manifest) if p is not None]
 
 
 def _own_tasks(path: Path, base: ScanDocument) -> bool:

@@ -223,7 +223,8 @@ def lock_checkpoint(ckpt: str, settings: LockSettings) -> LockResult:
 
     out, trust_remote_code = settings.out, settings.trust_remote_code
     pol = load_policy(settings.policy)
-    check_output_dir(out)
+    inputs = [p for p in (ckpt, settings.policy, settings.key) if p is not None]
+    check_output_dir(out, kind="lock", inputs=inputs)
     src = resolve_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     cfg, spec, E, files, roles, layers = checkpoint_layout(src)
     with AdapterCheck(cfg, enabled=settings.self_check) as check:   # beside the work (model/adapter_check.py)
@@ -249,7 +250,7 @@ def _lock_into(src, out, settings, cfg, spec, files, roles, pol, check, ckpt):
                               f"(its groups: {', '.join(sorted(present))}).",
                               hint="Remove them from the policy, or check that the policy is for this model.")
     meta = {"moeharden_version": __version__, "moeharden_policy": json.dumps(pol.to_json(), sort_keys=True)}
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, kind="lock", inputs=[src]) as tmp:
         for shard in files.shards:                   # same shards and names, new metadata
             infos = sorted((i for i in files.tensors.values() if i.file == shard), key=lambda i: i.start)
             plan = [PlannedTensor(i.name, i.dtype, i.shape, i.end - i.start) for i in infos]

@@ -126,7 +126,7 @@ def build_demo_model(out_dir: Path, *, retrain: bool = False, recipe: DemoRecipe
         if retrain or stamp is None or stamp.get("recipe_hash") != recipe.hash():
             _train_into(cache_dir, recipe, steps)
         try:
-            with atomic_output_dir(out_dir) as tmp:
+            with atomic_output_dir(out_dir, kind="demo-model") as tmp:
                 shutil.copytree(cache_dir, tmp, dirs_exist_ok=True)
         except OSError as err:
             raise CheckpointError(f"Cannot write the demo model to {out_dir}: {err}",
@@ -159,6 +159,6 @@ def write_owner_tasks(out_dir: Path, *, recipe: DemoRecipe | None = None, train_
         heldout = generate(name, d.rows_per_task, d.split["seed"], distinct=True)
         rows[name] = generate(name, sum(v for k, v in split.items() if k != "seed"), recipe.seed + 1,
                               exclude={r["text"] for r in heldout})
-    with atomic_output_dir(Path(out_dir)) as tmp:
+    with atomic_output_dir(Path(out_dir), kind="owner-data") as tmp:
         write_rows(tmp, rows, split)
     return Path(out_dir) / TASK_FILE_NAME

@@ -234,7 +234,7 @@ def run_demo(out: Path, retrain: bool = False, model_only: bool = False, quick: 
     # before any work: a user's DIR/model is never replaced, DIR/keys never deleted, and files
     # moeharden did not write (DIR/report.html, ...) never overwritten
     prepare_files_dir(out, ("report.md", "report.html"))
-    check_output_dir(out / "model")
+    check_output_dir(out / "model", kind="demo-model")
     if not model_only:
         signing_keys_state(out / "keys")
         _check_resume_paths(out)

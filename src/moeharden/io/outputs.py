@@ -60,35 +60,74 @@ def marker_kind(marker: Path) -> str | None:
     return kind if doc.get("tool") == "moeharden" and isinstance(kind, str) else None
 
 
-def check_output_dir(out: Path, *, overwrite: bool = True) -> None:
+def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = None,
+                     inputs: Collection[Path | str] = ()) -> None:
     """Fail early when ``out`` may not be (re)placed by :func:`atomic_output_dir`.
 
     Semantics: a missing ``out`` is created; an empty directory is replaced; a directory that an
-    earlier moeharden run wrote (it holds the ``.moeharden-output`` marker) is replaced when
-    ``overwrite`` is true (the default: re-running a command refreshes its output); anything else —
-    a file, or a non-empty directory moeharden did not write — is refused, so a mistyped ``--out``
-    can never delete someone's data.
+    earlier run of the same command wrote (it holds the ``.moeharden-output`` marker, of the same
+    ``kind``) is replaced when ``overwrite`` is true (the default: re-running a command refreshes
+    its output); anything else — a file, a non-empty directory moeharden did not write, another
+    command's output (a release, a baseline scan, a journal), or a directory that is or holds one
+    of the command's own ``inputs`` — is refused, so a mistyped ``--out`` can never delete
+    someone's data. A marker written before kinds were recorded (no ``kind``) counts as any kind.
 
     Args:
         out: the output directory.
         overwrite: whether an earlier moeharden output may be replaced.
+        kind: what the command writes (``scan``, ``verify``, ``prune``, ``entangle``, ``lock``, …);
+            recorded in the marker; ``None`` checks no kind.
+        inputs: paths the command reads (checkpoint, baseline, keys, task files); those that exist
+            locally must not be ``out`` or lie inside it.
     Raises:
-        InputError: ``out`` is a file, a foreign non-empty directory, or an earlier output while
-            ``overwrite`` is false.
+        InputError: ``out`` is a file, a foreign non-empty directory, another command's output, one
+            of the inputs or a directory holding one, or an earlier output while ``overwrite`` is false.
     """
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
         raise InputError(f"Output path {out} exists and is not a directory.", hint="Choose another --out.")
-    if (out / OUTPUT_MARKER).is_file():
+    _check_not_an_input(out, inputs)
+    marker = out / OUTPUT_MARKER
+    if marker.is_file() and not marker.is_symlink():     # a linked marker is not one moeharden wrote
         if not overwrite:
             raise InputError(f"Output directory {out} already holds a moeharden output.",
                              hint="Remove it, choose another --out, or ask for overwriting.")
+        had = _recorded_kind(marker)
+        if kind is not None and had not in (None, kind):
+            raise InputError(f"Output directory {out} holds a moeharden {had} output; refusing to replace it "
+                             f"with a {kind} output.",
+                             hint="Choose another --out (or remove that directory yourself if it is no longer needed).")
         return
     if any(out.iterdir()):
         raise InputError(f"Output directory {out} exists, is not empty and was not written by moeharden; "
                          "refusing to replace it.", hint="Choose a new or empty --out directory.")
+
+
+def _recorded_kind(marker: Path) -> str | None:
+    """The kind an output marker records; ``None`` where it records none (written before kinds were)."""
+    try:
+        with open(marker, "rb") as fh:
+            doc = json.loads(fh.read(4096).decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return None
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _check_not_an_input(out: Path, inputs: Collection[Path | str]) -> None:
+    """Refuse an ``out`` that is one of the inputs or holds one: replacing it would delete what the
+    command reads (``verify --baseline scan/scan.json --out scan`` deleted the baseline)."""
+    real = out.resolve()
+    for inp in inputs:
+        p = Path(inp)
+        if not (p.exists() or p.is_symlink()):
+            continue                                     # a Hub id, or nothing there
+        q = p.resolve()
+        if q == real or real in q.parents:
+            raise InputError(f"Output directory {out} is or holds the input {p}; writing there would delete it.",
+                             hint="Choose an --out outside the command's inputs.")
 
 
 def prepare_files_dir(out: Path, names: Collection[str]) -> None:
@@ -154,13 +193,15 @@ def replace_dir(tmp: Path, dest: Path) -> None:
 
 
 @contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = None,
+                      inputs: Collection[Path | str] = ()) -> Iterator[Path]:
     """Build an output directory in a temporary sibling, renamed into place at the end.
 
-    Yields the temporary directory to fill, already holding the ``.moeharden-output`` marker; on
-    success it replaces ``out`` (see :func:`check_output_dir` for when an existing ``out`` may be replaced; it
-    is checked both before and after the work). On any exception, Ctrl-C included, the temporary
-    directory is removed and ``out`` is left exactly as it was.
+    Yields the temporary directory to fill, already holding the ``.moeharden-output`` marker (which
+    records ``kind``); on success it replaces ``out`` (see :func:`check_output_dir` for when an
+    existing ``out`` may be replaced, and for ``kind`` and ``inputs``; it is checked both before and
+    after the work). On any exception, Ctrl-C included, the temporary directory is removed and
+    ``out`` is left exactly as it was.
 
     Raises:
         InputError: see :func:`check_output_dir`.
@@ -168,9 +209,9 @@ def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
     from moeharden import __version__
 
     out = Path(out)
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, kind=kind, inputs=inputs)
     tmp = temp_sibling(out)
-    marker = json.dumps({"tool": "moeharden", "version": __version__}) + "\n"
+    marker = json.dumps({"tool": "moeharden", "version": __version__, **({"kind": kind} if kind else {})}) + "\n"
     try:
         # the marker is there from the start, so a signature made inside the block covers it (a
         # rewritten marker is a tamper like any other changed file)
@@ -178,7 +219,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = True) -> Iterator[Path]:
         yield tmp
         if not (tmp / OUTPUT_MARKER).is_file():
             (tmp / OUTPUT_MARKER).write_text(marker)
-        check_output_dir(out, overwrite=overwrite)          # out may have appeared meanwhile
+        check_output_dir(out, overwrite=overwrite, kind=kind, inputs=inputs)   # out may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

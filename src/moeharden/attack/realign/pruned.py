@@ -45,7 +45,7 @@ def recover_pruned(path: Path, *, task: str, mode: str, strategy: str, budget: i
     record = json.loads((path / PRUNE_RECORD).read_text())
     record["recovery"] = {"task": t.name, "mode": mode, "strategy": strategy, "budget": budget, "seed": seed,
                           "labels_used": run.labels_used, "curve": run.points}
-    with atomic_output_dir(path) as tmp:
+    with atomic_output_dir(path, kind="prune") as tmp:       # still a pruned checkpoint
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tok.save_pretrained(tmp)
         copy_side_files(path, tmp)          # task file and data, model card; the record is rewritten below

@@ -142,7 +142,7 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
 
     out, resume = settings.out, settings.resume
     recipe = settings.recipe()
-    check_output_dir(out)          # fail now, not after minutes of work
+    check_output_dir(out, kind="entangle", inputs=[ckpt])          # fail now, not after minutes of work
     src = resolve_checkpoint(ckpt)
     with AdapterCheck(load_config(src), enabled=settings.self_check) as check:   # beside loading tasks and model
         task_objs, model, tokenizer, ckpt_dir = _prepare(src, out, settings)
@@ -160,7 +160,7 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
         return EntangleResult(out=None, steps_done=done, completed=False, seconds=seconds, last=last)
     if not ranks.main:
         return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, kind="entangle", inputs=[src]) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         copy_side_files(src, tmp, trust_remote_code=settings.trust_remote_code)   # task file and data, card
