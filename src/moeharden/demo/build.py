@@ -72,6 +72,7 @@ def _cache_lock(cache_dir: Path) -> Iterator[None]:
 def _train_into(cache_dir: Path, recipe: DemoRecipe, steps: int | None) -> None:
     from moeharden.console import progress_bar
     from moeharden.demo.train import train_demo
+    from moeharden.model.checkpoint import quiet_transformers
 
     tmp = temp_sibling(cache_dir)
     try:
@@ -79,7 +80,8 @@ def _train_into(cache_dir: Path, recipe: DemoRecipe, steps: int | None) -> None:
         total = recipe.train.steps if steps is None else steps
         with progress_bar("Training the demo MoE", total=total) as advance:
             model, tok, stats = train_demo(recipe, heldout, steps=steps, progress=advance)
-        model.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         stamp = {
             "schema": RECIPE_SCHEMA,

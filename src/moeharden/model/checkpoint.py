@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,22 @@ def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_r
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"Could not load the model in {path}: {str(err).splitlines()[0]}") from None
     return model.eval()
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars inside the block ("Writing model shards", "Loading weights"):
+    moeharden shows its own progress, and a bar from a save beside it (the self-check's child, the
+    demo's entangle) was interleaved with it. The previous setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: Path, *, trust_remote_code: bool = False):

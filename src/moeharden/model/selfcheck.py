@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,30 +71,16 @@ def check_adapter(config: Any, *, seed: int = 0) -> SelfCheckResult:
     import time
 
     from moeharden.io.threads import compute_threads
+    from moeharden.model.checkpoint import quiet_transformers
 
     t0 = time.perf_counter()
     try:
-        with compute_threads(1), _quiet():   # one thread: tensors of a few KB are ~10x faster than on several
+        with compute_threads(1), quiet_transformers():   # one thread: tensors of a few KB are ~10x faster than on several
             rec, pruned = _run_checks(tiny, seed)
         reason = ""
     except _CheckFailed as err:
         rec, pruned, reason = err.args[1], err.args[2], err.args[0]
     return remember(key, SelfCheckResult(spec.name, not reason, reason, rec, pruned, time.perf_counter() - t0))
-
-
-@contextmanager
-def _quiet():
-    """No transformers progress bars while the tiny model is saved and reloaded: the check runs
-    beside the user's command, whose output they would interleave with (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def prepare_check(config: Any, seed: int):

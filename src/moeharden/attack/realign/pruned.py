@@ -32,7 +32,7 @@ def recover_pruned(path: Path, *, task: str, mode: str, strategy: str, budget: i
         TaskError; UsageError (unknown mode/strategy, budget below 1); UnsupportedModelError.
     """
     from moeharden.io.outputs import atomic_output_dir, copy_side_files
-    from moeharden.model.checkpoint import load_model, load_tokenizer
+    from moeharden.model.checkpoint import load_model, load_tokenizer, quiet_transformers
     from moeharden.model.registry import lora_targets, moe_layers
 
     settings = RecoverySettings(mode=mode, strategy=strategy, budget=budget, seed=seed)
@@ -46,7 +46,8 @@ def recover_pruned(path: Path, *, task: str, mode: str, strategy: str, budget: i
     record["recovery"] = {"task": t.name, "mode": mode, "strategy": strategy, "budget": budget, "seed": seed,
                           "labels_used": run.labels_used, "curve": run.points}
     with atomic_output_dir(path, kind="prune") as tmp:       # still a pruned checkpoint
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tok.save_pretrained(tmp)
         copy_side_files(path, tmp)          # task file and data, model card; the record is rewritten below
         (tmp / PRUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")

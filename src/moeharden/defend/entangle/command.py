@@ -138,7 +138,12 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     from moeharden.io.ranks import current
     from moeharden.io.records import SourceRef, tool_info
     from moeharden.model.adapter_check import AdapterCheck
-    from moeharden.model.checkpoint import checkpoint_digest, load_config, resolve_checkpoint
+    from moeharden.model.checkpoint import (
+        checkpoint_digest,
+        load_config,
+        quiet_transformers,
+        resolve_checkpoint,
+    )
 
     out, resume = settings.out, settings.resume
     recipe = settings.recipe()
@@ -161,7 +166,8 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     if not ranks.main:
         return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
     with atomic_output_dir(out, kind="entangle", inputs=[src]) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         copy_side_files(src, tmp, trust_remote_code=settings.trust_remote_code)   # task file and data, card
         source = SourceRef(path=str(src), safetensors_digest=checkpoint_digest(src))
