@@ -185,7 +185,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
                attention_projs=("q_gate_proj", "k_proj", "v_proj", "o_proj")),
     FamilySpec("ZAYA", ("zaya",), router_attr="router", expert_keys=("num_experts",), top_k_attrs=("router.top_k",),
                tiny=(("num_experts_per_tok", 1),),
-               refuse="skip expert: the router MLP scores E + 1 classes, one of them a no-compute skip expert, "
-                      "so router outputs are not indexed by expert and top-1 may pick no expert at all"),
+               refuse="skip expert: the router MLP scores E + 1 classes, the last a no-compute skip expert (a null "
+                      "expert, as LongCat-Flash's), but the router itself rewrites a skip pick to expert 0 with "
+                      "weight 0 before returning it, so the routing record (and attribution) cannot tell a skip "
+                      "from expert 0 without recomputing the router's selection"),
 )
 
