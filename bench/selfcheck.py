@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
                                           ).stdout.split()[0]))
     print(f"self-check alone, cold, in a child   {statistics.median(alone):6.2f} s (the family's modeling import "
           "included)")
-    for mt in ("deepseek_v3", "qwen3_5_moe_text", "nemotron_h", "gpt_oss"):
+    for mt in ("deepseek_v3", "qwen3_5_moe_text", "nemotron_h", "gpt_oss", "longcat_flash"):
         shutil.rmtree(work / "cache2", ignore_errors=True)             # cold for each family
         s = subprocess.run([sys.executable, "-c", CHILD_SELFCHECK, "-", mt], check=True, capture_output=True,
                            text=True, env={**os.environ, "MOEHARDEN_CACHE": str(work / "cache2")}
