@@ -329,17 +329,20 @@ def test_self_check_child_failure_is_reported_and_a_dead_child_is_replaced(cold_
 
 
 
-def test_a_cold_self_check_prints_nothing_of_its_own(cold_self_check, capfd, monkeypatch):
+def test_a_cold_self_check_prints_nothing_of_its_own(cold_self_check, capfd):
     """The self-check saves and reloads its tiny model beside the user's command; transformers'
     progress bars for that ("Writing model shards", "Loading weights") were interleaved with the
     command's output. They are off during the check and back on afterwards."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     from moeharden.model import selfcheck
 
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)   # the suite's conftest sets it
     was = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()                          # as in a user's terminal
+    with warnings.catch_warnings():      # huggingface_hub's own bars stay off (conftest sets HF_HUB_DISABLE_PROGRESS_BARS)
+        warnings.simplefilter("ignore", UserWarning)
+        hf_logging.enable_progress_bar()                      # transformers' bars on, as in a user's terminal
     try:
         assert selfcheck.check_adapter(CONFIG_MAPPING["qwen3_moe"]()).ok
         err = capfd.readouterr().err

@@ -266,7 +266,11 @@ def quiet_transformers() -> Iterator[None]:
         yield
     finally:
         if was:
-            hf_logging.enable_progress_bar()
+            import warnings
+
+            with warnings.catch_warnings():     # huggingface_hub warns when HF_HUB_DISABLE_PROGRESS_BARS
+                warnings.simplefilter("ignore", UserWarning)        # is set (its own bars stay off)
+                hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
