@@ -152,22 +152,42 @@ def test_token_budget_scales_with_the_model(tiny_mixtral):
     assert token_budget(half, share=3.0, floor=1, cap=10**9) == int(3.0 * weight_bytes // per_token)
 
 
-def test_null_expert_picks_count_for_no_expert():
-    """LongCat-Flash's router also picks weightless identity experts (ids E…E+Z-1): they are in the
-    routing record as the router chose them, and attribution counts them for no expert — the per-
-    expert sums equal a hand count over the record's real picks only."""
+@pytest.mark.parametrize(("family", "null"), [("longcat_flash", 2), ("zaya", 1)])
+def test_null_expert_picks_count_for_no_expert(family, null):
+    """LongCat-Flash's router also picks weightless identity experts (ids E…E+Z-1), ZAYA's a
+    no-compute skip expert (id E), and both blocks hand their experts module remapped pairs. The
+    record holds the router's own choice — equal to an independent top-k of the router's scores
+    plus selection bias — with a skip's weight and norm 0, and attribution counts null picks for
+    no expert: the per-expert sums equal a hand count over the record's real picks only."""
     from families import build_tiny
 
     from moeharden.model.registry import moe_layers
     from moeharden.model.routing import record_routing
 
-    model, _ = build_tiny("longcat_flash")
+    model, _ = build_tiny(family)
     layers = moe_layers(model)
     E = layers[0].num_experts
-    assert layers[0].num_null == 2 and layers[0].router_rows == E + 2
+    assert layers[0].num_null == null and layers[0].router_rows == E + null
+    if family == "zaya":                   # its skip bias (-1.0) keeps a random router off the skip expert
+        with torch.no_grad():
+            for li in layers:
+                li.selection_bias[-1] = 0.5
+    logits = {}
+    hooks = [li.router.register_forward_hook(lambda m, a, out, li=li: logits.__setitem__(li.layer, out[0].detach()))
+             for li in layers]
     ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad(), record_routing(model, norms=True) as rec:
         model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for li in layers:                      # the record against the router's own scores, recomputed here
+        scores = logits[li.layer].reshape(-1, E + null).float().softmax(-1)
+        want = (scores + li.selection_bias.float()).topk(li.top_k, -1).indices
+        r = rec.layers[li.layer]
+        assert [set(x) for x in r.indices.tolist()] == [set(x) for x in want.tolist()]
+        skip = r.indices >= E
+        if family == "zaya":
+            assert (r.weights[skip] == 0).all() and (r.norms[skip] == 0).all()
     st = stats_from_record(rec, [li.layer for li in layers], E)
     null_picks = 0
     for row, li in enumerate(layers):

@@ -113,6 +113,8 @@ def reference(li, cfg, logits):
     if spec.combine == "custom":
         return i, None
     w = s.gather(1, i)
+    if spec.null_output == "zero":                          # a null pick adds nothing: weight 0 (ZAYA's skip)
+        w = w.masked_fill(i >= li.num_experts, 0.0)
     renorm = spec.renorm_key == "always" or bool(spec.renorm_key and config_value(cfg, (spec.renorm_key,)))
     if renorm:
         w = w / w.sum(-1, keepdim=True)
@@ -229,7 +231,7 @@ def test_refused_families_say_why():
     from moeharden.errors import UnsupportedModelError
     from moeharden.model.registry import spec_for_config
 
-    for mt in ("deepseek_v4", "zaya", "jetmoe", "inkling_text"):
+    for mt in ("deepseek_v4", "jetmoe", "inkling_text"):
         with pytest.raises(UnsupportedModelError, match="refused"):
             spec_for_config(CONFIG_MAPPING[mt]())
     # A.X K2 is refused only with group routing (light checkpoints route without groups)

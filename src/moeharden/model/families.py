@@ -148,7 +148,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("LongCat-Flash", ("longcat_flash",), router_attr="router", router_linear="classifier",
                expert_keys=("n_routed_experts",), top_k_keys=("moe_topk",), top_k_attrs=("router.top_k",),
                selection_bias="router.e_score_correction_bias", null_experts_key="zero_expert_num",
-               router_choice_at=(2, 1), attention_projs=_MLA_PROJS, tiny=(("zero_expert_num", 2),),
+               attention_projs=_MLA_PROJS, tiny=(("zero_expert_num", 2),),
                notes="zero-computation experts: weightless identity experts the router also scores "
                      "(zero_expert_num rows after the routed ones), never pruned; a shortcut MoE beside "
                      "two dense MLPs per layer"),
@@ -183,11 +183,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
                      ("index_layers", [1]), ("kv_source_layers", [0, 1]), ("index_num_heads", 1))),
     FamilySpec("MiniCPM5-MoE", ("minicpm5_moe",), **_DSV3,
                attention_projs=("q_gate_proj", "k_proj", "v_proj", "o_proj")),
-    FamilySpec("ZAYA", ("zaya",), router_attr="router", expert_keys=("num_experts",), top_k_attrs=("router.top_k",),
-               tiny=(("num_experts_per_tok", 1),),
-               refuse="skip expert: the router MLP scores E + 1 classes, the last a no-compute skip expert (a null "
-                      "expert, as LongCat-Flash's), but the router itself rewrites a skip pick to expert 0 with "
-                      "weight 0 before returning it, so the routing record (and attribution) cannot tell a skip "
-                      "from expert 0 without recomputing the router's selection"),
+    FamilySpec("ZAYA", ("zaya",), router_linear="router_mlp.out_proj", expert_keys=("num_experts",),
+               selection_bias="gate.balancing_biases", null_experts=1, null_output="zero",
+               attention_projs=("q_proj", "k_proj", "v_proj_current", "v_proj_delayed", "o_proj"),
+               tiny=(("num_experts_per_tok", 1), ("router_hidden_size", 16)),
+               notes="an MLP router with state carried across layers; a no-compute skip expert (router class "
+                     "E, a null expert with weight 0) is never pruned; top-1 may pick it, i.e. no expert"),
 )
 

@@ -122,7 +122,7 @@ class MoELayer:
 
 
 def _router_params(spec: FamilySpec, router: Any) -> tuple[Any, Any]:
-    src = getattr(router, spec.router_linear) if spec.router_linear else router   # DBRX/HunYuan wrap a Linear
+    src = get_path(router, spec.router_linear) if spec.router_linear else router   # DBRX/HunYuan wrap a Linear
     return src.weight, getattr(src, "bias", None)
 
 
@@ -175,9 +175,9 @@ def num_experts(config: Any) -> int:
 
 
 def null_experts(spec: FamilySpec, config: Any, layer: int | None = None) -> int:
-    """Weightless identity experts the router scores after the routed ones (0 for most families)."""
+    """Weightless experts the router scores after the routed ones (0 for most families)."""
     if not spec.null_experts_key:
-        return 0
+        return spec.null_experts
     return int(config_value(config, (spec.null_experts_key,), layer) or 0)
 
 

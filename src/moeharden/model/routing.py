@@ -129,10 +129,11 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
     model does. Where the model runs transformers' ``grouped_mm`` experts (the default), the pass
     is that one instead, with the norms read inside it (:func:`_grouped_with_norms`).
 
-    A family with null experts (LongCat-Flash) hands its experts module remapped pairs (a null
-    pick becomes a real expert id with weight 0); the record holds the router's own choice instead
-    (ids ``E …`` for null experts, read from the router's output), and a null pick's norm is the
-    token's own (the identity's output).
+    A family with null experts (LongCat-Flash, ZAYA) hands its experts module remapped pairs (a
+    null pick becomes a real expert id with weight 0); the record holds the router's own choice
+    instead — the indices its ``torch.topk`` returned (ids ``E …`` for null experts), the weights
+    of its output — and a null pick's norm is what it adds unweighted: the token's own norm
+    (``identity``) or 0 (``zero``).
     """
     experts = li.experts
     orig = experts.forward
@@ -145,18 +146,22 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             p = _probs(li, output)
             rec._add(li.layer, probs=_sel(p, _keep_rows(mask, p.shape[0])))
         handles.append(li.router.register_forward_hook(router_post))
-    if li.num_null and li.spec.router_choice_at:
-        def router_choice(module, args, output):
-            at_i, at_w = li.spec.router_choice_at
-            choice["i"], choice["w"] = output[at_i], output[at_w]
-        handles.append(li.router.register_forward_hook(router_choice))
+    router_own = li.router.__dict__.get("forward")
+    if li.num_null:
+        def router_fwd(*args, _orig=li.router.forward, **kwargs):
+            with _LastTopk() as seen:
+                out = _orig(*args, **kwargs)
+            choice["i"], choice["w"] = seen.indices, out[li.spec.router_weights_at]
+            return out
+        li.router.forward = router_fwd
 
     def record(idx, w, rows, nrm=None, flat=None):
         if "i" in choice:                                             # the router's own (null) picks
             idx, w = choice.pop("i").reshape(idx.shape), choice.pop("w").reshape(w.shape)
             if nrm is not None:
                 null = idx >= li.num_experts
-                nrm = torch.where(null, _row_norms(flat.detach()).unsqueeze(-1).to(nrm.dtype), nrm)
+                own = _row_norms(flat.detach()).unsqueeze(-1) if li.spec.null_output == "identity" else 0.0
+                nrm = torch.where(null, torch.as_tensor(own, dtype=nrm.dtype), nrm)
         rec._add(li.layer, indices=_sel(idx, rows), weights=_sel(w.float(), rows),
                  norms=None if nrm is None else _sel(nrm, rows))
 
@@ -195,6 +200,11 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             del experts.forward                                      # back to the class method
         else:
             experts.forward = own
+        if li.num_null:
+            if router_own is None:
+                li.router.__dict__.pop("forward", None)
+            else:
+                li.router.forward = router_own
         for h in handles:
             h.remove()
 
@@ -296,6 +306,18 @@ def _record_dense_input_scaled(li: MoELayer, rec: RoutingRecord, norms: bool, pr
     finally:
         for h in handles:
             h.remove()
+
+
+class _LastTopk(TorchFunctionMode):
+    """Keeps the indices of the last ``torch.topk`` run inside it (a router's own selection)."""
+
+    indices: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.topk, torch.Tensor.topk):
+            self.indices = out[1]
+        return out
 
 
 # --------------------------------------------------------------------------- masking

@@ -43,12 +43,14 @@ class FamilySpec:
         refuse: why the family's routing cannot be masked/pruned exactly; a non-empty reason
             refuses the family (listed, never rewritten); refuse_when: ``(config key, reason)``
             pairs refusing only checkpoints whose config sets that key (support what is exact).
-        null_experts_key: config key of the number of weightless identity experts the router also
-            scores (LongCat-Flash's "zero-computation experts"): router rows ``E … E+Z-1`` after the
-            ``E`` routed experts. They hold no weights, are never pruned and always stay routable;
-            a token routed to one gets its own hidden state times the weight. ``router_choice_at``:
-            positions of the top-k indices and weights in the router's output tuple (such a block
-            hands its experts module remapped indices, so the record reads the router's).
+        null_experts_key / null_experts: config key of the number of weightless experts the router
+            also scores (LongCat-Flash's "zero-computation experts"), or that number where the class
+            fixes it (ZAYA's one skip expert): router rows ``E … E+Z-1`` after the ``E`` routed
+            experts. They hold no weights, are never pruned and always stay routable. ``null_output``:
+            what a pick of one adds — the token itself times the weight (``identity``) or nothing
+            (``zero``, its weight is 0). Such a block hands its experts module remapped pairs, so the
+            routing record takes the indices from the router's own ``torch.topk`` and the weights
+            from position ``router_weights_at`` of the router's output.
     """
 
     name: str
@@ -80,8 +82,10 @@ class FamilySpec:
     tiny: tuple[tuple[str, Any], ...] = ()   # config overrides a tiny instance needs (model/tiny.py)
     expert_vectors: tuple[str, ...] = ()   # other [E] tensors (name suffixes) sliced with the router rows
     refuse_when: tuple[tuple[str, str], ...] = ()   # (config key, reason): refused when the key is set
-    null_experts_key: str | None = None    # config key of Z weightless identity experts (router rows E..E+Z-1)
-    router_choice_at: tuple[int, int] | None = None   # (indices, weights) in the router's output tuple
+    null_experts_key: str | None = None    # config key of Z weightless experts (router rows E..E+Z-1)
+    null_experts: int = 0                  # Z where the class fixes it (no config key)
+    null_output: Literal["identity", "zero"] = "identity"   # what a null pick adds: x·w, or nothing
+    router_weights_at: int = 1             # position of the top-k weights in the router's output tuple
     refuse: str = ""             # why this family's routing cannot be masked/pruned exactly ("" = supported)
     notes: str = ""
 

@@ -130,8 +130,9 @@ def build_tiny_model(config: Any, *, seed: int = 0):
             li.router_weight.copy_(torch.randn(li.router_weight.shape, generator=g) * 0.6)
             if li.router_bias is not None:
                 li.router_bias.copy_(torch.randn(li.router_bias.shape, generator=g) * 0.3)
-            if li.selection_bias is not None and id(li.selection_bias) in saved:
-                li.selection_bias.copy_(torch.randn(li.selection_bias.shape, generator=g) * 0.1)
+            if li.selection_bias is not None and id(li.selection_bias) in saved:   # routed experts' entries
+                routed = li.selection_bias.view(-1)[: li.num_experts]              # (a class may fix a null
+                routed.copy_(torch.randn(routed.shape, generator=g) * 0.1)         # expert's on load: ZAYA)
             for p in li.experts.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
