@@ -14,8 +14,9 @@ import time
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers
-from moeharden.model.routing import mask_experts, record_routing
+from moeharden.model.routing import record_routing
 
 
 def _times(fns, reps=30):

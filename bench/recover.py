@@ -16,8 +16,8 @@ from moeharden.attack.realign.run import RecoverySettings, run_recovery
 from moeharden.attack.realign.selection import STRATEGIES
 from moeharden.attack.realign.taskops import task_ops
 from moeharden.model.checkpoint import load_model, load_tokenizer
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers
-from moeharden.model.routing import mask_experts
 from moeharden.tasks.resolve import load_tasks
 
 

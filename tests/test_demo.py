@@ -222,7 +222,7 @@ def test_cli_demo_json(tmp_path, monkeypatch, tiny_recipe):
 def _keep_only(model, keep: dict[int, list[int]]):
     """Route only among ``keep[layer]`` (router logits of the others set to -inf)."""
     try:
-        from moeharden.model.routing import mask_experts
+        from moeharden.model.masking import mask_experts
     except ImportError:
         mask_experts = None
     if mask_experts is not None:

@@ -24,8 +24,9 @@ import torch
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moeharden.model.discover import discover_moe_families
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import config_value, lookup_spec, moe_layers, routing_groups
-from moeharden.model.routing import mask_experts, record_routing
+from moeharden.model.routing import record_routing
 
 DISCOVERED = discover_moe_families()
 SUPPORTED = [f.model_type for f in DISCOVERED

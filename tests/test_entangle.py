@@ -153,8 +153,8 @@ def test_recovery_term_matches_an_independent_computation(tiny_demo_path, update
     from accelerate import Accelerator
 
     from moeharden.defend.entangle.losses import kl_retain, simulated_recovery
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import moe_layers
-    from moeharden.model.routing import mask_experts
     from moeharden.tasks.encoding import answer_logits, encode
 
     model, tok, tasks = _load(tiny_demo_path)
@@ -206,8 +206,8 @@ def test_divergence_term_matches_an_independent_computation(tiny_demo_path):
     import torch.nn.functional as F
 
     from moeharden.defend.entangle.losses import BlockTap, pruned_divergence
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import moe_layers
-    from moeharden.model.routing import mask_experts
     from moeharden.tasks.encoding import encode
 
     model, tok, tasks = _load(tiny_demo_path)

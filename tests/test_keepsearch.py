@@ -7,14 +7,14 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import moeharden.model.routing as routing
+import moeharden.model.masking as masking
 import moeharden.tasks.metrics as metrics
 from moeharden.attack.attribution import keep_sets
 from moeharden.attack.keepsearch import search_keepsets
 from moeharden.demo import build as demo
 from moeharden.model.keepset import check_keep_counts
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers, routing_groups
-from moeharden.model.routing import mask_experts
 from moeharden.tasks.examples import Example, Task
 from moeharden.tasks.metrics import task_loss
 
@@ -110,7 +110,7 @@ def test_random_keepsets_respect_routing_groups(monkeypatch):
            for i, c in enumerate([(" positive", " negative")] * 8)]
     task = Task("t", "multiple_choice", "accuracy", 0.5, exs[:2], exs[2:4], exs[4:])
     masked: list[dict] = []
-    real = routing.mask_experts
+    real = masking.mask_experts
 
     @contextmanager
     def spy(m, keep):
@@ -118,7 +118,7 @@ def test_random_keepsets_respect_routing_groups(monkeypatch):
         with real(m, keep):
             yield
 
-    monkeypatch.setattr(routing, "mask_experts", spy)
+    monkeypatch.setattr(masking, "mask_experts", spy)
     # K = 4: two per group (DeepSeek scores groups by their top 2); K = 2 and 3 cannot run
     best, scores = search_keepsets(model, tok, task, layers, 8, [4, 3, 2], {}, n_random=6, hill_climb_swaps=8,
                                    rows=4, seed=1, spec=spec, config=cfg)

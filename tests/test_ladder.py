@@ -20,8 +20,8 @@ from moeharden.attack.realign.ladder_suite import (
 )
 from moeharden.attack.realign.taskops import task_ops
 from moeharden.demo import build as demo
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers
-from moeharden.model.routing import mask_experts
 from moeharden.tasks.intervals import metric_interval
 from moeharden.tasks.metrics import evaluate
 

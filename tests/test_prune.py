@@ -2,7 +2,7 @@
 
 The checkpoints are saved in many small shards, so streaming across shard boundaries, renaming of
 per-expert tensors, slicing of fused/flattened tensors, router rows and selection biases are all
-exercised. The reference is the masked in-memory model (routing.mask_experts), an independent
+exercised. The reference is the masked in-memory model (masking.mask_experts), an independent
 code path from the streaming rewrite.
 """
 
@@ -17,8 +17,9 @@ from safetensors import safe_open
 
 from moeharden.attack.prune import prune_checkpoint
 from moeharden.model.keepset import valid_keep
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers
-from moeharden.model.routing import mask_experts, record_routing
+from moeharden.model.routing import record_routing
 
 
 def _keep_for(model, cfg, k=4):

@@ -9,8 +9,8 @@ from moeharden.attack.realign.run import RecoverySettings, run_recovery
 from moeharden.attack.realign.selection import select
 from moeharden.attack.realign.taskops import task_ops
 from moeharden.demo import build as demo
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers
-from moeharden.model.routing import mask_experts
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from families import FAMILIES, HAND_FAMILIES, build_tiny
 
 from moeharden.model.disk import pruned_config
 from moeharden.model.keepset import check_keep_counts, valid_keep
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers, spec_for_config
-from moeharden.model.routing import mask_experts, record_routing
+from moeharden.model.routing import record_routing
 
 
 def _topk_renorm(p, k, renorm=True):

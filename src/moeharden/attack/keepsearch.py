@@ -79,8 +79,8 @@ def attributed_keep(src: Path, *, method: str, task: str, keep: int, limit: int 
     """
     from moeharden.model.checkpoint import load_model, load_tokenizer
     from moeharden.model.keepset import valid_keep
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import moe_layers, routing_groups
-    from moeharden.model.routing import mask_experts
     from moeharden.tasks.metrics import task_loss
 
     if method not in ALL_METHODS:
@@ -132,7 +132,7 @@ def search_keepsets(model, tokenizer, task, layers: Sequence[int], num_experts: 
     For each K the candidates are ``candidates[method][K]`` (attribution's keep-sets) and
     ``n_random`` seeded random keep-sets (``K / groups`` experts from every routing group, like
     the sweep's random control); each is scored by :func:`moeharden.tasks.metrics.task_loss` of
-    the masked model (:func:`moeharden.model.routing.mask_experts`) on the first ``rows`` examples
+    the masked model (:func:`moeharden.model.masking.mask_experts`) on the first ``rows`` examples
     of ``task.train``, lower is better. From the best, ``hill_climb_swaps`` seeded single-expert
     swaps (one layer, one kept expert out, one removed expert of the same routing group in) are
     tried, each kept when the loss drops. Identical keep-sets are scored once.
@@ -158,8 +158,8 @@ def search_keepsets(model, tokenizer, task, layers: Sequence[int], num_experts: 
         TaskError: the task has no train examples, or none with an answer token.
     """
     from moeharden.model.keepset import check_keep_counts, valid_keep
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import routing_groups
-    from moeharden.model.routing import mask_experts
     from moeharden.tasks.metrics import task_loss
 
     train = list(task.train[:rows])

@@ -135,8 +135,8 @@ def scan_model(model, tokenizer, tasks, settings: ScanSettings, *, identity: Mod
     from moeharden.attack.attribution import keep_sets
     from moeharden.attack.keepsearch import search_keepsets
     from moeharden.model.keepset import valid_keep
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import moe_layers, routing_groups
-    from moeharden.model.routing import mask_experts
     from moeharden.tasks.intervals import metric_interval
     from moeharden.tasks.metrics import evaluate, task_loss
 

@@ -199,8 +199,9 @@ def _inputs():
 def _run_checks(config: Any, seed: int) -> tuple[float, float]:
     import torch
 
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import moe_layers
-    from moeharden.model.routing import mask_experts, record_routing
+    from moeharden.model.routing import record_routing
     from moeharden.model.tiny import build_tiny_model
 
     try:

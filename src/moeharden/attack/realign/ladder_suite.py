@@ -149,8 +149,8 @@ class SuiteContext:
 
 def run_job(ctx: SuiteContext, job: CurveJob) -> dict:
     """Run one curve; returns its JSON-ready record."""
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import moe_layers
-    from moeharden.model.routing import mask_experts
     from moeharden.tasks.examples import best_possible
     from moeharden.tasks.intervals import metric_interval
     from moeharden.tasks.metrics import evaluate

@@ -141,8 +141,8 @@ def recovery_suite(model, tokenizer, tasks, data: dict, settings: SuiteSettings 
     """
     from moeharden.console import progress_bar
     from moeharden.io.ranks import spread
+    from moeharden.model.masking import mask_experts
     from moeharden.model.registry import lora_targets, moe_layers
-    from moeharden.model.routing import mask_experts
 
     s = settings or SuiteSettings()
     info = moe_layers(model)

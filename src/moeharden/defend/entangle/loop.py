@@ -88,8 +88,8 @@ from moeharden.defend.entangle.resume import (
 from moeharden.errors import CheckpointError, InputError, UsageError
 from moeharden.io.interrupt import HeldInterrupt
 from moeharden.io.ranks import barrier, current, sum_
+from moeharden.model.masking import mask_experts
 from moeharden.model.registry import moe_layers
-from moeharden.model.routing import mask_experts
 from moeharden.tasks.encoding import answer_logits, encode
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moeharden.defend.entangle.recipe import EntangleRecipe
-from moeharden.model.routing import mask_experts
+from moeharden.model.masking import mask_experts
 from moeharden.tasks.encoding import answer_logits, choice_logprobs
 
 

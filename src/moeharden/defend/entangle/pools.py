@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moeharden.attack.attribution import contrastive_scores, keep_sets, observed_scores, routing_stats
 from moeharden.defend.entangle.recipe import EntangleRecipe
-from moeharden.model.routing import mask_experts
+from moeharden.model.masking import mask_experts
 from moeharden.tasks.encoding import answer_logits, encode
 
 KeepSet = dict[int, list[int]]          # {decoder layer: kept expert ids}
