@@ -140,3 +140,22 @@ def test_load_model_uses_it_and_can_be_told_not_to(tmp_path):
     slow = load_model(tmp_path, in_place=False)
     assert json.loads(fast.config.to_json_string()) == json.loads(slow.config.to_json_string())
     _same_model(slow, fast, cfg.vocab_size)
+
+
+def test_a_family_whose_class_rewrites_stored_values_loads_as_transformers_loads_it(tmp_path):
+    """ZAYA's class resets its skip expert's selection bias to -1.0 on every load, whatever was stored;
+    the in-place loader would keep the stored value, so ZAYA always loads through from_pretrained
+    (measured before: in place 0.5, from_pretrained -1.0)."""
+    from moeharden.model.checkpoint import load_model
+    from moeharden.model.registry import moe_layers
+
+    model, _ = build_tiny("zaya")
+    with torch.no_grad():
+        for li in moe_layers(model):
+            li.selection_bias[-1] = 0.5
+    model.save_pretrained(tmp_path)
+    got = load_model(tmp_path)
+    ref = load_model(tmp_path, in_place=False)
+    assert [float(li.selection_bias[-1]) for li in moe_layers(ref)] == [-1.0] * len(moe_layers(ref))
+    for (name, a), (_, b) in zip(got.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

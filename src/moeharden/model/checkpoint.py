@@ -228,7 +228,7 @@ def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_r
     from moeharden.model.registry import spec_for_config
 
     config = load_config(path, trust_remote_code=trust_remote_code)
-    spec_for_config(config)
+    in_place = in_place and spec_for_config(config).load_in_place
     if in_place and device_map is None and not trust_remote_code and not torch.cuda.is_available():
         from moeharden.model.inplace import load_in_place
 

@@ -184,7 +184,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("MiniCPM5-MoE", ("minicpm5_moe",), **_DSV3,
                attention_projs=("q_gate_proj", "k_proj", "v_proj", "o_proj")),
     FamilySpec("ZAYA", ("zaya",), router_linear="router_mlp.out_proj", expert_keys=("num_experts",),
-               selection_bias="gate.balancing_biases", null_experts=1, null_output="zero",
+               selection_bias="gate.balancing_biases", null_experts=1, null_output="zero", load_in_place=False,
                attention_projs=("q_proj", "k_proj", "v_proj_current", "v_proj_delayed", "o_proj"),
                tiny=(("num_experts_per_tok", 1), ("router_hidden_size", 16)),
                notes="an MLP router with state carried across layers; a no-compute skip expert (router class "

@@ -86,6 +86,8 @@ class FamilySpec:
     null_experts: int = 0                  # Z where the class fixes it (no config key)
     null_output: Literal["identity", "zero"] = "identity"   # what a null pick adds: x·w, or nothing
     router_weights_at: int = 1             # position of the top-k weights in the router's output tuple
+    load_in_place: bool = True   # False: the class rewrites stored values on load (ZAYA's skip bias), so only
+                                 # from_pretrained gives the model transformers users get
     refuse: str = ""             # why this family's routing cannot be masked/pruned exactly ("" = supported)
     notes: str = ""
 
