@@ -94,7 +94,7 @@ def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = No
         if not overwrite:
             raise InputError(f"Output directory {out} already holds a moeharden output.",
                              hint="Remove it, choose another --out, or ask for overwriting.")
-        had = _recorded_kind(marker)
+        had = marker_kind(marker)          # None: written before kinds were recorded (any kind)
         if kind is not None and had not in (None, kind):
             raise InputError(f"Output directory {out} holds a moeharden {had} output; refusing to replace it "
                              f"with a {kind} output.",
@@ -103,17 +103,6 @@ def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = No
     if any(out.iterdir()):
         raise InputError(f"Output directory {out} exists, is not empty and was not written by moeharden; "
                          "refusing to replace it.", hint="Choose a new or empty --out directory.")
-
-
-def _recorded_kind(marker: Path) -> str | None:
-    """The kind an output marker records; ``None`` where it records none (written before kinds were)."""
-    try:
-        with open(marker, "rb") as fh:
-            doc = json.loads(fh.read(4096).decode("utf-8", "replace"))
-    except (OSError, ValueError):
-        return None
-    kind = doc.get("kind") if isinstance(doc, dict) else None
-    return kind if isinstance(kind, str) else None
 
 
 def _check_not_an_input(out: Path, inputs: Collection[Path | str]) -> None:

@@ -26,7 +26,7 @@ class TensorRole:
     ``kind``: ``expert`` (per-expert tensor when ``expert`` is set, else fused along ``axis``),
     ``router`` (rows along ``axis``) or ``selection_bias`` (along ``axis``). Flattened layouts
     (DBRX ``[E·I, H]``) have ``rows_per_expert = I``. ``null``: rows after the ``E`` experts' of a
-    router or selection bias that belong to weightless identity experts (always kept, in order).
+    router or selection bias that belong to weightless null experts (always kept, in order).
     """
 
     layer: int

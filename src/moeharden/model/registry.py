@@ -108,7 +108,7 @@ class MoELayer:
     num_experts: int              # routed experts E (rows of the router that hold weights)
     top_k: int
     spec: FamilySpec
-    num_null: int = 0             # weightless identity experts scored after them (router rows E..E+Z-1)
+    num_null: int = 0             # weightless null experts scored after them (router rows E..E+Z-1)
 
     @property
     def router_rows(self) -> int:
