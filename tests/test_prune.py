@@ -140,3 +140,51 @@ def test_side_files_record_and_rerun(tiny_mixtral_ckpt, tmp_path):
     assert json.loads((out / "moeharden-prune.json").read_text())["keep"] == {"0": [2, 3], "1": [2, 3]}
     assert r2.timings["total"] >= r2.timings["write"] > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_shared_expert_gate_rows_are_kept_and_never_picked(tmp_path):
+    """Inkling's router scores its shared experts beside the routed ones (rows E…E+S-1 of the
+    router weight; their logits are normalised with the top-k ones into the shared experts'
+    gammas). Pruning to one expert keeps that expert's row, then every shared row; top-k drops to
+    the kept count (a shared row is never a pick); the selection bias keeps the routed row only;
+    and the pruned router's gammas equal a hand computation from the original router's weight."""
+    import torch.nn.functional as F
+    from families import build_tiny
+    from safetensors import safe_open
+
+    from moeharden.model.routing import record_routing
+
+    model, cfg = build_tiny("inkling_text")
+    layers = moe_layers(model)
+    E, S = layers[0].num_experts, cfg.n_shared_experts
+    assert S >= 1 and layers[0].num_null == S and layers[0].routable_null == 0
+    model.save_pretrained(tmp_path / "src")
+    keep = {li.layer: [5] for li in layers}
+    prune_checkpoint(tmp_path / "src", tmp_path / "out", keep)
+    out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (out_cfg["n_routed_experts"], out_cfg["num_experts_per_tok"], out_cfg["n_shared_experts"]) == (1, 1, S)
+    tensors = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            tensors |= {k: h.get_tensor(k) for k in h.keys()}
+    for li in layers:
+        prefix = f"model.layers.{li.layer}.mlp.gate."
+        assert torch.equal(tensors[prefix + "weight"], li.router_weight.detach()[[5] + list(range(E, E + S))])
+        assert torch.equal(tensors[prefix + "e_score_correction_bias"], li.selection_bias.detach()[[5]])
+    pruned = type(model).from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    seen = {}
+    hooks = [li.router.register_forward_hook(lambda m, a, out, li=li: seen.__setitem__(li.layer, (a[0], out)))
+             for li in moe_layers(pruned)]
+    with torch.no_grad(), record_routing(pruned, norms=False) as rec:
+        pruned(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for li, orig in zip(moe_layers(pruned), layers, strict=True):
+        assert (rec.layers[li.layer].indices == 0).all()                 # the one kept expert, never a shared row
+        x, (_, _, _, gammas) = seen[li.layer]
+        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), orig.router_weight.detach().float())
+        chosen = torch.cat([logits[:, [5]], logits[:, E:]], dim=-1)      # the kept expert's logit, the shared ones
+        lp = F.logsigmoid(chosen)
+        want = (lp - lp.logsumexp(-1, keepdim=True)).exp() * cfg.route_scale * float(orig.router.global_scale.detach())
+        assert torch.allclose(gammas.float(), want[:, 1:], rtol=1e-5, atol=1e-6)

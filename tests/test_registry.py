@@ -181,7 +181,7 @@ def test_pruned_config_builds_a_model_with_kept_experts(family):
         d1 = type(cfg).from_dict(pruned_config(spec, cfg.to_dict(), 1))
         with torch.device("meta"):
             m1 = model_class(family)(d1)
-        assert {li.top_k for li in moe_layers(m1)} == {min(k0, 1 + null_experts(spec, cfg))}   # null experts stay
+        assert {li.top_k for li in moe_layers(m1)} == {min(k0, 1 + null_experts(spec, cfg) * spec.null_routable)}   # null experts stay
     for bad in (0, 9):
         with pytest.raises(KeepSetError):
             pruned_config(spec, cfg.to_dict(), bad)

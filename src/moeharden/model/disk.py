@@ -167,6 +167,7 @@ def _classify(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) ->
         return TensorRole(layer, "expert", expert=int(pe.group(2)))
     null = null_experts(spec, config, layer)
     if spec.selection_bias and name.endswith(_SELECTION_BIAS + (spec.selection_bias.rsplit(".", 1)[-1],)):
+        null = null if spec.null_routable else 0          # shared experts' gates have no selection bias
         if null and (not shape or E is None or shape[-1] != E + null):
             raise UnsupportedModelError(f"{name}: selection bias of shape {shape}, expected {E} experts and "
                                         f"{null} null experts.")
@@ -221,7 +222,7 @@ def pruned_config(spec: FamilySpec, config_dict: dict, kept: int) -> dict:
         v = get_path(cfg, k)
         if v is not None:
             put(k, [kept] * len(v) if isinstance(v, (list, tuple)) else kept)
-    routable = kept + null_experts(spec, cfg)       # null experts stay routable
+    routable = kept + (null_experts(spec, cfg) if spec.null_routable else 0)   # null experts stay routable
     for k in spec.top_k_keys:
         v = get_path(cfg, k)
         if v is not None:

@@ -109,16 +109,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
                expert_keys=("num_experts",), shared_attrs=("shared_experts",), scale_key="router_scaling_factor",
                renorm_key="always"),
     FamilySpec("HY-V4", ("hy_v4",), **_DSV3, attention_projs=_MLA_PROJS),
-    FamilySpec("Inkling", ("inkling_text",), **_DSV3,
-               refuse="the router scores the shared experts together with the routed ones (E + shared logits, "
-                      "shared gammas), so its logits are not indexed by routed expert alone"),
-    FamilySpec("Inkling-2", ("inkling2_text",), **{**_DSV3, "shared_attrs": ()}, scale_key="route_scale",
+    FamilySpec("Inkling", ("inkling_text",), **{**_DSV3, "group_keys": None}, null_experts_key="n_shared_experts", null_output="gate",
+               scale_key="route_scale", combine="custom", attention_projs=("q_proj", "k_proj", "v_proj", "r_proj", "o_proj"),
+               notes="the router also scores the shared experts (n_shared_experts rows after the routed ones, "
+                     "normalised with the top-k logits into the shared experts' gammas): those rows are "
+                     "kept, never pruned, never picked"),
+    FamilySpec("Inkling-2", ("inkling2_text",), **{**_DSV3, "shared_attrs": (), "group_keys": None}, scale_key="route_scale",
                expert_mlp="custom", notes="softcapped SwiGLU experts",
                attention_projs=("q_proj.linear", "k_proj.linear", "v_proj.linear", "o_proj.linear", "o_proj.gate_proj",
                                 "sink_proj", "sconv.weight_proj"),
                renorm_key="always",
                tiny=(("unpadded_vocab_size", 64),)),
-    FamilySpec("Inkling-2 loop", ("inkling2_loop_text",), **{**_DSV3, "shared_attrs": ()}, scale_key="route_scale",
+    FamilySpec("Inkling-2 loop", ("inkling2_loop_text",), **{**_DSV3, "shared_attrs": (), "group_keys": None}, scale_key="route_scale",
                expert_mlp="custom", notes="softcapped SwiGLU experts",
                attention_projs=("q_proj.linear", "k_proj.linear", "v_proj.linear", "o_proj.linear", "o_proj.gate_proj",
                                 "sink_proj", "sconv.weight_proj"),

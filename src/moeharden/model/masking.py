@@ -66,7 +66,7 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
             kept = sorted(int(e) for e in keep[li.layer])
             m = torch.full((li.router_rows,), float("-inf"))
             m[kept] = 0.0
-            m[li.num_experts:] = 0.0                                  # null experts stay routable
+            m[li.num_experts:] = 0.0                                  # null experts (and shared gates) stay
             router = li.router
             orig_fwd = router.__dict__.get("forward")
 
@@ -86,8 +86,8 @@ def mask_experts(model, keep: Mapping[int, Sequence[int]]) -> Iterator[None]:
                 owner_path, _, attr = path.rpartition(".")
                 owner = get_path(li.block, owner_path) if owner_path else li.block
                 cur = getattr(owner, attr, None) if owner is not None else None
-                if isinstance(cur, int) and cur > len(kept) + li.num_null:
-                    setattr(owner, attr, len(kept) + li.num_null)
+                if isinstance(cur, int) and cur > len(kept) + li.routable_null:
+                    setattr(owner, attr, len(kept) + li.routable_null)
                     restore.append(("attr", (owner, attr), cur))
         yield
     finally:

@@ -116,6 +116,11 @@ class MoELayer:
         return self.num_experts + self.num_null
 
     @property
+    def routable_null(self) -> int:
+        """Null experts top-k may pick besides the kept experts (0 where the rows gate shared experts)."""
+        return self.num_null if self.spec.null_routable else 0
+
+    @property
     def top_k_paths(self) -> tuple[str, ...]:
         """Attribute paths (from ``block``) of the ints the block reads top-k from; masking caps them."""
         return self.spec.top_k_attrs

@@ -72,14 +72,15 @@ def _probs(li: MoELayer, router_out) -> torch.Tensor:
     """``[T, E]`` score function of the router logits the router returned (masked ones included); the
     scores of null experts (router rows after the ``E`` experts') are left out."""
     logits = router_out[li.spec.logits_at] if isinstance(router_out, (tuple, list)) else router_out
-    logits = logits.detach().reshape(-1, li.router_rows).float()
+    logits = logits.detach().float()
+    logits = logits.reshape(-1, logits.shape[-1])     # [T, E] or [T, E + null rows]
     if li.spec.score == "sigmoid":
         p = torch.sigmoid(logits)
     elif li.spec.score == "probs":       # the router already returns probabilities
         p = logits
     else:
         p = logits.T.softmax(0).T        # same values; softmax over a short last dim is ~7x slower on CPU
-    return p[:, :li.num_experts] if li.num_null else p
+    return p[:, :li.num_experts] if p.shape[1] > li.num_experts else p
 
 
 @contextmanager
@@ -144,7 +145,7 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             rec._add(li.layer, probs=_sel(p, _keep_rows(mask, p.shape[0])))
         handles.append(li.router.register_forward_hook(router_post))
     router_own = li.router.__dict__.get("forward")
-    if li.num_null:
+    if li.routable_null:
         def router_fwd(*args, _orig=li.router.forward, **kwargs):
             with _LastTopk() as seen:
                 out = _orig(*args, **kwargs)
@@ -197,7 +198,7 @@ def _record_sparse(li: MoELayer, rec: RoutingRecord, norms: bool, probs: bool, m
             del experts.forward                                      # back to the class method
         else:
             experts.forward = own
-        if li.num_null:
+        if li.routable_null:
             if router_own is None:
                 li.router.__dict__.pop("forward", None)
             else:

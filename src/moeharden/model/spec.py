@@ -50,7 +50,10 @@ class FamilySpec:
             what a pick of one adds — the token itself times the weight (``identity``) or nothing
             (``zero``, its weight is 0). Such a block hands its experts module remapped pairs, so the
             routing record takes the indices from the router's own ``torch.topk`` and the weights
-            from position ``router_weights_at`` of the router's output.
+            from position ``router_weights_at`` of the router's output. ``gate``: the rows are not
+            experts a token can pick but the gates of always-on shared experts, scored by the router
+            beside the routed ones (Inkling: their logits are normalised with the top-k ones); they
+            are kept like null rows but never count as routable (top-k ≤ kept).
     """
 
     name: str
@@ -84,11 +87,17 @@ class FamilySpec:
     refuse_when: tuple[tuple[str, str], ...] = ()   # (config key, reason): refused when the key is set
     null_experts_key: str | None = None    # config key of Z weightless experts (router rows E..E+Z-1)
     null_experts: int = 0                  # Z where the class fixes it (no config key)
-    null_output: Literal["identity", "zero"] = "identity"   # what a null pick adds: x·w, or nothing
+    null_output: Literal["identity", "zero", "gate"] = "identity"   # what a null pick adds: x·w, or nothing;
+                                                                    # gate: rows gating shared experts (no picks)
     router_weights_at: int = 1             # position of the top-k weights in the router's output tuple
     load_in_place: bool = True   # False: the class rewrites stored values on load (ZAYA's skip bias), so only
                                  # from_pretrained gives the model transformers users get
     refuse: str = ""             # why this family's routing cannot be masked/pruned exactly ("" = supported)
     notes: str = ""
+
+    @property
+    def null_routable(self) -> bool:
+        """Whether the null rows are experts top-k may pick (not the gates of always-on shared experts)."""
+        return self.null_output != "gate"
 
 
