@@ -362,7 +362,7 @@ def test_partition_routing_matches_an_independent_computation(tiny_demo_path):
     for h in hooks:
         h.remove()
     with torch.no_grad():
-        value = float(partition_routing(tap.inputs, batch.input_ids, batch.attention_mask, seed=3))
+        value = float(partition_routing(tap.logits, batch.input_ids, batch.attention_mask, seed=3))
     per_layer = []
     for li, out in zip(info, logits_seen, strict=True):
         logits = out[0] if isinstance(out, tuple) else out

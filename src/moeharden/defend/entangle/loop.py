@@ -25,7 +25,9 @@ Objective per step, on one single-task batch of every task (terms in :mod:`.loss
   of the vocabulary, −(1/k) Σ_j log p(e_j(v)) per token of id v (:func:`partition_routing`):
   experts specialise by token, not by task, so every task needs every expert.
 * ``L_spread``: per-task load balance, on single-task batches: Σ_layers (E·Σ_e p̄_e² − 1), where p̄
-  is the task's mean routing distribution (softmax of router logits); 0 when uniform.
+  is the task's mean routing distribution (softmax of the routed experts' logits, as each router
+  returns them); 0 when uniform. Every pruned sub-model (and training keep-count) is one the
+  family's routing can run with: with routing groups, the same count from every group.
 * optional TAR-style first-order simulated recovery: ``recovery_steps`` attacker steps on the
   pruned sub-model (on labels — cross-entropy — or, like the ``distill`` attack, on the full
   model's outputs; plain SGD or sign steps, which is what Adam's early steps are), then ℓ of
@@ -88,8 +90,9 @@ from moeharden.defend.entangle.resume import (
 from moeharden.errors import CheckpointError, InputError, UsageError
 from moeharden.io.interrupt import HeldInterrupt
 from moeharden.io.ranks import barrier, current, sum_
+from moeharden.model.keepset import valid_keep
 from moeharden.model.masking import mask_experts
-from moeharden.model.registry import moe_layers
+from moeharden.model.registry import moe_layers, routing_groups
 from moeharden.tasks.encoding import answer_logits, encode
 
 
@@ -110,6 +113,7 @@ class _Trainer:
     layers: list[int]
     num_experts: int
     keeps: list[int]
+    groups: int              # routing groups (keep-sets take the same count from each)
     attr_pool: dict = field(default_factory=dict)
     adv_pool: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -155,9 +159,14 @@ def _setup(model, tokenizer, tasks, recipe: EntangleRecipe) -> _Trainer:
     base = accel.unwrap_model(model)
     teacher.to(accel.device)
     info = moe_layers(base)
-    E = info[0].num_experts
+    E, spec = info[0].num_experts, info[0].spec
+    keeps = train_keeps(E, recipe.keep_ratios, lambda k: valid_keep(spec, base.config, k))
+    if not keeps:
+        raise InputError(f"None of the recipe's keep_ratios {list(recipe.keep_ratios)} gives a number of experts "
+                         f"below {E} that {spec.name} routing can run with (routing groups, minimum kept).",
+                         hint="Add larger keep_ratios to the recipe.")
     return _Trainer(recipe, tokenizer, list(tasks), accel, model, base, teacher, opt, sched, info,
-                    [li.layer for li in info], E, train_keeps(E, recipe.keep_ratios))
+                    [li.layer for li in info], E, keeps, routing_groups(spec, base.config))
 
 
 def _resume(tr: _Trainer, latest: Path) -> int:
@@ -196,7 +205,7 @@ def _unit_draws(tr: _Trainer, t, step: int, rng: random.Random) -> _Draws:
     ex = rng.sample(t.train, min(r.batch_size, len(t.train)))
     attr, adv = tr.attr_pool.get(t.name, []), tr.adv_pool.get(t.name, [])
     polish = step >= r.steps - r.polish_steps          # the last steps: the full model only
-    subsets = [sample_keepset(rng, r, attr, adv, tr.layers, tr.num_experts, tr.keeps)[1]
+    subsets = [sample_keepset(rng, r, attr, adv, tr.layers, tr.num_experts, tr.keeps, tr.groups)[1]
                for _ in range(0 if polish else r.subsets_per_step)]
     draws = _Draws(ex, subsets)
     if (r.recovery_term and not polish and step % r.recovery_every == 0
@@ -221,10 +230,10 @@ def _task_unit(tr: _Trainer, draws: _Draws, logs: dict[str, float], n_units: int
         al, at = answer_logits(logits, batch.labels)
         l_task = F.cross_entropy(al.float(), at)
         l_ret = kl_retain(logits, t_logits, batch.attention_mask)
-        l_spr = spread_loss(tap.inputs, batch.attention_mask)
+        l_spr = spread_loss(tap.logits, batch.attention_mask)
         loss = r.lambda_task * l_task + r.lambda_retain * l_ret + r.lambda_spread * l_spr
         if r.lambda_partition:
-            l_par = partition_routing(tap.inputs, batch.input_ids, batch.attention_mask, r.seed)
+            l_par = partition_routing(tap.logits, batch.input_ids, batch.attention_mask, r.seed)
             loss = loss + r.lambda_partition * l_par
             logs["partition"] = logs.get("partition", 0.0) + float(l_par.detach()) / n_units
     if r.lambda_cancel:
@@ -265,7 +274,7 @@ def _train_step(tr: _Trainer, step: int) -> dict[str, float]:
     if step % r.recompute_every == 0 or not tr.attr_pool:
         tr.base.eval()
         tr.attr_pool, tr.adv_pool = refresh_pools(tr.base, tr.tokenizer, tr.tasks, tr.layers, tr.num_experts,
-                                                  tr.keeps, r, rng, accel.device)
+                                                  tr.keeps, r, rng, accel.device, tr.groups)
         tr.model.train()
     logs = {"task": 0.0, "retain": 0.0, "spread": 0.0, "prune": 0.0}
     if r.recovery_term:

@@ -1,10 +1,10 @@
-"""The terms of the entanglement objective, each a function of logits or router inputs.
+"""The terms of the entanglement objective, each a function of model or router logits.
 
     L = λ_T · L_task(full) + λ_R · KL(p_orig ‖ p_θ) + λ_P · mean_S ℓ(θ_S) + λ_U · L_spread [+ λ_rec · ℓ(θ'_S)]
 
 :func:`kl_retain` is the KL term, :func:`pruned_hinge` the bounded ℓ of a pruned sub-model,
 :func:`pruned_divergence` the bounded push of a pruned sub-model's MoE-block outputs away from
-the full model's (block outputs captured by :class:`BlockTap`), :func:`spread_loss` the per-task load balance (router inputs captured by :class:`RouterTap`),
+the full model's (block outputs captured by :class:`BlockTap`), :func:`spread_loss` the per-task load balance (router logits captured by :class:`RouterTap`),
 :func:`partition_routing` the routers' pull toward a fixed token partition,
 and :func:`simulated_recovery` the optional TAR-style first-order simulated-recovery term. The
 task term is the plain answer cross-entropy of :mod:`moeharden.tasks.encoding`.
@@ -52,21 +52,25 @@ def pruned_hinge(logits: torch.Tensor, batch, recipe: EntangleRecipe) -> torch.T
     return F.relu(recipe.tau_token - ce).mean()
 
 
-def _router_logits(x: torch.Tensor, li: Any, keep: torch.Tensor) -> torch.Tensor:
-    """A router's float32 logits ``[N, E]`` on the non-pad rows ``keep`` of its input ``x``."""
-    return F.linear(x.reshape(-1, x.shape[-1])[keep], li.router_weight, li.router_bias).float()
+def _router_logits(logits: torch.Tensor, li: Any, keep: torch.Tensor) -> torch.Tensor:
+    """The routed experts' float32 logits ``[N, E]`` on the non-pad rows ``keep``, from what the router
+    returned (``logits`` ``[N, E + null rows]``): null experts' and shared-expert gates' rows are left
+    out, and a router that returns probabilities gives their logarithm (the same softmax)."""
+    t = logits.reshape(-1, logits.shape[-1])[keep].float()[:, :li.num_experts]
+    return t.clamp_min(1e-30).log() if li.spec.score == "probs" else t
 
 
-def spread_loss(router_inputs: Sequence[tuple[torch.Tensor, Any]], mask: torch.Tensor) -> torch.Tensor:
-    """Σ_layers (E·Σ_e p̄_e² − 1) over one single-task batch (0 when routing is uniform).
+def spread_loss(router_logits: Sequence[tuple[torch.Tensor, Any]], mask: torch.Tensor) -> torch.Tensor:
+    """Σ_layers (E·Σ_e p̄_e² − 1) over one single-task batch (0 when routing is uniform over the E
+    routed experts; p is the softmax of their logits).
 
     Args:
-        router_inputs: per MoE layer, (router input ``[B·T, H]`` with grad, MoELayer).
+        router_logits: per MoE layer, (the router's logits ``[B·T, E (+ null rows)]`` with grad, MoELayer).
         mask: ``[B, T]`` attention mask (padding excluded).
     """
     total = torch.zeros((), dtype=torch.float32)
     keep = mask.reshape(-1).bool()
-    for x, li in router_inputs:
+    for x, li in router_logits:
         pbar = torch.softmax(_router_logits(x, li, keep), -1).mean(0)          # [E]
         total = total + (pbar.numel() * (pbar ** 2).sum() - 1.0)
     return total
@@ -88,7 +92,7 @@ def partition_targets(token_ids: torch.Tensor, layer: int, num_experts: int, k: 
     return torch.topk(h ^ (h >> 13), k, dim=-1).indices
 
 
-def partition_routing(router_inputs: Sequence[tuple[torch.Tensor, Any]], input_ids: torch.Tensor,
+def partition_routing(router_logits: Sequence[tuple[torch.Tensor, Any]], input_ids: torch.Tensor,
                       mask: torch.Tensor, seed: int) -> torch.Tensor:
     """Cross-entropy of every router toward a fixed token partition (mean over layers).
 
@@ -100,18 +104,18 @@ def partition_routing(router_inputs: Sequence[tuple[torch.Tensor, Any]], input_i
     assigned. Its minimum is log k (the router splits each token evenly over its k experts).
 
     Args:
-        router_inputs: per MoE layer, (router input ``[B·T, H]`` with grad, MoELayer).
+        router_logits: per MoE layer, (the router's logits ``[B·T, E (+ null rows)]`` with grad, MoELayer).
         input_ids, mask: ``[B, T]`` token ids and attention mask (padding excluded).
         seed: the partition's key (the recipe's seed).
     """
     keep = mask.reshape(-1).bool()
     ids = input_ids.reshape(-1)[keep]
     total = torch.zeros((), dtype=torch.float32)
-    for x, li in router_inputs:
+    for x, li in router_logits:
         target = partition_targets(ids, li.layer, li.num_experts, li.top_k, seed)
         lp = torch.log_softmax(_router_logits(x, li, keep), -1)
         total = total - lp.gather(1, target).mean()
-    return total / max(1, len(router_inputs))
+    return total / max(1, len(router_logits))
 
 
 def pruned_divergence(pruned: Sequence[torch.Tensor], full: Sequence[torch.Tensor], mask: torch.Tensor,
@@ -226,23 +230,26 @@ class BlockTap(_HookTap):
 
 
 class RouterTap(_HookTap):
-    """Context manager capturing each router's input (with grad) during a forward pass.
+    """Context manager capturing the logits each router returns (with grad) during a forward pass.
+
+    The router's own output (position ``logits_at`` of its tuple), not a projection recomputed
+    from its input: routers that normalise or scale their input first (Gemma-4), or score through
+    an MLP (ZAYA), route by what they return.
 
     Args:
-        layers: the model's :func:`moeharden.model.registry.moe_layers`; ``inputs`` collects
-            ``(router input, MoELayer)`` pairs in call order.
+        layers: the model's :func:`moeharden.model.registry.moe_layers`; ``logits`` collects
+            ``(router logits, MoELayer)`` pairs in call order.
     """
 
     def __init__(self, layers):
         super().__init__(layers)
-        self.inputs: list[tuple[torch.Tensor, Any]] = []
+        self.logits: list[tuple[torch.Tensor, Any]] = []
 
     def __enter__(self):
         for li in self.layers:
-            def pre(module, args, kwargs, li=li):
-                x = args[0] if args else next(iter(kwargs.values()))
-                self.inputs.append((x, li))
-            self.handles.append(li.router.register_forward_pre_hook(pre, with_kwargs=True))
+            def post(module, args, out, li=li):
+                self.logits.append((out[li.spec.logits_at] if isinstance(out, (tuple, list)) else out, li))
+            self.handles.append(li.router.register_forward_hook(post))
         return self
 
 

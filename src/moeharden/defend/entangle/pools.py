@@ -10,7 +10,7 @@ model's task loss — the attacker's best choice on a batch). :func:`sample_keep
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +23,24 @@ from moeharden.tasks.encoding import answer_logits, encode
 KeepSet = dict[int, list[int]]          # {decoder layer: kept expert ids}
 
 
-def train_keeps(num_experts: int, ratios: Sequence[float]) -> list[int]:
-    """Keep-counts for training: round(r·E) for each ratio, within 1..E−1, deduplicated."""
-    return sorted({min(max(round(r * num_experts), 1), num_experts - 1) for r in ratios})
+def train_keeps(num_experts: int, ratios: Sequence[float], valid: Callable[[int], bool] | None = None) -> list[int]:
+    """Keep-counts for training: round(r·E) for each ratio, within 1..E−1, deduplicated.
+
+    With ``valid`` (whether the family's routing can run with a count: routing groups, minimums —
+    :func:`moeharden.model.keepset.valid_keep`), each count becomes the smallest valid count at or
+    above it below E (none: the ratio is dropped), the smallest sub-models an attacker can build.
+    """
+    counts = {min(max(round(r * num_experts), 1), num_experts - 1) for r in ratios}
+    if valid is not None:
+        counts = {next((c for c in range(k, num_experts) if valid(c)), 0) for k in counts} - {0}
+    return sorted(counts)
 
 
 @torch.no_grad()
 def attribution_pool(model, tokenizer, tasks, layers: list[int], num_experts: int, keeps: Sequence[int],
-                     methods: Sequence[str], batch_size: int = 32) -> dict[str, list[KeepSet]]:
-    """The keep-sets every observation-based attribution method picks, per task and keep-count.
+                     methods: Sequence[str], batch_size: int = 32, groups: int = 1) -> dict[str, list[KeepSet]]:
+    """The keep-sets every observation-based attribution method picks, per task and keep-count
+    (with group-limited routing, the same count from every routing group, as ``scan`` picks them).
 
     Returns:
         ``{task name: distinct keep-sets}``, in method-then-keep order.
@@ -45,7 +54,7 @@ def attribution_pool(model, tokenizer, tasks, layers: list[int], num_experts: in
         sets = []
         for m in methods:
             for k in keeps:
-                ks = keep_sets(scores[m], layers, k)
+                ks = keep_sets(scores[m], layers, k, groups=groups)
                 if ks not in sets:
                     sets.append(ks)
         pool[t.name] = sets
@@ -54,10 +63,12 @@ def attribution_pool(model, tokenizer, tasks, layers: list[int], num_experts: in
 
 @torch.no_grad()
 def adversarial_keepset(model, batch, start: KeepSet, num_experts: int, swaps: int,
-                        rng: random.Random) -> KeepSet:
+                        rng: random.Random, groups: int = 1) -> KeepSet:
     """Hill-climb over single-expert swaps to the keep-set whose pruned model has the lowest task CE.
 
-    This is the attacker's best response on this batch among the neighbours of ``start``.
+    This is the attacker's best response on this batch among the neighbours of ``start``. With
+    group-limited routing (``groups`` > 1) an expert is swapped for one of its own routing group,
+    so every neighbour keeps the same count per group (a keep-set the routing can run with).
     """
     def ce(keep):
         with mask_experts(model, keep):
@@ -70,6 +81,17 @@ def adversarial_keepset(model, batch, start: KeepSet, num_experts: int, swaps: i
     for _ in range(swaps):
         layer = rng.choice(layers)
         kept = best[layer]
+        if groups > 1:
+            size = num_experts // groups
+            drop = rng.choice(kept)
+            out_ids = [e for e in range(drop // size * size, (drop // size + 1) * size) if e not in kept]
+            if out_ids:
+                cand = {k: list(v) for k, v in best.items()}
+                cand[layer] = sorted([e for e in kept if e != drop] + [rng.choice(out_ids)])
+                c = ce(cand)
+                if c < best_ce:
+                    best, best_ce = cand, c
+            continue
         out_ids = [e for e in range(num_experts) if e not in kept]
         if not out_ids:
             continue
@@ -84,28 +106,29 @@ def adversarial_keepset(model, batch, start: KeepSet, num_experts: int, swaps: i
 
 
 def refresh_pools(model, tokenizer, tasks, layers: list[int], num_experts: int, keeps: Sequence[int],
-                  recipe: EntangleRecipe, rng: random.Random, device) -> tuple[dict, dict]:
+                  recipe: EntangleRecipe, rng: random.Random, device, groups: int = 1) -> tuple[dict, dict]:
     """Recompute the attribution pool and, from it, one adversarial keep-set per keep-count ≤ E/2.
 
     Returns:
         ``(attribution pool, adversarial pool)``, both ``{task name: [keep-set, ...]}``.
     """
     attr_pool = attribution_pool(model, tokenizer, tasks, layers, num_experts, keeps, recipe.attribution_methods,
-                                 recipe.batch_size)
+                                 recipe.batch_size, groups)
     adv_pool = {}
     for t in tasks:
         ex = rng.sample(t.attribution, min(recipe.batch_size, len(t.attribution)))
         b = encode(tokenizer, ex).to(device)
         adv_pool[t.name] = [adversarial_keepset(model, b, rng.choice([s for s in attr_pool[t.name]
                                                                       if len(s[layers[0]]) == k]),
-                                                num_experts, recipe.adversarial_swaps, rng)
+                                                num_experts, recipe.adversarial_swaps, rng, groups)
                             for k in keeps if k <= num_experts // 2]
     return attr_pool, adv_pool
 
 
 def sample_keepset(rng: random.Random, recipe: EntangleRecipe, attr: list, adv: list, layers: list[int],
-                   num_experts: int, keeps: Sequence[int]) -> tuple[str, KeepSet]:
-    """Draw one pruned sub-model S: attribution-picked, random, or adversarial (by recipe weights).
+                   num_experts: int, keeps: Sequence[int], groups: int = 1) -> tuple[str, KeepSet]:
+    """Draw one pruned sub-model S: attribution-picked, random, or adversarial (by recipe weights);
+    a random one keeps the same count from every routing group (``groups`` > 1).
 
     Returns:
         ``(source name, keep-set)``; an empty pool's source is never drawn.
@@ -118,4 +141,9 @@ def sample_keepset(rng: random.Random, recipe: EntangleRecipe, attr: list, adv: 
     if src == "adversarial":
         return src, rng.choice(adv)
     k = rng.choice(list(keeps))
+    if groups > 1:
+        size = num_experts // groups
+        return src, {layer: sorted(e for g in range(groups) for e in rng.sample(range(g * size, (g + 1) * size),
+                                                                                k // groups))
+                     for layer in layers}
     return src, {layer: sorted(rng.sample(range(num_experts), k)) for layer in layers}
