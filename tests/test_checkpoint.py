@@ -33,9 +33,9 @@ from moeharden.model.checkpoint import (
     load_model,
     load_tokenizer,
     resolve_checkpoint,
-    validate_checkpoint,
 )
 from moeharden.model.keepset import parse_keep, read_keep_file, to_json
+from moeharden.model.validate import validate_checkpoint
 
 
 def _copy(src, dst):
@@ -329,7 +329,7 @@ def test_parse_keep_reports_every_problem_at_once():
     with pytest.raises(KeepSetError) as err:
         parse_keep(raw, moe_layers=[0, 1, 2, 3], num_experts=8)
     msg = err.value.message
-    for part in ("twice", "outside 0..7", "'x' is not an integer", "list of integers", "[3] are missing"):
+    for part in ("twice", "outside 0..7", "'x' is not a layer number", "list of integers", "[3] are missing"):
         assert part in msg, msg
     with pytest.raises(KeepSetError, match="must be"):
         parse_keep([0, 1], moe_layers=[0], num_experts=8)

@@ -1,5 +1,5 @@
 """Output directories: the atomic swap (io.outputs.atomic_output_dir / replace_dir) and
-copy_side_files, the one way a derived checkpoint takes files from its source.
+copy_side_files (io.sidefiles), the one way a derived checkpoint takes files from its source.
 
 Each copy rule is checked on a source built to break it: a symlink to a secret outside the
 checkpoint, a FIFO (which would block a naive copy forever), custom code, stale integrity files,
@@ -15,13 +15,12 @@ import pytest
 from moeharden.errors import InputError
 from moeharden.io.outputs import (
     OUTPUT_MARKER,
-    SIDE_FILE_SKIP,
     atomic_output_dir,
     check_output_dir,
-    copy_side_files,
     replace_dir,
     temp_sibling,
 )
+from moeharden.io.sidefiles import SIDE_FILE_SKIP, copy_side_files
 
 
 # --------------------------------------------------------------------------- atomic output

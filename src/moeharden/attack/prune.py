@@ -69,9 +69,10 @@ def prune_checkpoint(src: Path, out: Path, keep: dict[int, list[int]], *, max_sh
         KeepSetError: invalid keep-set (wrong layers, counts, ids, group imbalance).
         CheckpointError, UnsupportedModelError, InputError (``out`` not replaceable, bad size).
     """
-    from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.outputs import atomic_output_dir, check_output_dir
     from moeharden.io.records import tool_info
     from moeharden.io.shards import contiguous_rows, parse_size, write_streaming_shards
+    from moeharden.io.sidefiles import copy_side_files
     from moeharden.model.adapter_check import AdapterCheck
     from moeharden.model.checkpoint import checkpoint_digest
     from moeharden.model.disk import pruned_config

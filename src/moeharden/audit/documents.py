@@ -11,7 +11,6 @@ The side documents of other commands (prune record, entangle.json, manifest) are
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -19,7 +18,8 @@ from pydantic import Field, ValidationError
 
 from moeharden.audit.base import Record, ToolInfo, stamp  # noqa: F401  (re-exported for the documents' users)
 from moeharden.audit.ladder_records import LadderSection
-from moeharden.errors import InputError, MoehardenError, validation_problems
+from moeharden.errors import InputError, IntegrityError, MoehardenError, validation_problems
+from moeharden.io.files import MAX_DOCUMENT, parse_json, read_small_text
 
 SCAN_SCHEMA = "moeharden.scan/1"
 VERIFY_SCHEMA = "moeharden.verify/1"
@@ -248,36 +248,35 @@ def parse_document(raw: Any, kind: type[D], *, where: str, error: type[Moeharden
         raise error(f"{where} nests too deeply to be a {expected} document.") from None
 
 
-def load_document(path: Path, kind: type[D], *, error: type[MoehardenError] = InputError) -> D:
-    """Read and validate a report JSON from disk.
+def load_document(path: Path, kind: type[D], *, error: type[MoehardenError] = InputError,
+                  file_error: type[MoehardenError] | None = None, follow_links: bool | None = None) -> D:
+    """Read and validate a report JSON from disk (a bounded read of a regular file).
 
     Args:
         path: the JSON file.
         kind: the document model (e.g. :class:`ScanDocument`).
-        error: the error type to raise (``IntegrityError`` for manifests).
+        error: the error type to raise for its contents (``IntegrityError`` for manifests).
+        file_error: the error type when ``path`` cannot be read as a document file (missing, a
+            directory, a FIFO or device, a refused symlink, over :data:`~moeharden.io.files.MAX_DOCUMENT`
+            bytes); default ``error``. A file the user names (``verify --manifest``) passes
+            ``InputError``: a wrong path is an input error even where bad contents are a tamper.
+        follow_links: whether a symlink at ``path`` is followed. Default: yes, unless ``error`` is an
+            :class:`IntegrityError` — such a document is trusted only with the signature of the
+            directory it lies in, which never covers a link (model-signing refuses them), so a link
+            could only lead verify to open a file outside the release.
     Returns:
         the validated document.
     Raises:
-        InputError (or ``error``): missing file, a directory, unreadable or non-UTF-8 bytes, invalid or
-        too deeply nested JSON, a different schema, or fields of the wrong type.
+        InputError (or ``error`` / ``file_error``): missing file, a directory, FIFO, device or refused
+        symlink, a file over the size cap, non-UTF-8 bytes, invalid or too deeply nested JSON, a key
+        twice in one object, an integer too long to convert, a different schema, or fields of the
+        wrong type.
     """
     path = Path(path)
     expected = kind.SCHEMA  # type: ignore[attr-defined]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"Report file {path} does not exist.",
-                    hint=f"Pass the {expected} JSON written by the matching moeharden command.") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a directory, not a {expected} JSON file.",
-                    hint="Point at the JSON file inside it (e.g. DIR/scan.json).") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise error(f"Could not read {path}: {err}.") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise error(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}).",
-                    hint=f"Pass the {expected} JSON written by the matching moeharden command.") from None
-    except RecursionError:
-        raise error(f"{path} nests too deeply to be a {expected} document.") from None
+    if follow_links is None:
+        follow_links = not issubclass(error, IntegrityError)
+    text = read_small_text(path, what=f"{expected} document", max_bytes=MAX_DOCUMENT,
+                           error=file_error or error, follow_links=follow_links)
+    raw = parse_json(text, where=str(path), error=error)
     return parse_document(raw, kind, where=str(path), error=error)

@@ -10,12 +10,13 @@ exit code).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from moeharden.audit.documents import load_document
 from moeharden.audit.records import ManifestDocument
 from moeharden.audit.verdict import Derivation, IntegrityReport, SignatureCheck, TensorCheck
-from moeharden.errors import CheckpointError, IntegrityError, MoehardenError
+from moeharden.errors import CheckpointError, InputError, IntegrityError, MoehardenError
 
 
 def _layout(path: Path):
@@ -24,11 +25,15 @@ def _layout(path: Path):
     return checkpoint_layout(path)
 
 
-def _load_manifest(path: Path) -> ManifestDocument:
-    if not Path(path).exists():
-        raise IntegrityError(f"No moeharden manifest at {path}.",
-                             hint="Pass --manifest of the original release, or lock the checkpoint first.")
-    return load_document(path, ManifestDocument, error=IntegrityError)
+def _load_manifest(path: Path, *, given: bool = False) -> ManifestDocument:
+    """The manifest at ``path``; ``given``: the user named it (``--manifest``), so a path that is not a
+    readable document file (a FIFO, a device, a directory) is an input error, not a tamper."""
+    if not os.path.lexists(path):
+        raise (InputError if given else IntegrityError)(
+            f"No moeharden manifest at {path}.",
+            hint="Pass --manifest of the original release, or lock the checkpoint first.")
+    return load_document(path, ManifestDocument, error=IntegrityError,
+                         file_error=InputError if given else IntegrityError)
 
 
 def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None = None) -> IntegrityReport:
@@ -54,7 +59,7 @@ def verify_integrity(ckpt: Path, *, pubkey: Path | None, manifest: Path | None =
         raise CheckpointError(f"{ckpt} is not a directory." if ckpt.exists() else f"{ckpt} does not exist.",
                               hint="Pass the released checkpoint directory.")
     man_path = Path(manifest) if manifest is not None else ckpt / MANIFEST_NAME
-    man = _load_manifest(man_path)
+    man = _load_manifest(man_path, given=manifest is not None)
     res = IntegrityReport(checkpoint=str(ckpt), manifest=str(man_path))
     # 1. the signature: over the checkpoint itself when it carries one, else over the original
     #    release the manifest came from (it must be intact for the manifest to be trusted)

@@ -7,63 +7,16 @@ HTML embeds its plots as inline PNG (base64), so the file can be mailed or archi
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from moeharden.audit.documents import ScanDocument, load_document
+from moeharden.audit.report_format import dicts, fmt, html_table, img, md_table, page
 from moeharden.audit.verdict import VerifyDocument
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}
-.pass{color:#137333;font-weight:600}.fail{color:#b3261e;font-weight:600}
-.meta{color:#666;font-size:.85em}img{max-width:100%;margin:.4em 0;border:1px solid #eee}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:1em}
-"""
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for r in rows:
-        cells = []
-        for c in r:
-            text = _fmt(c)
-            cls = ' class="pass"' if text == "pass" else ' class="fail"' if text == "FAIL" else ""
-            cells.append(f"<td{cls}>{html.escape(text)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _dicts(rows) -> list[dict[str, Any]]:
-    """Plain JSON rows for the plots (which take data read from a report, never models)."""
-    return [r.to_json() for r in rows]
-
+REPORT_NAMES = ("report.md", "report.html")
 
 def headline_rows(scan: ScanDocument) -> list[list[Any]]:
     """Per task: the best attacker's retained fraction at 25% and 50% of experts kept."""
@@ -97,11 +50,6 @@ def _target(scan: ScanDocument, full: float | None) -> float | None:
     if full is None or scan.recovery_settings is None:
         return None
     return scan.recovery_settings.target_fraction * full
-
-
-def _page(title: str, parts: Sequence[str]) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
 HEADSTART_HEADER = ["task", "attack", "target", "labels: pruned", "shared", "scratch", "expert head start (labels)",
@@ -141,7 +89,7 @@ def ladder_parts(doc: ScanDocument, task: str, label: str = "") -> list[str]:
         png = plots.ladder_curves(task, attack, curves, target=doc.ladder.summary[task].target,
                                   full=t.full if t else None,
                                   title=f"{task}{f' ({label})' if label else ''}: {attack} ladder")
-        out.append(_img(png, f"{task} {attack} ladder {label}"))
+        out.append(img(png, f"{task} {attack} ladder {label}"))
     return out
 
 
@@ -152,12 +100,12 @@ def headstart_md(doc: ScanDocument, heading: str) -> list[str]:
     return [f"## {heading}", "", "Labels (distill: prompts) to reach the target, and mean metric over the ladder, "
             "for the stolen pruned copy and the `shared` (non-expert weights, fresh experts) and `scratch` "
             "references; `>N`: not reached on a ladder that stops at N.", "",
-            _md_table(HEADSTART_HEADER, rows), ""]
+            md_table(HEADSTART_HEADER, rows), ""]
 
 
 def headstart_html(doc: ScanDocument, heading: str) -> list[str]:
     rows = headstart_rows(doc)
-    return [f"<h2>{html.escape(heading)}</h2>", _html_table(HEADSTART_HEADER, rows)] if rows else []
+    return [f"<h2>{html.escape(heading)}</h2>", html_table(HEADSTART_HEADER, rows)] if rows else []
 
 
 NULL_HEADER = ["task", "attack", "trials", "row fails at the limit", "area: median / max",
@@ -187,11 +135,15 @@ def null_text(verify) -> str:
 
 
 def render_scan(scan: ScanDocument, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` for a scan into ``out_dir``; returns both paths."""
+    """Write ``report.md`` and ``report.html`` for a scan into ``out_dir``; returns both paths.
+
+    Raises:
+        InputError: one of them may not be written there (:func:`_write_reports`).
+    """
     from moeharden.audit import plots
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_reports(out_dir)                 # before the plots: a refusal costs nothing
     model = scan.model
     E = model.num_experts
     title = f"moeharden scan — {model.name or model.path}"
@@ -200,29 +152,29 @@ def render_scan(scan: ScanDocument, out_dir: Path) -> tuple[Path, Path]:
     md = [f"# {title}", "", f"_{meta}_", "", "## Headline", "",
           "If someone steals this checkpoint and keeps only the experts a task uses, this much of the "
           "task survives (best attacker per task; retained = pruned ÷ full metric):", "",
-          _md_table(HEADLINE_HEADER, headline_rows(scan)), ""]
+          md_table(HEADLINE_HEADER, headline_rows(scan)), ""]
     parts = [f"<h1>{html.escape(title)}</h1><p class='meta'>{html.escape(meta)}</p>", "<h2>Headline</h2>",
              "<p>If someone steals this checkpoint and keeps only the experts a task uses, this much of "
              "the task survives (best attacker per task; retained = pruned ÷ full metric).</p>",
-             _html_table(HEADLINE_HEADER, headline_rows(scan))]
+             html_table(HEADLINE_HEADER, headline_rows(scan))]
     for t in scan.tasks:
         name = t.name
         rows = [r for r in scan.sweep if r.task == name]
         header, table = sweep_table(scan, name)
-        md += [f"## Task `{name}`", "", f"metric {t.metric}: full {_fmt(t.full)}, chance {_fmt(t.chance)}",
-               "", "Retained fraction by method and experts kept per layer:", "", _md_table(header, table), ""]
+        md += [f"## Task `{name}`", "", f"metric {t.metric}: full {fmt(t.full)}, chance {fmt(t.chance)}",
+               "", "Retained fraction by method and experts kept per layer:", "", md_table(header, table), ""]
         parts += [f"<h2>Task <code>{html.escape(name)}</code></h2>",
-                  f"<p>metric {html.escape(t.metric)}: full {_fmt(t.full)}, chance {_fmt(t.chance)}</p>",
-                  _html_table(header, table)]
+                  f"<p>metric {html.escape(t.metric)}: full {fmt(t.full)}, chance {fmt(t.chance)}</p>",
+                  html_table(header, table)]
         if rows:
-            parts.append(_img(plots.retained_curves(name, E, _dicts(rows)), f"{name} retained vs keep"))
+            parts.append(img(plots.retained_curves(name, E, dicts(rows)), f"{name} retained vs keep"))
         mats = {m: per_task[name] for m, per_task in scan.attribution.items() if name in per_task}
         if mats and model.moe_layers:
-            parts.append(_img(plots.attribution_heatmaps(name, model.moe_layers, mats), f"{name} attribution heatmaps"))
+            parts.append(img(plots.attribution_heatmaps(name, model.moe_layers, mats), f"{name} attribution heatmaps"))
         rec = [r for r in scan.recovery or [] if r.task == name]
         for keep in sorted({r.keep for r in rec}):
-            sub = _dicts(r for r in rec if r.keep == keep)
-            parts.append(_img(plots.recovery_curves(name, keep, sub, full=t.full), f"{name} recovery keep {keep}"))
+            sub = dicts(r for r in rec if r.keep == keep)
+            parts.append(img(plots.recovery_curves(name, keep, sub, full=t.full), f"{name} recovery keep {keep}"))
         parts += ladder_parts(scan, name)
     md += headstart_md(scan, "Head starts (adaptive attack on the ladder)")
     parts += headstart_html(scan, "Head starts (adaptive attack on the ladder)")
@@ -230,15 +182,33 @@ def render_scan(scan: ScanDocument, out_dir: Path) -> tuple[Path, Path]:
         ltr = scan.labels_to_recover
         strategies = sorted({s for v in ltr.values() for s in v})
         lrows = [[task] + [v.get(s) for s in strategies] for task, v in ltr.items()]
-        md += ["## Labels to recover", "", _md_table(["task"] + strategies, lrows), ""]
-        parts += ["<h2>Labels to recover</h2>", _html_table(["task"] + strategies, lrows)]
+        md += ["## Labels to recover", "", md_table(["task"] + strategies, lrows), ""]
+        parts += ["<h2>Labels to recover</h2>", html_table(["task"] + strategies, lrows)]
     if scan.timings:
         trows = [[k, v] for k, v in scan.timings.items()]
-        md += ["## Timings (s)", "", _md_table(["step", "seconds"], trows), ""]
-        parts += ["<h2>Timings (s)</h2>", _html_table(["step", "seconds"], trows)]
-    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text(_page(title, parts))
+        md += ["## Timings (s)", "", md_table(["step", "seconds"], trows), ""]
+        parts += ["<h2>Timings (s)</h2>", html_table(["step", "seconds"], trows)]
+    return _write_reports(out_dir, "\n".join(md) + "\n", page(title, parts))
+
+
+def _check_reports(out_dir: Path) -> None:
+    from moeharden.io.outputs import check_files_writable
+
+    if out_dir.is_dir():
+        check_files_writable(out_dir, REPORT_NAMES)
+
+
+def _write_reports(out_dir: Path, md: str, html_text: str) -> tuple[Path, Path]:
+    """Write both reports into ``out_dir``, each atomically: never over a file moeharden did not write
+    there, never through a link (:func:`moeharden.io.outputs.write_files`).
+
+    Raises:
+        InputError: ``report.md`` or ``report.html`` in ``out_dir`` is a link, not a regular file, or
+            a file moeharden did not write.
+    """
+    from moeharden.io.outputs import write_files
+
+    md_path, html_path = write_files(out_dir, dict(zip(REPORT_NAMES, (md, html_text), strict=True)))
     return md_path, html_path
 
 
@@ -258,10 +228,10 @@ GATE_HEADER = ["check", "task", "keep", "attack", "value", "95% interval", "thre
 
 def gate_table_rows(verify: VerifyDocument) -> list[list[Any]]:
     def iv(r):
-        return None if r.lo is None and r.hi is None else f"[{_fmt(r.lo)}, {_fmt(r.hi)}]"
+        return None if r.lo is None and r.hi is None else f"[{fmt(r.lo)}, {fmt(r.hi)}]"
 
     def area(r):
-        return None if r.area is None else f"{_fmt(r.area)} (≤ {_fmt(r.area_threshold)})"
+        return None if r.area is None else f"{fmt(r.area)} (≤ {fmt(r.area_threshold)})"
 
     return [[r.check, r.task or "—", r.keep, r.attack, r.value, iv(r), f"{r.op} {r.threshold}", area(r),
              r.status.upper() if not r.passed or r.status == "inconclusive" else "pass"] for r in verify.gate]
@@ -278,8 +248,8 @@ def model_card_snippet(before: ScanDocument, verify: VerifyDocument) -> str:
     for t in after.tasks:
         b = before.task(t.name)
         bh, ah = before.headline.get(t.name), after.headline.get(t.name)
-        lines.append(f"| {t.name} | {_fmt(b.full if b else None)} → {_fmt(t.full)} | "
-                     f"{_fmt(bh.keep_50.retained if bh else None)} → {_fmt(ah.keep_50.retained if ah else None)} |")
+        lines.append(f"| {t.name} | {fmt(b.full if b else None)} → {fmt(t.full)} | "
+                     f"{fmt(bh.keep_50.retained if bh else None)} → {fmt(ah.keep_50.retained if ah else None)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,7 +262,7 @@ def _verify_task_parts(before: ScanDocument, after: ScanDocument, name: str) -> 
     for label, doc in (("before", before), ("after", after)):
         rows = [r for r in doc.sweep if r.task == name]
         if rows:
-            parts.append(_img(plots.retained_curves(name, E, _dicts(rows), title=f"{name}: {label}"),
+            parts.append(img(plots.retained_curves(name, E, dicts(rows), title=f"{name}: {label}"),
                               f"{name} retained {label}"))
     parts.append("</div><div class='grid'>")
     for label, doc in (("before", before), ("after", after)):
@@ -300,8 +270,8 @@ def _verify_task_parts(before: ScanDocument, after: ScanDocument, name: str) -> 
         t = doc.task(name)
         full = t.full if t else None
         for keep in sorted({r.keep for r in rec}):
-            sub = _dicts(r for r in rec if r.keep == keep and r.mode in ("full", "distill"))
-            parts.append(_img(plots.recovery_curves(f"{name} ({label})", keep, sub, full=full,
+            sub = dicts(r for r in rec if r.keep == keep and r.mode in ("full", "distill"))
+            parts.append(img(plots.recovery_curves(f"{name} ({label})", keep, sub, full=full,
                                                     target=_target(doc, full)), f"{name} recovery {label}"))
     parts.append("</div><div class='grid'>")
     for label, doc in (("before", before), ("after", after)):
@@ -309,49 +279,50 @@ def _verify_task_parts(before: ScanDocument, after: ScanDocument, name: str) -> 
     parts.append("</div>")
     mats = {m: per[name] for m, per in after.attribution.items() if name in per}
     if mats and after.model.moe_layers:
-        parts.append(_img(plots.attribution_heatmaps(f"{name} (after)", after.model.moe_layers, mats),
+        parts.append(img(plots.attribution_heatmaps(f"{name} (after)", after.model.moe_layers, mats),
                           f"{name} heatmaps after"))
     return parts
 
 
 def render_verify(before: ScanDocument, verify: VerifyDocument, out_dir: Path) -> tuple[Path, Path]:
-    """Before/after report: gate table, retained-vs-keep side by side, recovery curves, heatmaps."""
+    """Before/after report: gate table, retained-vs-keep side by side, recovery curves, heatmaps.
+
+    Raises:
+        InputError: ``report.md`` or ``report.html`` may not be written into ``out_dir`` (:func:`_write_reports`).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_reports(out_dir)
     after = verify.attack
     verdict = "PASSED" if verify.passed else "FAILED"
     title = f"moeharden verify — {after.model.name}: gate {verdict}"
     md = [f"# {title}", "", f"_moeharden {verify.tool.version} · {verify.created}_", "",
-          "## Gate", "", _md_table(GATE_HEADER, gate_table_rows(verify)), ""]
+          "## Gate", "", md_table(GATE_HEADER, gate_table_rows(verify)), ""]
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class='meta'>moeharden {html.escape(verify.tool.version)} · {html.escape(verify.created)}</p>",
-             "<h2>Gate</h2>", _html_table(GATE_HEADER, gate_table_rows(verify))]
+             "<h2>Gate</h2>", html_table(GATE_HEADER, gate_table_rows(verify))]
     if verify.integrity is not None:
         md += ["## Manifest", "", f"integrity ok: {verify.integrity.ok}", ""]
         parts.append(f"<h2>Manifest</h2><p>integrity ok: <b>{verify.integrity.ok}</b></p>")
-    md += ["## Headline (before → after)", "", "Before:", "", _md_table(HEADLINE_HEADER, headline_rows(before)), "",
-           "After:", "", _md_table(HEADLINE_HEADER, headline_rows(after)), ""]
-    parts += ["<h2>Headline</h2><h3>Before</h3>", _html_table(HEADLINE_HEADER, headline_rows(before)),
-              "<h3>After</h3>", _html_table(HEADLINE_HEADER, headline_rows(after))]
+    md += ["## Headline (before → after)", "", "Before:", "", md_table(HEADLINE_HEADER, headline_rows(before)), "",
+           "After:", "", md_table(HEADLINE_HEADER, headline_rows(after)), ""]
+    parts += ["<h2>Headline</h2><h3>Before</h3>", html_table(HEADLINE_HEADER, headline_rows(before)),
+              "<h3>After</h3>", html_table(HEADLINE_HEADER, headline_rows(after))]
     md += headstart_md(before, "Head starts before (baseline)") + headstart_md(after, "Head starts after (hardened)")
     parts += headstart_html(before, "Head starts before (baseline)") + headstart_html(after, "Head starts after (hardened)")
     if verify.head_start_null is not None:
         md += ["## Expert head start at the physical limit", "", null_text(verify), "",
-               _md_table(NULL_HEADER, null_rows_table(verify)), ""]
+               md_table(NULL_HEADER, null_rows_table(verify)), ""]
         parts += ["<h2>Expert head start at the physical limit</h2>", f"<p>{html.escape(null_text(verify))}</p>",
-                  _html_table(NULL_HEADER, null_rows_table(verify))]
+                  html_table(NULL_HEADER, null_rows_table(verify))]
     for t in after.tasks:
         parts += _verify_task_parts(before, after, t.name)
         for label, doc in (("before", before), ("after", after)):
             header, table = sweep_table(doc, t.name)
-            md += [f"### {t.name} — retained by method and keep ({label})", "", _md_table(header, table), ""]
+            md += [f"### {t.name} — retained by method and keep ({label})", "", md_table(header, table), ""]
     snippet = model_card_snippet(before, verify)
     md += ["## Model-card snippet", "", "```markdown", snippet, "```", ""]
     parts += ["<h2>Model-card snippet</h2><pre>", html.escape(snippet), "</pre>"]
-    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text(_page(title, parts))
-    return md_path, html_path
+    return _write_reports(out_dir, "\n".join(md) + "\n", page(title, parts))
 
 
 def render_before_after(before_json: Path, verify_json: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -368,21 +339,34 @@ def render_before_after(before_json: Path, verify_json: Path, out_dir: Path) -> 
 def render_reports(inputs: Sequence[Path], out: Path | None = None) -> tuple[Path, Path]:
     """What `moeharden report` runs: re-render one scan.json, or a before/after pair.
 
+    Where the reports go: ``report.md`` and ``report.html`` in ``out``, or beside the last JSON. A
+    missing or empty ``out`` is created and marked as moeharden's. An existing ``report.md`` or
+    ``report.html`` is replaced only when moeharden wrote it there (the directory's
+    ``.moeharden-output`` marker lists it, as in a ``scan`` or ``verify`` output); a file of the
+    user's, a symbolic link (wherever it points) or an ``out`` that is a link is refused before
+    anything is written. Each file is written to a temporary file and renamed into place.
+
     Args:
         inputs: ``[scan.json]`` or ``[BEFORE/scan.json, AFTER/verify.json]``.
         out: output directory (default: beside the last JSON).
     Returns:
         the Markdown and HTML paths.
     Raises:
-        UsageError: not one or two inputs. InputError: invalid documents.
+        UsageError: not one or two inputs. InputError: invalid documents, or a report path that may
+        not be written (see above).
     """
     from moeharden.errors import UsageError
     from moeharden.io.outputs import prepare_files_dir
 
-    if out is not None and len(inputs) in (1, 2):     # never overwrite a report.md moeharden did not write
-        prepare_files_dir(out, ("report.md", "report.html"))
-    if len(inputs) == 1:
-        return rerender(inputs[0], out)
-    if len(inputs) == 2:
-        return render_before_after(inputs[0], inputs[1], out or Path(inputs[1]).parent)
-    raise UsageError("report takes one scan.json, or BEFORE/scan.json and AFTER/verify.json.")
+    if len(inputs) not in (1, 2):
+        raise UsageError("report takes one scan.json, or BEFORE/scan.json and AFTER/verify.json.")
+    if out is not None:                 # a refused --out is reported first, and nothing is created yet
+        prepare_files_dir(out, REPORT_NAMES, check_only=True)
+    docs = ([load_document(inputs[0], ScanDocument)] if len(inputs) == 1
+            else [load_document(inputs[0], ScanDocument), load_document(inputs[1], VerifyDocument)])
+    if out is not None:                 # created and marked once the documents are valid
+        prepare_files_dir(out, REPORT_NAMES)
+    target = Path(out) if out is not None else Path(inputs[-1]).parent
+    if len(docs) == 1:
+        return render_scan(docs[0], target)
+    return render_verify(docs[0], docs[1], target)

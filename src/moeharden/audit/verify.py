@@ -12,6 +12,7 @@ threshold and pass/fail. A failing gate is a result (``passed`` False), not an e
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -131,7 +132,9 @@ def verify(ckpt: str, settings: VerifySettings) -> VerifyResult | IntegrityRepor
 
 def _integrity(path: Path, settings: VerifySettings) -> IntegrityReport | None:
     man = settings.manifest if settings.manifest is not None else (path / "moeharden-manifest.json")
-    if Path(man).exists():
+    # lexists: a dangling link where the manifest should be is a tampered release, not an unlocked one;
+    # a release that carries a signature is a locked one whether or not its manifest is still there
+    if os.path.lexists(man) or (settings.manifest is None and os.path.lexists(path / "model.sig")):
         if settings.pubkey is None:
             raise UsageError("The checkpoint carries a moeharden manifest; pass --pubkey to check its signature.")
         from moeharden.audit.integrity import verify_integrity
@@ -182,8 +185,9 @@ def verify_attacks(ckpt: str, baseline: Path, out: Path, *, settings: VerifySett
     from moeharden.io.journal import remove_journal
     from moeharden.io.outputs import atomic_output_dir, check_output_dir
     from moeharden.io.ranks import current
-    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint, validate_checkpoint
+    from moeharden.model.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from moeharden.model.registry import moe_layers
+    from moeharden.model.validate import validate_checkpoint
 
     settings = settings or VerifySettings()
     base = load_document(baseline, ScanDocument)

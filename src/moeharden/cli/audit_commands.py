@@ -129,7 +129,12 @@ def report(
     public: PublicOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-render reports (Markdown, HTML) from their JSON alone."""
+    """Re-render reports (Markdown, HTML) from their JSON alone.
+
+    Writes report.md and report.html into --out (created if missing) or beside the JSON. An existing
+    report file is replaced only if moeharden wrote it there (e.g. a scan or verify output); a file of
+    yours or a symbolic link at those paths, or an --out that is a link, is refused (exit 3).
+    """
     json_flag(json_out)
     from moeharden.audit.report import render_reports
 

@@ -237,9 +237,10 @@ def _lock_into(src, out, settings, cfg, spec, files, roles, pol, check, ckpt):
     """The locked copy of ``src`` built in a temporary sibling of ``out`` and published once
     ``check`` (the family self-check) has passed."""
     from moeharden.defend.manifest import disk_groups
-    from moeharden.defend.signing import sign_directory
-    from moeharden.io.outputs import atomic_output_dir, copy_side_files
+    from moeharden.defend.signing import SIGNATURE_NAME, sign_directory
+    from moeharden.io.outputs import atomic_output_dir, record_files
     from moeharden.io.shards import INDEX_NAME, PlannedTensor, write_streaming_shards
+    from moeharden.io.sidefiles import copy_side_files
 
     trust_remote_code = settings.trust_remote_code
     groups = disk_groups(src, files, spec, cfg, roles)
@@ -271,6 +272,7 @@ def _lock_into(src, out, settings, cfg, spec, files, roles, pol, check, ckpt):
         (tmp / "README.md").write_text(model_card(readme, pol, Path(str(ckpt)).name))
         manifest = build_manifest(tmp, pol, source=str(ckpt))
         (tmp / MANIFEST_NAME).write_text(manifest.to_file_text(indent=1))
+        record_files(tmp, also=(SIGNATURE_NAME,))     # the marker lists what lock wrote, before it is signed
         sign_directory(tmp, key=settings.key, keyless=settings.keyless)
         check.wait()                     # before the output is published: a failure discards it
     return manifest, pol

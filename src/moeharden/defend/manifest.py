@@ -121,6 +121,12 @@ def fingerprints(files, spec, config, roles) -> dict[str, dict[str, list[float]]
                     w = t.narrow(role.axis, idx * r, r) if r > 1 else t.select(role.axis, idx)
                 parts.append(sketch_matrix(w))
             v = torch.cat(parts)
+            if not bool(torch.isfinite(v).all()):      # NaN/inf weights: no fingerprint (JSON has no NaN)
+                from moeharden.errors import CheckpointError
+
+                names = ", ".join(sorted({info.name for _k, (info, _r, _i) in where[layer][e]}))
+                raise CheckpointError(f"Expert {e} of layer {layer} holds non-finite weights (NaN or inf) in {names}.",
+                                      hint="The checkpoint is damaged; a release must not carry it.")
             out.setdefault(str(layer), {})[str(e)] = [round(float(x), 6) for x in v / v.norm().clamp(min=1e-12)]
     return out
 

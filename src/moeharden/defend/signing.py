@@ -9,9 +9,11 @@ marker, ``.git*`` files included — except itself, so any added, removed or cha
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from moeharden.errors import InputError, IntegrityError, NetworkError
+from moeharden.io.files import MAX_DOCUMENT, read_small_bytes
 
 SIGNATURE_NAME = "model.sig"
 PRIVATE_NAME, PUBLIC_NAME = "moeharden.key", "moeharden.pub"
@@ -96,15 +98,22 @@ def verify_directory(model_dir: Path, *, pubkey: Path | None = None, keyless_ide
                      keyless_issuer: str | None = None) -> None:
     """Check ``model_dir/model.sig`` against every file of the directory.
 
+    The signature is read here, bounded and never through a link, and model-signing checks that copy:
+    a FIFO or device planted as ``model.sig`` can neither hang verify nor exhaust its memory, a link
+    cannot make it read a file outside the release, and the file cannot be swapped after the check.
+
     Raises:
-        IntegrityError: missing or tampered signature, wrong key, or any file changed/added/removed.
+        IntegrityError: missing, tampered or non-regular signature (a FIFO, device, directory or
+            symlink), wrong key, or any file changed/added/removed.
         InputError: neither a public key nor a keyless identity given, or an unreadable key.
     """
     _, hashing, _, verifying = _ms()
     sig = Path(model_dir) / SIGNATURE_NAME
-    if not sig.exists():
+    if not os.path.lexists(sig):
         raise IntegrityError(f"{model_dir} carries no signature ({SIGNATURE_NAME}).",
                              hint="Sign it with `moeharden lock`, or verify the right directory.")
+    signature = read_small_bytes(sig, what="signature", max_bytes=MAX_DOCUMENT, error=IntegrityError,
+                                 follow_links=False)
     cfg = verifying.Config().set_hashing_config(_hashing_config(hashing))
     if pubkey is not None:
         if not Path(pubkey).is_file():
@@ -117,9 +126,13 @@ def verify_directory(model_dir: Path, *, pubkey: Path | None = None, keyless_ide
         cfg.use_sigstore_verifier(identity=keyless_identity, oidc_issuer=keyless_issuer)
     else:
         raise InputError("Verifying a signature needs --pubkey (or a keyless identity and issuer).")
-    try:
-        cfg.verify(Path(model_dir), sig)
-    except Exception as err:  # model_signing raises ValueError and crypto errors of several kinds
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise IntegrityError(f"The signature of {model_dir} does not verify: {first[:400]}",
-                             hint="A file was changed after signing, or the wrong public key was used.") from None
+    with tempfile.TemporaryDirectory(prefix="moeharden-sig-") as tmp:
+        copy = Path(tmp) / SIGNATURE_NAME
+        copy.write_bytes(signature)
+        try:
+            cfg.verify(Path(model_dir), copy)
+        except Exception as err:  # model_signing raises ValueError and crypto errors of several kinds
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise IntegrityError(f"The signature of {model_dir} does not verify: {first[:400]}",
+                                 hint="A file was changed after signing, or the wrong public key was used.") \
+                from None

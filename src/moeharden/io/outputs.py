@@ -1,13 +1,15 @@
-"""Output directories: the one atomic directory swap, and the one way to carry a checkpoint's other
-files into a new output.
+"""Output directories: the one atomic directory swap, and single files written into a directory.
 
 * :func:`atomic_output_dir` builds an output in a temporary sibling and swaps it into place at
   the end (:func:`replace_dir`); an interrupted run leaves the previous output intact. An existing
   directory is only replaced when it is empty or an earlier moeharden output, recognised by the
-  :data:`OUTPUT_MARKER` file (:func:`check_output_dir`), so a mistyped ``--out`` never deletes data.
-* :func:`copy_side_files` copies what a rewritten checkpoint keeps from its source (tokenizer, model
-  card, task file and data, generation config) and nothing that would be stale, unsafe or a leak:
-  see :data:`SIDE_FILE_SKIP` for the list and the function for the rules.
+  :data:`OUTPUT_MARKER` file (:func:`check_output_dir`), that holds nothing but the files the marker
+  lists as written by moeharden, so a mistyped ``--out`` never deletes data. A link is never
+  replaced nor written through, and an output never lies inside, is or holds one of its inputs.
+* :func:`write_files` writes single files (reports) into a directory, each atomically, never over
+  a file moeharden did not write and never through a link (:func:`prepare_files_dir` readies ``--out``).
+
+The one way to carry a checkpoint's other files into a new output is :mod:`moeharden.io.sidefiles`.
 """
 
 from __future__ import annotations
@@ -15,49 +17,99 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from moeharden.errors import InputError
 
 OUTPUT_MARKER = ".moeharden-output"
+# A marker is small: its tool, version, kind and the list of paths moeharden wrote (bounded when read).
+MARKER_MAX_BYTES = 1 << 20
+# The signature of a locked release covers the marker (see atomic_output_dir); spelled here because
+# the io layer may not import defend.signing (tests/test_outputs.py checks it agrees with SIGNATURE_NAME).
+_SIGNATURE = "model.sig"
 
-# Top-level names never carried from a source checkpoint into a derived one (the names are spelled
-# here because the io layer may not import the layers that define them; tests/test_outputs.py checks
-# they still agree with attack.prune.PRUNE_RECORD, defend.lock.MANIFEST_NAME, defend.signing.SIGNATURE_NAME):
-SIDE_FILE_SKIP: frozenset[str] = frozenset({
-    "config.json",                      # the writer writes its own (pruned expert count, policy, ...)
-    "model.safetensors.index.json",     # the writer's shards have their own index
-    "pytorch_model.bin.index.json",     # an index of pickle weights: never read, never carried
-    "moeharden-manifest.json",          # hashes of the *source* tensors: a lie about the new weights
-    "model.sig",                        # the source's signature: invalid for the new directory
-    "moeharden-prune.json",             # the source's prune record: the writer writes its own
-    OUTPUT_MARKER,                      # written by atomic_output_dir itself
-})
-# Weight files of any format are never copied (the writer writes the weights; pickle is never carried).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack",
-                   ".gguf", ".npy", ".npz", ".onnx", ".joblib")
-# Custom modelling code, copied only with trust_remote_code (code in a checkpoint is not data).
-CODE_SUFFIXES = (".py", ".pyc", ".so")
-
-
-def marker_kind(marker: Path) -> str | None:
-    """The ``kind`` a moeharden marker file records (``journal``, ``entangle-checkpoints``); ``None``
-    when ``marker`` is a link, not a regular file, unreadable, not moeharden's, or has no kind."""
+def _marker_doc(marker: Path) -> dict | None:
+    """The JSON object of a moeharden marker; ``None`` when ``marker`` is a link, not a regular file,
+    unreadable, too large or not moeharden's."""
     from moeharden.errors import MoehardenError
     from moeharden.io.files import read_json_object
 
     if Path(marker).is_symlink():
         return None
     try:
-        doc = read_json_object(Path(marker), what="marker", max_bytes=4096)
+        doc = read_json_object(Path(marker), what="marker", max_bytes=MARKER_MAX_BYTES)
     except (MoehardenError, OSError):
         return None
-    kind = doc.get("kind")
-    return kind if doc.get("tool") == "moeharden" and isinstance(kind, str) else None
+    return doc if doc.get("tool") == "moeharden" else None
+
+
+def marker_kind(marker: Path) -> str | None:
+    """The ``kind`` a moeharden marker file records (``journal``, ``entangle-checkpoints``); ``None``
+    when ``marker`` is a link, not a regular file, unreadable, not moeharden's, or has no kind."""
+    doc = _marker_doc(marker)
+    kind = doc.get("kind") if doc else None
+    return kind if isinstance(kind, str) else None
+
+
+def marker_files(marker: Path) -> frozenset[str] | None:
+    """The paths (relative to the marker's directory, POSIX, directories included) that moeharden
+    wrote there, as its marker records them; ``None`` when the marker records no list (written
+    before lists were recorded, or by a signed output, see :func:`atomic_output_dir`) or is not
+    moeharden's."""
+    doc = _marker_doc(marker)
+    files = doc.get("files") if doc else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return frozenset(files)
+
+
+def _walk(root: Path, enter: Callable[[str], bool]) -> Iterator[str]:
+    """Every path under ``root`` (relative, POSIX), the top-level marker excepted; a directory is
+    entered only when ``enter(its path)`` (links are never followed)."""
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        yield from _walk_entry(entry, "", enter)
+
+
+def _walk_entry(entry: os.DirEntry, prefix: str, enter: Callable[[str], bool]) -> Iterator[str]:
+    rel = prefix + entry.name
+    if rel == OUTPUT_MARKER:
+        return
+    yield rel
+    if entry.is_dir(follow_symlinks=False) and enter(rel):
+        for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            yield from _walk_entry(sub, rel + "/", enter)
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path under ``root`` (directories included), the top-level marker excepted."""
+    return list(_walk(Path(root), lambda rel: True))
+
+
+def _foreign(out: Path, files: frozenset[str]) -> list[str]:
+    """What ``out`` holds that is not in ``files`` (what moeharden wrote there); a directory that is
+    not listed is reported as a whole and not entered, so the walk never leaves moeharden's tree."""
+    return [rel for rel in _walk(Path(out), lambda rel: rel in files) if rel not in files]
+
+
+def record_files(directory: Path, *, also: Collection[str] = (), default: dict | None = None) -> None:
+    """Complete the marker of an output being built in ``directory`` with the list of what it holds
+    (plus ``also``: names written after this call), as :func:`atomic_output_dir` does at its end.
+
+    For a command that signs its output inside the block (the signature covers the marker, which
+    may not change after it): call it just before signing, with ``also=("model.sig",)``. ``default``
+    is the marker to complete when the one there is not moeharden's.
+    """
+    directory = Path(directory)
+    doc = _marker_doc(directory / OUTPUT_MARKER) or default or {"tool": "moeharden"}
+    _write_marker(directory, {**doc, "files": sorted(set(_tree(directory)) | set(also))})
+
+
+def _write_marker(directory: Path, doc: dict) -> None:
+    """(Re)write ``directory``'s marker atomically (temporary file + rename, never through a link)."""
+    _write_atomically(Path(directory), {OUTPUT_MARKER: json.dumps(doc) + "\n"})
 
 
 def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = None,
@@ -67,10 +119,13 @@ def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = No
     Semantics: a missing ``out`` is created; an empty directory is replaced; a directory that an
     earlier run of the same command wrote (it holds the ``.moeharden-output`` marker, of the same
     ``kind``) is replaced when ``overwrite`` is true (the default: re-running a command refreshes
-    its output); anything else — a file, a non-empty directory moeharden did not write, another
-    command's output (a release, a baseline scan, a journal), or a directory that is or holds one
-    of the command's own ``inputs`` — is refused, so a mistyped ``--out`` can never delete
-    someone's data. A marker written before kinds were recorded (no ``kind``) counts as any kind.
+    its output) and it holds nothing but what its marker lists as written by moeharden (a file the
+    user added there is never deleted); anything else — a file, a symbolic link, a non-empty
+    directory moeharden did not write, another command's output (a release, a baseline scan, a
+    journal), or a directory that is, holds or lies inside one of the command's own ``inputs`` —
+    is refused, so a mistyped ``--out`` can never delete or change someone's data. A marker written
+    before kinds were recorded (no ``kind``) counts as any kind; one written before file lists were
+    recorded (no ``files``, and signed releases, see :func:`atomic_output_dir`) is replaced as a whole.
 
     Args:
         out: the output directory.
@@ -78,17 +133,21 @@ def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = No
         kind: what the command writes (``scan``, ``verify``, ``prune``, ``entangle``, ``lock``, …);
             recorded in the marker; ``None`` checks no kind.
         inputs: paths the command reads (checkpoint, baseline, keys, task files); those that exist
-            locally must not be ``out`` or lie inside it.
+            locally must not be ``out``, lie inside it, or hold it (links resolved).
     Raises:
-        InputError: ``out`` is a file, a foreign non-empty directory, another command's output, one
-            of the inputs or a directory holding one, or an earlier output while ``overwrite`` is false.
+        InputError: ``out`` is a file or a link, a foreign non-empty directory, another command's
+            output, an earlier output holding files moeharden did not write, one of the inputs, a
+            directory holding one or inside one, or an earlier output while ``overwrite`` is false.
     """
     out = Path(out)
+    _check_not_an_input(out, inputs)
+    if out.is_symlink():        # replacing it would leave the user's link renamed beside the output
+        raise InputError(f"Output path {out} is a symbolic link; moeharden never replaces a link nor writes "
+                         "through one.", hint="Pass the directory it points to, or choose another --out.")
     if not out.exists():
         return
     if not out.is_dir():
         raise InputError(f"Output path {out} exists and is not a directory.", hint="Choose another --out.")
-    _check_not_an_input(out, inputs)
     marker = out / OUTPUT_MARKER
     if marker.is_file() and not marker.is_symlink():     # a linked marker is not one moeharden wrote
         if not overwrite:
@@ -99,6 +158,14 @@ def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = No
             raise InputError(f"Output directory {out} holds a moeharden {had} output; refusing to replace it "
                              f"with a {kind} output.",
                              hint="Choose another --out (or remove that directory yourself if it is no longer needed).")
+        files = marker_files(marker)
+        # None: a marker from before file lists were recorded (or a signed release): replaceable as before
+        extra = _foreign(out, files) if files is not None else []
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise InputError(f"Output directory {out} holds an earlier moeharden output and also {shown}, which "
+                             "moeharden did not write; refusing to replace it (that would delete them).",
+                             hint="Move those files out of it, or choose another --out.")
         return
     if any(out.iterdir()):
         raise InputError(f"Output directory {out} exists, is not empty and was not written by moeharden; "
@@ -106,8 +173,10 @@ def check_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = No
 
 
 def _check_not_an_input(out: Path, inputs: Collection[Path | str]) -> None:
-    """Refuse an ``out`` that is one of the inputs or holds one: replacing it would delete what the
-    command reads (``verify --baseline scan/scan.json --out scan`` deleted the baseline)."""
+    """Refuse an ``out`` that is one of the inputs, holds one or lies inside one: replacing it would
+    delete what the command reads (``verify --baseline scan/scan.json --out scan`` deleted the
+    baseline), and writing inside it would change it (``verify rel --out rel/v`` broke the signed
+    release). Links are resolved, for ``out`` (which need not exist) and for each input."""
     real = out.resolve()
     for inp in inputs:
         p = Path(inp)
@@ -117,37 +186,124 @@ def _check_not_an_input(out: Path, inputs: Collection[Path | str]) -> None:
         if q == real or real in q.parents:
             raise InputError(f"Output directory {out} is or holds the input {p}; writing there would delete it.",
                              hint="Choose an --out outside the command's inputs.")
+        if q in real.parents:
+            raise InputError(f"Output directory {out} lies inside the input {p}; writing there would change "
+                             "what the command reads.", hint="Choose an --out outside the command's inputs.")
 
 
-def prepare_files_dir(out: Path, names: Collection[str]) -> None:
-    """Make ``out`` ready for moeharden to write the files ``names`` into it one by one (reports).
+def prepare_files_dir(out: Path, names: Collection[str], *, check_only: bool = False) -> None:
+    """Make ``out`` ready for moeharden to write the files ``names`` into it with :func:`write_files`
+    (reports), before any work.
 
-    A missing or empty ``out`` is created and marked as moeharden's; an earlier moeharden output
-    (marked) may have those files replaced. A directory moeharden did not write is accepted only
-    when none of ``names`` exists in it (nothing of the user's is overwritten) and is not marked, so
-    it can never later be replaced as a whole.
+    A missing or empty ``out`` is created and marked as moeharden's (the marker lists ``names``);
+    in an existing directory each of ``names`` must be absent or a regular file moeharden wrote
+    there (see :func:`check_files_writable`). A directory moeharden did not write is never marked,
+    so it can never later be replaced as a whole.
 
     Args:
         out: the directory.
         names: the file names about to be written.
+        check_only: only refuse what would be refused; create and mark nothing (call it again
+            without it once the inputs are read).
     Raises:
-        InputError: ``out`` is a file, or a foreign directory already holding one of ``names``.
+        InputError: ``out`` is a file or a link, or one of ``names`` in it is a link, not a regular
+            file, or a file moeharden did not write.
     """
     from moeharden import __version__
 
     out = Path(out)
+    if out.is_symlink():
+        raise InputError(f"Output path {out} is a symbolic link; moeharden never writes through one.",
+                         hint="Pass the directory it points to, or choose another --out.")
     if out.exists() and not out.is_dir():
         raise InputError(f"Output path {out} exists and is not a directory.", hint="Choose another --out.")
-    if out.is_dir() and (out / OUTPUT_MARKER).is_file():
-        return
     if out.is_dir() and any(out.iterdir()):
-        clash = sorted(n for n in names if (out / n).exists() or (out / n).is_symlink())
-        if clash:
-            raise InputError(f"{out} was not written by moeharden and already holds {', '.join(clash)}; "
-                             "refusing to overwrite it.", hint="Choose a new or empty --out directory.")
+        check_files_writable(out, names)
+        return
+    if check_only:
         return
     out.mkdir(parents=True, exist_ok=True)
-    (out / OUTPUT_MARKER).write_text(json.dumps({"tool": "moeharden", "version": __version__}) + "\n")
+    _write_marker(out, {"tool": "moeharden", "version": __version__, "files": sorted(names)})
+
+
+def check_files_writable(out: Path, names: Collection[str]) -> None:
+    """Refuse to write any of the files ``names`` into the directory ``out`` where that would replace
+    something moeharden did not write.
+
+    A missing name is fine. An existing one must be a regular file (not a link, wherever it
+    points) in a directory moeharden marked, whose marker lists it (a marker from before lists
+    were recorded: any file); a user's ``report.md`` beside their ``scan.json`` is never replaced.
+
+    Raises:
+        InputError: naming the first path that may not be written.
+    """
+    out = Path(out)
+    marker = out / OUTPUT_MARKER
+    ours = _marker_doc(marker) is not None
+    listed = marker_files(marker) if ours else None
+    for name in names:
+        p = out / name
+        if p.is_symlink():
+            raise InputError(f"{p} is a symbolic link; moeharden never writes through a link.",
+                             hint="Remove the link, or choose another --out.")
+        if not p.exists():
+            continue
+        if not p.is_file():
+            raise InputError(f"{p} exists and is not a regular file; refusing to replace it.",
+                             hint="Move it away, or choose another --out.")
+        if not ours or (listed is not None and name not in listed):
+            raise InputError(f"{p} was not written by moeharden; refusing to overwrite it.",
+                             hint="Move it away, or choose a new or empty --out directory.")
+
+
+def write_files(out: Path, contents: Mapping[str, str | bytes]) -> list[Path]:
+    """Write each ``name: content`` of ``contents`` as the file ``out/name``, atomically.
+
+    Checked first (:func:`check_files_writable`): nothing moeharden did not write is replaced and
+    nothing is written through a link. Each file is written to a temporary file beside it (created
+    exclusively, links not followed) and renamed over its name once all are written, so a reader
+    never sees half a file and a failure leaves no temporary file. When ``out``'s marker lists the
+    files moeharden wrote there, the new names are added to it.
+
+    Args:
+        out: the directory (created if missing).
+        contents: file names (no ``/``) and their text or bytes.
+    Returns:
+        the written paths, in the order of ``contents``.
+    Raises:
+        InputError: see :func:`check_files_writable`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_files_writable(out, list(contents))
+    paths = _write_atomically(out, contents)
+    marker = out / OUTPUT_MARKER
+    doc, listed = _marker_doc(marker), marker_files(marker)
+    if doc is not None and listed is not None and not set(contents) <= listed:
+        _write_marker(out, {**doc, "files": sorted(listed | set(contents))})
+    return paths
+
+
+def _write_atomically(out: Path, contents: Mapping[str, str | bytes]) -> list[Path]:
+    """Temporary files beside their targets, renamed over them once all are written."""
+    temps: list[tuple[Path, Path]] = []
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        for name, content in contents.items():
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"not a file name: {name!r}")
+            tmp = out / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
+            fd = os.open(tmp, flags, 0o666)                 # the umask decides the mode, as for write_text
+            temps.append((tmp, out / name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+        for tmp, target in temps:
+            os.replace(tmp, target)                         # replaces a name, never writes through a link
+    finally:
+        for tmp, _ in temps:
+            if tmp.exists() or tmp.is_symlink():
+                tmp.unlink()
+    return [target for _, target in temps]
 
 
 def temp_sibling(dest: Path) -> Path:
@@ -172,10 +328,17 @@ def replace_dir(tmp: Path, dest: Path) -> None:
     one filesystem, so each is atomic.
     """
     tmp, dest = Path(tmp), Path(dest)
+    if dest.is_symlink():       # renaming it away would leave the user's link behind as .<name>.old-*
+        raise InputError(f"{dest} is a symbolic link; moeharden never replaces a link.",
+                         hint="Pass the directory it points to, or choose another path.")
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(dest, old)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(old, dest)               # the previous output back in place
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
@@ -187,10 +350,13 @@ def atomic_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = N
     """Build an output directory in a temporary sibling, renamed into place at the end.
 
     Yields the temporary directory to fill, already holding the ``.moeharden-output`` marker (which
-    records ``kind``); on success it replaces ``out`` (see :func:`check_output_dir` for when an
+    records ``kind``); on success the marker is completed with the list of every path in the
+    directory (``files``: what moeharden wrote, so that a later run replaces the output only while it
+    holds nothing else) and the directory replaces ``out`` (see :func:`check_output_dir` for when an
     existing ``out`` may be replaced, and for ``kind`` and ``inputs``; it is checked both before and
-    after the work). On any exception, Ctrl-C included, the temporary directory is removed and
-    ``out`` is left exactly as it was.
+    after the work). A signed output (``model.sig`` in it) keeps its marker as signed: the list is
+    then the one :func:`record_files` wrote before signing, if any. On any exception, Ctrl-C included, the temporary directory is removed and ``out`` is left
+    exactly as it was.
 
     Raises:
         InputError: see :func:`check_output_dir`.
@@ -208,103 +374,13 @@ def atomic_output_dir(out: Path, *, overwrite: bool = True, kind: str | None = N
         yield tmp
         if not (tmp / OUTPUT_MARKER).is_file():
             (tmp / OUTPUT_MARKER).write_text(marker)
+        # a signature made inside the block covers the marker as it was: rewriting it would break the
+        # release, so a signed output keeps the list recorded before signing (record_files), or none
+        # (then it is replaced as a whole, like an output from before lists were recorded)
+        if not (tmp / _SIGNATURE).exists():
+            record_files(tmp, default=json.loads(marker))
         check_output_dir(out, overwrite=overwrite, kind=kind, inputs=inputs)   # out may have appeared meanwhile
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, out)
-
-
-def allowed_roots(src: Path) -> list[Path]:
-    """Where a file of ``src`` may really live: ``src`` itself and, for a Hugging Face Hub cache
-    snapshot (``models--o--n/snapshots/<rev>``, whose files are symlinks to ``../../blobs/<sha>``),
-    that repository's ``blobs`` folder."""
-    real = src.resolve()
-    roots = [real]
-    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
-        roots.append((real.parent.parent / "blobs").resolve())
-    return roots
-
-
-def _skipped(rel: Path, skip: Collection[str], trust_remote_code: bool) -> bool:
-    name = rel.name
-    if name.startswith("."):                     # .git, .cache/huggingface, tool bookkeeping, the marker
-        return True
-    if len(rel.parts) == 1 and name in skip:
-        return True
-    if name.lower().endswith(WEIGHT_SUFFIXES):
-        return True
-    return not trust_remote_code and name.lower().endswith(CODE_SUFFIXES)
-
-
-def _copy_regular(real: Path, target: Path) -> bool:
-    """Copy ``real`` to ``target`` if it is a regular file; False (nothing written) otherwise.
-
-    The type is checked on the opened descriptor, not the path, so the file cannot be swapped for
-    something else in between; ``O_NONBLOCK`` keeps a FIFO from blocking the open.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(real, flags)
-    except OSError:                              # dangling, unreadable, or a link swapped in meanwhile
-        return False
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "xb") as out:
-            shutil.copyfileobj(f, out, 8 << 20)
-    os.chmod(target, stat.S_IMODE(st.st_mode))
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return True
-
-
-def copy_side_files(src: Path, dst: Path, *, skip: Collection[str] = SIDE_FILE_SKIP,
-                    trust_remote_code: bool = False) -> list[str]:
-    """Copy the files of checkpoint ``src`` that a derived checkpoint in ``dst`` keeps.
-
-    Copied: every other file, subfolders included (tokenizer files, ``README.md``, the task file and
-    its ``tasks/`` data, ``generation_config.json``, a chat template, ...). Never copied:
-
-    * a top-level name in ``skip`` (default :data:`SIDE_FILE_SKIP`: config, weight indexes,
-      manifest, signature, prune record, output marker; pass e.g. ``SIDE_FILE_SKIP | {"README.md"}``
-      to add names the caller writes itself);
-    * weights of any format (:data:`WEIGHT_SUFFIXES`), and hidden names (``.git``, ``.cache``);
-    * custom code (``*.py`` and :data:`CODE_SUFFIXES`) unless ``trust_remote_code``;
-    * anything that is not a regular file once resolved (FIFOs, sockets, devices), and any symlink
-      that resolves outside ``src`` (or, for a Hub cache snapshot, outside its ``blobs`` folder):
-      a hostile checkpoint cannot make the output carry ``~/.ssh/id_rsa`` or block on a FIFO;
-      symlinked folders are not followed;
-    * a path already present in ``dst`` (the writer's own file wins).
-
-    A copied symlink becomes a plain file holding the target's content.
-
-    Args:
-        src: the source checkpoint directory.
-        dst: the output directory being built (usually the one :func:`atomic_output_dir` yields).
-        skip: top-level names not to copy.
-        trust_remote_code: also copy custom code files.
-    Returns:
-        The copied paths, relative to ``dst``, in POSIX form, sorted.
-    """
-    src, dst = Path(src), Path(dst)
-    roots = allowed_roots(src)
-    copied: list[str] = []
-
-    def walk(folder: Path) -> None:
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            path = Path(entry.path)
-            rel = path.relative_to(src)
-            if _skipped(rel, skip, trust_remote_code):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                walk(path)
-                continue
-            real = path.resolve()
-            target = dst / rel
-            if any(real.is_relative_to(r) for r in roots) and not target.exists() and _copy_regular(real, target):
-                copied.append(rel.as_posix())
-
-    walk(src)
-    return sorted(copied)

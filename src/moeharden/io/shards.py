@@ -44,6 +44,9 @@ def dtype_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     count = 1
     for d in shape:
         count *= int(d)
+        if count > 1 << 64:        # no file holds it (and a number this long could not even be printed)
+            raise CheckpointError(f"A tensor of dtype {dtype} with {len(shape)} dimensions this large cannot exist "
+                                  "on disk (over 2**64 elements).")
     return (count * _DTYPE_BITS[dtype] + 7) // 8
 
 
@@ -89,7 +92,7 @@ def read_header(path: Path) -> tuple[dict, int]:
     try:
         decoded = text.decode("utf-8")
         header = json.loads(decoded) if json_depth_ok(decoded) else None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):      # JSONDecodeError, UnicodeDecodeError, an int past 4300 digits
         raise CheckpointError(f"{path.name} has an unreadable safetensors header.") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name} has a malformed safetensors header.")
@@ -119,7 +122,7 @@ def read_header(path: Path) -> tuple[dict, int]:
                                   "shape and two non-negative integer data_offsets are required).") from None
         if end - start != nbytes:
             raise CheckpointError(f"{path.name}: the size of tensor {name!r} ({end - start} bytes) disagrees with "
-                                  f"its shape {shape} and dtype {meta['dtype']} ({nbytes} bytes).",
+                                  f"its shape {str(shape)[:80]} and dtype {meta['dtype']} ({nbytes} bytes).",
                                   hint="The file is corrupt or was edited; re-download or re-save it.")
         ranges.append((start, end, name))
     pos, prev = 0, None
@@ -159,7 +162,7 @@ class CheckpointFiles:
 
     def __init__(self, root: Path):
         from moeharden.io.files import read_json_object
-        from moeharden.io.outputs import allowed_roots
+        from moeharden.io.sidefiles import allowed_roots
 
         self.root = Path(root)
         roots = allowed_roots(self.root)
@@ -183,6 +186,12 @@ class CheckpointFiles:
             if bad:
                 raise CheckpointError(f"{index} names shard(s) outside the checkpoint directory: "
                                       f"{', '.join(bad[:5])}.", hint="Do not trust this checkpoint.")
+            # a shard named like a file moeharden writes beside the weights (model.sig, the manifest,
+            # config.json, the output marker) would be overwritten by it, or overwrite it
+            odd = sorted(repr(n) for n in values if not n.endswith(".safetensors"))
+            if odd:
+                raise CheckpointError(f"{index} names shard(s) that are not .safetensors files: {', '.join(odd[:5])}.",
+                                      hint="Do not trust this checkpoint.")
             names = set(values)
             missing = sorted(n for n in names if not (self.root / n).exists())
             if missing:

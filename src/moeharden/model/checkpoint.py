@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from moeharden.errors import CheckpointError, NetworkError
+from moeharden.model.config import load_config
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.yaml", "*.jsonl", "tasks/*",
                 "README.md"]
-_PICKLE = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -33,7 +33,7 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_r
         ckpt: an existing local directory, or a Hub repo id ``owner/name``.
         revision: Hub branch, tag or commit (Hub ids only).
         trust_remote_code: also download the repo's ``*.py`` files (only when the user asked for it).
-        validate: run :func:`validate_checkpoint` (``verify`` checks integrity first, so that a
+        validate: run :func:`~moeharden.model.validate.validate_checkpoint` (``verify`` checks integrity first, so that a
             tampered release is an integrity failure, then validates).
     Returns:
         The checkpoint directory (for a Hub id, its snapshot in the local Hub cache).
@@ -44,6 +44,8 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_r
     path = Path(ckpt).expanduser()
     if path.exists():
         if validate:
+            from moeharden.model.validate import validate_checkpoint
+
             validate_checkpoint(path)
         return path
     text = str(ckpt)
@@ -73,136 +75,10 @@ def resolve_checkpoint(ckpt: str | Path, *, revision: str | None = None, trust_r
         raise NetworkError(f"Cannot reach the Hugging Face Hub to download {text!r}: {type(err).__name__}.",
                            hint="Check the network or pass a local directory.") from None
     if validate:
+        from moeharden.model.validate import validate_checkpoint
+
         validate_checkpoint(local)
     return local
-
-
-def validate_checkpoint(path: Path) -> None:
-    """Cheap checks before loading: every file inside the checkpoint and regular, config present,
-    safetensors present, headers sound, the config's expert count matching the tensors.
-
-    Raises:
-        CheckpointError: with a message naming what is wrong.
-    """
-    from moeharden.io.shards import CheckpointFiles
-
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory.", hint="Pass the checkpoint directory, not a file.")
-    _check_contained(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json, so it is not a transformers checkpoint.",
-                              hint="Point at the directory that holds config.json and the *.safetensors files.")
-    from moeharden.io.files import read_json_object
-
-    read_json_object(path / "config.json", what="config", error=CheckpointError)   # an object, sanely nested
-    if not list(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
-        pickles = [p.name for pat in _PICKLE for p in path.glob(pat)]
-        if pickles:
-            raise CheckpointError(
-                f"{path} holds only pickle weights ({', '.join(sorted(set(pickles)))}); moeharden reads safetensors only, "
-                "because loading a pickle can run arbitrary code.",
-                hint="Convert it where you trust it: model.save_pretrained(dir, safe_serialization=True).")
-        raise CheckpointError(f"{path} has no *.safetensors weights.")
-    files = CheckpointFiles(path)   # parses every header: truncated / corrupt / overlapping files fail here
-    _check_config_against_tensors(path, files)
-
-
-# files transformers and moeharden open by name from a checkpoint (config, weights, tokenizer, tasks)
-_READ_BY_NAME = ("*.json", "*.safetensors", "tokenizer*", "*.model", "vocab*", "merges*", "*.tiktoken", "*.jinja",
-                 "moeharden-tasks.yaml")
-
-
-def _check_contained(path: Path) -> None:
-    """Every file of the checkpoint that is read by name lies inside it and is a regular file.
-
-    transformers reads the config, tokenizer and generation files by name; a symlink among them
-    that leads out of the checkpoint (``tokenizer.json -> ~/.ssh/id_rsa``) would be read, and a FIFO
-    would block forever. Links are allowed inside the directory and, for a Hub cache snapshot, into
-    its ``blobs`` folder. (Other side files are never read; :func:`moeharden.io.outputs.copy_side_files`
-    leaves out those that are links out or not regular files.)
-
-    Raises:
-        CheckpointError: such a file is a link that leaves the checkpoint, or a FIFO, socket or device.
-    """
-    import stat
-
-    from moeharden.io.outputs import allowed_roots
-
-    roots = allowed_roots(path)
-    for entry in sorted({p for pat in _READ_BY_NAME for p in path.glob(pat)}):
-        if entry.is_symlink():
-            real = entry.resolve()
-            if not any(real.is_relative_to(r) for r in roots):
-                raise CheckpointError(f"{entry} is a link to {real}, outside the checkpoint directory; "
-                                      "refusing to read it.",
-                                      hint="Do not trust this checkpoint, or copy the real file in.")
-        if entry.exists() and not (stat.S_ISREG(entry.stat().st_mode) or entry.is_dir()):
-            raise CheckpointError(f"{entry} is not a regular file (a FIFO, socket or device); refusing to "
-                                  "read the checkpoint.", hint="Remove it from the checkpoint directory.")
-
-
-def _check_config_against_tensors(path: Path, files) -> None:
-    """The config's expert count against the tensors on disk, for a supported family.
-
-    An unsupported family is left to the registry's own error when the model is used (the message
-    that lists what is supported).
-
-    Raises:
-        CheckpointError: the config promises experts the tensors do not hold, or the reverse.
-        UnsupportedModelError: an expert tensor whose shape disagrees with the config.
-    """
-    from moeharden.errors import UnsupportedModelError
-    from moeharden.model.disk import classify_tensors
-    from moeharden.model.registry import num_experts, spec_for_config
-
-    cfg = load_config(path)
-    try:
-        spec = spec_for_config(cfg)
-        E = num_experts(cfg)
-    except UnsupportedModelError:
-        return
-    roles = classify_tensors(spec, cfg, {name: info.shape for name, info in files.tensors.items()})
-    check_experts_present(E, roles)
-
-
-def check_experts_present(E: int, roles: dict) -> None:
-    """Every MoE layer with per-expert tensors holds exactly the config's experts ``0..E-1`` (fused
-    tensors are checked against ``E`` by :func:`~moeharden.model.disk.classify_tensor` itself).
-
-    Args:
-        E: the config's routed-expert count.
-        roles: ``{tensor name: TensorRole or None}`` from :func:`moeharden.model.disk.classify_tensors`.
-    Raises:
-        CheckpointError: a layer whose experts (or router rows) disagree with ``E``.
-    """
-    per_layer: dict[int, set[int]] = {}
-    for role in roles.values():
-        if role is None:
-            continue
-        if role.kind == "expert":
-            if role.expert is not None:
-                per_layer.setdefault(role.layer, set()).add(role.expert)
-    for layer, ids in sorted(per_layer.items()):
-        if ids != set(range(E)):
-            raise CheckpointError(f"Layer {layer} holds experts {sorted(ids)[:12]}, but the config declares {E} "
-                                  f"experts per layer (0..{E - 1}).",
-                                  hint="The config and the weights disagree; the checkpoint would not load.")
-
-
-def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
-    """The transformers config of a checkpoint directory.
-
-    Raises:
-        CheckpointError: an unreadable config or an architecture transformers does not know.
-    """
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:   # transformers raises OSError, ValueError, TypeError and its own validation errors
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"Cannot read the config in {path}: {first[:300]}",
-                              hint="A custom architecture needs --trust-remote-code (only for code you trust).") from None
 
 
 def load_model(path: Path, *, dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False,
@@ -365,6 +241,7 @@ def checkpoint_layout(src: Path):
     from moeharden.io.shards import CheckpointFiles
     from moeharden.model.disk import classify_tensors
     from moeharden.model.registry import num_experts, spec_for_config
+    from moeharden.model.validate import validate_checkpoint
 
     validate_checkpoint(Path(src))   # config present, safetensors only, headers sound, experts match (cheap)
     cfg = load_config(src)

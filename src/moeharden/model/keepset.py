@@ -12,6 +12,7 @@ routing needs experts in every group): :func:`valid_keep`, :func:`check_keep_cou
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,13 @@ def parse_keep(raw: Any, *, moe_layers: list[int], num_experts: int, where: str 
     problems: list[str] = []
     keep: dict[int, list[int]] = {}
     for k, ids in raw.items():
-        try:
-            layer = int(k)
-        except (TypeError, ValueError):
-            problems.append(f"layer key {k!r} is not an integer")
+        # only canonical decimal keys: " 0", "+0", "00" and "0_0" would all be layer 0 for int()
+        if not (isinstance(k, str) and re.fullmatch(r"0|[1-9][0-9]{0,8}", k)) and type(k) is not int:
+            problems.append(f"layer key {str(k)[:20]!r} is not a layer number (a decimal integer such as \"3\")")
+            continue
+        layer = int(k)
+        if layer in keep:
+            problems.append(f"layer {layer} is given twice")
             continue
         if layer not in moe_layers:
             problems.append(f"layer {layer} is not an MoE layer")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from moeharden.errors import TaskError
+from moeharden.io.files import conversion_message
 from moeharden.tasks.examples import Example
 from moeharden.tasks.spec import DataSpec, TaskSpec, template_fields
 
@@ -24,6 +26,9 @@ _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "ts
                   ".txt": "txt", ".raw": "txt", ".tokens": "txt"}
 # " = Title = " starts a WikiText article; " = = Section = = " does not
 _ARTICLE_HEADING = re.compile(r"^ ?= [^=].* = ?$")
+# characters of one filled prompt: far beyond any model's context (prompts are cut to max_length
+# tokens later), far below memory; a template repeating a long field a million times stops here
+MAX_PROMPT_CHARS = 8 << 20
 
 
 def format_of(path: str | Path) -> str | None:
@@ -65,6 +70,8 @@ def _read_local(path: Path, fmt: str | None) -> list[dict[str, Any]]:
             return [{"text": line.rstrip("\n")} for line in fh]
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, OSError) as e:
         raise TaskError(f"Cannot read {fmt} data file {path}: {e}") from None
+    except ValueError as e:     # an integer longer than Python converts (json), an arrow conversion
+        raise TaskError(conversion_message(f"The {fmt} data file {path}", e)) from None
     except RecursionError:
         raise TaskError(f"{fmt} data file {path} nests too deeply to be read.") from None
 
@@ -85,7 +92,7 @@ def _read_hub(data: DataSpec) -> list[dict[str, Any]]:
 
 def _inside(path: Path, base_dir: Path) -> bool:
     """Whether ``path`` (symlinks resolved) lies in ``base_dir`` or, for a Hub cache snapshot, its blobs."""
-    from moeharden.io.outputs import allowed_roots
+    from moeharden.io.sidefiles import allowed_roots
 
     real = path.resolve()
     return any(real.is_relative_to(r) for r in allowed_roots(base_dir))
@@ -130,14 +137,35 @@ def _label_of(row: Mapping[str, Any], spec: TaskSpec, i: int, n_choices: int) ->
     val: Any = raw
     if spec.label_map is not None and str(raw) in spec.label_map:
         val = spec.label_map[str(raw)]
-    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        val = int(raw)  # csv/tsv cells are strings
+    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit() and len(raw) <= 100:
+        val = int(raw)  # csv/tsv cells are strings (a longer one is no index: refused below)
     if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val < n_choices:
-        raise TaskError(f"Task {spec.name!r}, row {i}: label {raw!r} is outside the {n_choices} choices "
+        shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+        raise TaskError(f"Task {spec.name!r}, row {i}: label {shown} is outside the {n_choices} choices "
                         f"(expected an index 0..{n_choices - 1}"
                         + (" or a key of label_map)." if spec.label_map else ")."),
                         hint="Fix the data, or map string labels to indices with label_map.")
     return val
+
+
+def _fill_prompt(pieces: list[tuple[str, str | None]], row: Mapping[str, Any], spec: TaskSpec, i: int) -> str:
+    """One row's prompt: the template's literal text with each ``{field}`` replaced by ``str(row[field])``
+    (what ``str.format_map`` gives for the plain placeholders a task file may hold), at most
+    :data:`MAX_PROMPT_CHARS` long.
+
+    Raises:
+        TaskError: the filled prompt would be longer than :data:`MAX_PROMPT_CHARS`.
+    """
+    parts, size = [], 0
+    for literal, name in pieces:
+        parts.append(literal)
+        if name is not None:
+            parts.append(str(row[name]))
+        size += len(literal) + (len(parts[-1]) if name is not None else 0)
+        if size > MAX_PROMPT_CHARS:
+            raise TaskError(f"Task {spec.name!r}, row {i}: its prompt would be longer than {MAX_PROMPT_CHARS} "
+                            "characters.", hint="Shorten the prompt template or the row's fields.")
+    return "".join(parts)
 
 
 def rows_to_examples(spec: TaskSpec, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
@@ -161,7 +189,8 @@ def rows_to_examples(spec: TaskSpec, rows: Sequence[Mapping[str, Any]]) -> list[
         if spec.documents == "article":
             texts = _group_articles(texts)
         return [Example(spec.kind, "", t, index=i) for i, t in enumerate(texts) if t.strip()]
-    needed = template_fields(spec.prompt or "")
+    needed = template_fields(spec.prompt or "")     # plain {field} placeholders only (checked at load)
+    pieces = [(literal, name) for literal, name, _, _ in string.Formatter().parse(spec.prompt or "")]
     needed += [f for f in (spec.choices_field, spec.label_field, spec.target_field) if f]
     out = []
     for i, r in enumerate(rows):
@@ -169,7 +198,7 @@ def rows_to_examples(spec: TaskSpec, rows: Sequence[Mapping[str, Any]]) -> list[
         if missing:
             raise TaskError(f"Task {spec.name!r}, row {i} has no field(s) {', '.join(sorted(set(missing)))}.",
                             hint=f"Fields present: {', '.join(map(str, r))}.")
-        prompt = (spec.prompt or "").format_map(r)
+        prompt = _fill_prompt(pieces, r, spec, i)
         if spec.kind == "multiple_choice":
             choices = tuple(spec.choices) if spec.choices else tuple(map(str, r[spec.choices_field] or ()))
             if len(choices) < 2:

@@ -2,8 +2,9 @@
 
 A task says what text a model sees and how its answers are scored. Task files are data only: YAML
 read with ``yaml.safe_load`` into frozen pydantic models (``version: 1``), every problem reported
-at once; prompts are ``str.format_map`` templates over a row's fields, and templates that reach
-into objects (``{x.y}``, ``{x[0]}``) are refused, so nothing in a task file can run code.
+at once; prompts are templates of plain ``{field}`` placeholders over a row's fields, and templates
+that reach into objects (``{x.y}``, ``{x[0]}``), convert (``{x!r}``) or format (``{x:>9}``) are
+refused, so nothing in a task file can run code or blow a prompt up to gigabytes.
 See docs/CONTRACTS.md, "Task files", for the fields.
 """
 
@@ -66,7 +67,7 @@ class TaskSpec(_Frozen):
     kind: Kind
     data: DataSpec
     description: str | None = None
-    prompt: str | None = None            # str.format_map template over the row's fields
+    prompt: str | None = None            # template of plain {field} placeholders over the row's fields
     choices: list[str] | None = Field(None, min_length=2)
     choices_field: str | None = None     # the row holds the list of choices
     label_field: str | None = None       # int index into the choices (or a key of label_map)
@@ -162,13 +163,15 @@ def template_fields(template: str) -> list[str]:
     """Names of the row fields a prompt template reads.
 
     Args:
-        template: a ``str.format_map`` template.
+        template: a prompt template: literal text with plain ``{field}`` placeholders (``{{`` and
+            ``}}`` for literal braces).
     Returns:
         The field names in order of appearance.
     Raises:
         ValueError: positional ``{}``, attribute or index access (``{x.y}``, ``{x[0]}``),
-            conversions (``{x!r}``) or nested fields in a format spec — anything beyond a plain
-            field lookup is refused so that a template cannot reach Python objects. (A
+            conversions (``{x!r}``) or format specs (``{x:>9}``) — anything beyond a plain field
+            lookup is refused, so that a template can neither reach Python objects nor pad a field
+            to gigabytes (``{x:>999999999}``) nor fail on a value of another type (``{x:d}``). (A
             ``ValueError`` so that pydantic reports it with the other problems of the file.)
     """
     names = []
@@ -180,10 +183,12 @@ def template_fields(template: str) -> list[str]:
         if name is None:
             continue
         if not name.isidentifier():
-            raise ValueError(f"prompt field {{{name}}} is not a plain field name "
+            raise ValueError(f"prompt field {{{name[:60]}}} is not a plain field name "
                              "(attribute or index access and positional {} are not allowed)")
-        if conv is not None or (spec and "{" in spec):
-            raise ValueError(f"prompt field {{{name}}} uses a conversion or nested field, which is not allowed")
+        if conv is not None or spec:
+            raise ValueError(f"prompt field {{{name[:60]}}} has a conversion or format spec "
+                             f"({('!' + conv) if conv else ''}{(':' + spec[:20]) if spec else ''}); only plain "
+                             "{field} placeholders are allowed")
         names.append(name)
     return names
 

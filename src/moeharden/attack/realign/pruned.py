@@ -31,7 +31,8 @@ def recover_pruned(path: Path, *, task: str, mode: str, strategy: str, budget: i
     Raises:
         TaskError; UsageError (unknown mode/strategy, budget below 1); UnsupportedModelError.
     """
-    from moeharden.io.outputs import atomic_output_dir, copy_side_files
+    from moeharden.io.outputs import atomic_output_dir
+    from moeharden.io.sidefiles import copy_side_files
     from moeharden.model.checkpoint import load_model, load_tokenizer, quiet_transformers
     from moeharden.model.registry import lora_targets, moe_layers
 

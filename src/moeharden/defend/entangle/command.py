@@ -21,7 +21,7 @@ from moeharden.defend.entangle.loop import entangle_model
 from moeharden.defend.entangle.recipe import EntangleRecipe, load_recipe
 from moeharden.defend.entangle.record import ENTANGLE_RECORD, EntangleRecord
 from moeharden.defend.entangle.resume import check_checkpoint_dir, has_checkpoint, remove_checkpoint_dir
-from moeharden.errors import UsageError, validation_problems
+from moeharden.errors import InputError, UsageError, validation_problems
 
 # the recipe fields the command line may override (each an EntangleSettings field; None = the recipe's value)
 RECIPE_OVERRIDES = ("steps", "lr", "batch_size", "lambda_retain", "lambda_prune", "lambda_spread",
@@ -47,12 +47,15 @@ class EntangleSettings:
         keep_checkpoint: leave the last training checkpoint after writing ``out``: a run again
             with ``resume_if_same`` then only writes the output (the demo removes it at its end).
         stop_after: stop after this many steps in total (the run is then not completed).
-        checkpoint_dir: where training checkpoints go (default: a hidden sibling of ``out``).
+        checkpoint_dir: where training checkpoints go (default: a hidden sibling of ``out``); never
+            ``out``, inside it or holding it (publishing the output would replace or delete the
+            checkpoints, or carry them), nor inside the input checkpoint (:meth:`check_paths`).
         limit: cap on examples per split.
         trust_remote_code: let transformers run the checkpoint's own modeling code.
     Raises:
         UsageError: an override outside its recipe field's range or choices (``--steps 0``,
             ``--mixed-precision fp8``), or ``stop_after`` / ``limit`` below 1.
+        InputError: a ``checkpoint_dir`` that is, lies inside or holds ``out``.
     """
 
     out: Path
@@ -94,6 +97,30 @@ class EntangleSettings:
         for flag, value in (("stop_after", self.stop_after), ("--limit", self.limit)):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be at least 1 (got {value}).")
+        if self.checkpoint_dir is not None:
+            object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir))
+            c, o = self.checkpoint_dir.resolve(), self.out.resolve()
+            if c == o or o in c.parents or c in o.parents:
+                raise InputError(f"--checkpoint-dir {self.checkpoint_dir} is, lies inside or holds --out {self.out}; "
+                                 "publishing the output would replace or delete the training checkpoints.",
+                                 hint="Choose a --checkpoint-dir outside --out, or leave it out (the default is "
+                                      f"the hidden sibling .{self.out.name}.entangle-ckpt).")
+
+    def check_paths(self, ckpt: str | Path) -> None:
+        """Refuse a ``checkpoint_dir`` inside the input checkpoint ``ckpt`` (writing there would change
+        the model being read); call it before any work, and again with the resolved checkpoint.
+
+        Raises:
+            InputError: ``checkpoint_dir`` is or lies inside ``ckpt`` (links resolved).
+        """
+        p = Path(ckpt)
+        if self.checkpoint_dir is None or not (p.exists() or p.is_symlink()):
+            return                                           # the default sibling, or a Hub id
+        c, q = self.checkpoint_dir.resolve(), p.resolve()
+        if c == q or q in c.parents:
+            raise InputError(f"--checkpoint-dir {self.checkpoint_dir} lies inside the input checkpoint {ckpt}; "
+                             "writing there would change the model being read.",
+                             hint="Choose a --checkpoint-dir outside the checkpoint, or leave it out.")
 
     def overrides(self) -> dict[str, Any]:
         """The recipe fields given on the command line (those that are not ``None``)."""
@@ -131,12 +158,14 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     Returns:
         :class:`EntangleResult` (``out`` is ``None`` unless the run completed).
     Raises:
-        CheckpointError, UnsupportedModelError, TaskError, ConfigFileError, UsageError.
+        CheckpointError, UnsupportedModelError, TaskError, ConfigFileError, UsageError, InputError
+        (``out`` not replaceable, ``checkpoint_dir`` inside the checkpoint).
     """
     from moeharden.console import progress_bar
-    from moeharden.io.outputs import atomic_output_dir, check_output_dir, copy_side_files
+    from moeharden.io.outputs import atomic_output_dir, check_output_dir
     from moeharden.io.ranks import current
     from moeharden.io.records import SourceRef, tool_info
+    from moeharden.io.sidefiles import copy_side_files
     from moeharden.model.adapter_check import AdapterCheck
     from moeharden.model.checkpoint import (
         checkpoint_digest,
@@ -146,9 +175,12 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
     )
 
     out, resume = settings.out, settings.resume
+    settings.check_paths(ckpt)
     recipe = settings.recipe()
-    check_output_dir(out, kind="entangle", inputs=[ckpt])          # fail now, not after minutes of work
+    inputs = [p for p in (ckpt, settings.recipe_path) if p is not None]
+    check_output_dir(out, kind="entangle", inputs=inputs)          # fail now, not after minutes of work
     src = resolve_checkpoint(ckpt)
+    settings.check_paths(src)                   # a Hub id's snapshot, or a local path through a link
     with AdapterCheck(load_config(src), enabled=settings.self_check) as check:   # beside loading tasks and model
         task_objs, model, tokenizer, ckpt_dir = _prepare(src, out, settings)
         check.wait()                            # before training writes anything
@@ -165,7 +197,7 @@ def entangle(ckpt: str, settings: EntangleSettings) -> EntangleResult:
         return EntangleResult(out=None, steps_done=done, completed=False, seconds=seconds, last=last)
     if not ranks.main:
         return EntangleResult(out=str(out), steps_done=done, completed=True, seconds=seconds, last=last)
-    with atomic_output_dir(out, kind="entangle", inputs=[src]) as tmp:
+    with atomic_output_dir(out, kind="entangle", inputs=[src, *inputs[1:]]) as tmp:
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
