@@ -166,3 +166,29 @@ def test_a_layer_given_twice_under_another_spelling_is_refused(other):
         parse_keep(raw, moe_layers=[0, 1], num_experts=8)
     assert parse_keep({"keep": {"0": [1, 0], "1": [2, 3]}}, moe_layers=[0, 1], num_experts=8) == {0: [0, 1], 1: [2, 3]}
     assert parse_keep({0: [1, 0], 1: [2, 3]}, moe_layers=[0, 1], num_experts=8) == {0: [0, 1], 1: [2, 3]}
+
+
+def test_keygen_never_writes_through_a_link_nor_leaves_half_a_pair(tmp_path):
+    """A dangling link where moeharden.pub goes had keygen create the file it pointed to (outside
+    --out); one that could not be written left moeharden.key alone behind, and every rerun refused."""
+    outside = tmp_path / "planted.pub"
+    k = tmp_path / "k"
+    k.mkdir()
+    (k / "moeharden.pub").symlink_to(outside)
+    res = _run("keygen", "--out", k)
+    assert res.exit_code == EXIT_INPUT and not outside.exists(), res.output
+    assert sorted(p.name for p in k.iterdir()) == ["moeharden.pub"]
+    from moeharden.defend import signing
+
+    k2 = tmp_path / "k2"
+    real_open = os.open
+
+    def failing_open(path, flags, mode=0o777):
+        if str(path).endswith("moeharden.pub"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, flags, mode)
+    import unittest.mock
+
+    with unittest.mock.patch.object(signing.os, "open", failing_open), pytest.raises(OSError):
+        signing.keygen(k2)
+    assert list(k2.iterdir()) == []                       # the private key written first was removed

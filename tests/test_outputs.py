@@ -77,8 +77,8 @@ def test_an_output_is_replaced_only_by_an_output_of_its_own_kind(tmp_path):
 
 def test_an_output_is_never_an_input_or_a_directory_holding_one(tmp_path):
     """``verify --baseline scan/scan.json --out scan`` would delete the baseline it reads, and
-    ``prune out --out out`` the checkpoint it prunes; both are refused before any work. An output
-    inside an input directory is allowed (nothing of it is replaced)."""
+    ``prune out --out out`` the checkpoint it prunes; both are refused before any work (an output
+    inside an input directory is refused too: tests/test_hostile_outputs.py)."""
     scan = tmp_path / "scan"
     with atomic_output_dir(scan, kind="verify") as tmp:              # even an output of the same kind
         (tmp / "scan.json").write_text("{}")

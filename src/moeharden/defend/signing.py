@@ -42,18 +42,25 @@ def keygen(out: Path) -> dict[str, str]:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory; keygen writes a key pair into a directory.",
                          hint="Choose a new or existing directory for --out.")
-    if (out / PRIVATE_NAME).exists() or (out / PUBLIC_NAME).exists():
-        raise InputError(f"{out} already holds a moeharden key pair; refusing to overwrite it.",
-                         hint="Choose another --out directory.")
+    if os.path.lexists(out / PRIVATE_NAME) or os.path.lexists(out / PUBLIC_NAME):   # a dangling link counts
+        raise InputError(f"{out} already holds a moeharden key pair (or a link where one goes); refusing to "
+                         "overwrite it.", hint="Choose another --out directory.")
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    fd = os.open(out / PRIVATE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(priv)
-    (out / PUBLIC_NAME).write_bytes(pub)
+    written: list[Path] = []
+    try:                       # O_EXCL: never through a link (even a dangling one) nor over a file
+        for name, data, mode in ((PRIVATE_NAME, priv, 0o600), (PUBLIC_NAME, pub, 0o644)):
+            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+            written.append(out / name)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    except BaseException:      # never half a key pair: remove what this call wrote
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return {"private_key": str(out / PRIVATE_NAME), "public_key": str(out / PUBLIC_NAME)}
 
 
