@@ -192,3 +192,15 @@ def test_keygen_never_writes_through_a_link_nor_leaves_half_a_pair(tmp_path):
     with unittest.mock.patch.object(signing.os, "open", failing_open), pytest.raises(OSError):
         signing.keygen(k2)
     assert list(k2.iterdir()) == []                       # the private key written first was removed
+
+
+def test_an_out_holding_the_keep_file_it_reads_is_refused(work):
+    """Replaying an earlier prune's record into the same output (``--experts-from o/moeharden-prune.json
+    --out o``) would replace the file being read: the keep file is an input like the checkpoint."""
+    ck, root = work
+    assert _run("prune", ck, "--experts-from", root / "keep.json", "--out", root / "o", "--skip-self-check").exit_code == 0
+    record = root / "o" / "moeharden-prune.json"
+    before = record.read_bytes()
+    res = _run("prune", ck, "--experts-from", record, "--out", root / "o", "--skip-self-check")
+    assert res.exit_code == EXIT_INPUT and "input" in res.output, res.output
+    assert record.read_bytes() == before

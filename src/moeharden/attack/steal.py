@@ -97,7 +97,8 @@ def prune_command(ckpt: str, settings: PruneSettings) -> PruneResult:
     from moeharden.model.keepset import read_keep_file
 
     s = settings
-    check_output_dir(s.out, kind="prune", inputs=[ckpt])               # fail before any expensive work
+    given = [p for p in (s.experts_from, s.task) if p is not None and Path(p).exists()]   # files named on the line
+    check_output_dir(s.out, kind="prune", inputs=[ckpt, *given])       # fail before any expensive work
     src = resolve_checkpoint(ckpt, trust_remote_code=s.trust_remote_code)
     from moeharden.model.adapter_check import AdapterCheck
     from moeharden.model.checkpoint import load_config

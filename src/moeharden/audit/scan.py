@@ -319,7 +319,8 @@ def scan(ckpt: str, out: Path, *, tasks: Sequence[str] | None = None, settings: 
     settings.validate()
     from moeharden.io.outputs import check_output_dir
 
-    check_output_dir(out, kind="scan", inputs=[ckpt])          # fail now, not after minutes of work
+    given = [t for t in (tasks or ()) if Path(t).exists()] + list(lm_eval_include or ())   # task files named
+    check_output_dir(out, kind="scan", inputs=[ckpt, *given])  # fail now, not after minutes of work
     journal = ladder_journal(out)
     path = resolve_checkpoint(ckpt)
     # seed=None: each task file's own split seed stands (settings.seed drives the random controls)
