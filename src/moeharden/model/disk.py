@@ -153,6 +153,11 @@ def _module_view(model_type: str | None, name: str) -> tuple[str, tuple[int, int
     return (renamed, swap) if renamed != name else None
 
 
+def expert_slot(name: str) -> str:
+    """A per-expert tensor's name with its expert id replaced by ``*`` (the same slot in every expert)."""
+    return _PER_EXPERT.sub(r"\1*\3", name, count=1)
+
+
 def _classify(spec: FamilySpec, config: Any, name: str, shape: Sequence[int]) -> TensorRole | None:
     m = _LAYER.search(name)
     if m is None or _SHARED.search(name):

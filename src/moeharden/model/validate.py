@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from pathlib import Path
 
 from moeharden.errors import CheckpointError
@@ -140,6 +139,8 @@ def check_layer_tensors(files, roles: dict) -> None:
     Raises:
         CheckpointError: a layer without a recognised router, or experts stored unalike.
     """
+    from moeharden.model.disk import expert_slot
+
     expert_layers, router_layers = set(), set()
     alike: dict[tuple[int, str], tuple[str, str, tuple]] = {}
     for name, role in roles.items():
@@ -153,7 +154,7 @@ def check_layer_tensors(files, roles: dict) -> None:
         if role.expert is None:
             continue
         info = files.tensors[name]
-        key = (role.layer, re.sub(rf"\.{role.expert}\.", ".*.", name, count=1))
+        key = (role.layer, expert_slot(name))
         seen = alike.setdefault(key, (name, info.dtype, tuple(info.shape)))
         if (seen[1], seen[2]) != (info.dtype, tuple(info.shape)):
             raise CheckpointError(f"{name} is stored as {info.dtype} {list(info.shape)}, but {seen[0]} as {seen[1]} "

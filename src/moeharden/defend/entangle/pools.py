@@ -80,29 +80,30 @@ def adversarial_keepset(model, batch, start: KeepSet, num_experts: int, swaps: i
     layers = sorted(best)
     for _ in range(swaps):
         layer = rng.choice(layers)
-        kept = best[layer]
-        if groups > 1:
-            size = num_experts // groups
-            drop = rng.choice(kept)
-            out_ids = [e for e in range(drop // size * size, (drop // size + 1) * size) if e not in kept]
-            if out_ids:
-                cand = {k: list(v) for k, v in best.items()}
-                cand[layer] = sorted([e for e in kept if e != drop] + [rng.choice(out_ids)])
-                c = ce(cand)
-                if c < best_ce:
-                    best, best_ce = cand, c
+        swapped = _swap_one(rng, best[layer], num_experts, groups)
+        if swapped is None:
             continue
-        out_ids = [e for e in range(num_experts) if e not in kept]
-        if not out_ids:
-            continue
-        cand = {k: list(v) for k, v in best.items()}
-        cand[layer] = sorted([e for e in kept if e != rng.choice(kept)] + [rng.choice(out_ids)])
-        if len(cand[layer]) != len(kept):
-            continue
+        cand = {**{k: list(v) for k, v in best.items()}, layer: swapped}
         c = ce(cand)
         if c < best_ce:
             best, best_ce = cand, c
     return best
+
+
+def _swap_one(rng: random.Random, kept: list[int], num_experts: int, groups: int) -> list[int] | None:
+    """``kept`` with one expert swapped for one it lacks (inside the dropped expert's routing group
+    when ``groups`` > 1); None when this draw gives no such neighbour. Without groups the draws are
+    those the hill-climb always made (a removal drawn per element, kept only when exactly one goes)."""
+    if groups > 1:
+        size = num_experts // groups
+        drop = rng.choice(kept)
+        out_ids = [e for e in range(drop // size * size, (drop // size + 1) * size) if e not in kept]
+        return sorted([e for e in kept if e != drop] + [rng.choice(out_ids)]) if out_ids else None
+    out_ids = [e for e in range(num_experts) if e not in kept]
+    if not out_ids:
+        return None
+    swapped = sorted([e for e in kept if e != rng.choice(kept)] + [rng.choice(out_ids)])
+    return swapped if len(swapped) == len(kept) else None
 
 
 def refresh_pools(model, tokenizer, tasks, layers: list[int], num_experts: int, keeps: Sequence[int],
